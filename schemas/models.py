@@ -1,0 +1,318 @@
+"""Pydantic models that mirror the ``.avsc`` files field for field.
+
+The Avro schemas are the source of truth; these classes give them types in Python.
+``tests/unit/test_models.py`` proves each model survives encode -> decode unchanged.
+Timestamps are epoch milliseconds (UTC) as integers; money is integer minor units.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.codec import CODEC
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# ---------------------------------------------------------------- commands
+
+
+class CommandBase(Model):
+    command_id: str = Field(min_length=1, max_length=200)
+    account_id: str = Field(min_length=1, max_length=200)
+    actor: str = Field(min_length=1, max_length=200)
+    issued_at: int
+    expected_version: int | None = None
+    correlation_id: str | None = Field(default=None, max_length=200)
+
+    @property
+    def type(self) -> str:
+        return type(self).__name__
+
+
+class OpenAccount(CommandBase):
+    currency: str
+    overdraft_limit_minor: int = 0
+
+
+class Deposit(CommandBase):
+    amount_minor: int
+    currency: str
+
+
+class Withdraw(CommandBase):
+    amount_minor: int
+    currency: str
+
+
+class Transfer(CommandBase):
+    """Move money to ``to_account_id``; the transfer id is the ``command_id``."""
+
+    to_account_id: str = Field(min_length=1, max_length=200)
+    amount_minor: int
+    currency: str
+
+
+class PlaceHold(CommandBase):
+    hold_id: str = Field(min_length=1, max_length=200)
+    amount_minor: int
+    currency: str
+    expires_at: int
+
+
+class CaptureHold(CommandBase):
+    hold_id: str = Field(min_length=1, max_length=200)
+    amount_minor: int | None = None
+
+
+class ReleaseHold(CommandBase):
+    hold_id: str = Field(min_length=1, max_length=200)
+
+
+class ExpireHold(CommandBase):
+    hold_id: str = Field(min_length=1, max_length=200)
+
+
+class CloseAccount(CommandBase):
+    pass
+
+
+Command = (
+    OpenAccount | Deposit | Withdraw | Transfer | PlaceHold | CaptureHold | ReleaseHold
+    | ExpireHold | CloseAccount
+)
+COMMAND_TYPES: dict[str, type[CommandBase]] = {
+    c.__name__: c
+    for c in (OpenAccount, Deposit, Withdraw, Transfer, PlaceHold, CaptureHold, ReleaseHold,
+              ExpireHold, CloseAccount)
+}
+
+# ---------------------------------------------------------------- events
+
+
+class AccountOpened(Model):
+    overdraft_limit_minor: int
+
+
+class Deposited(Model):
+    amount_minor: int
+
+
+class Withdrawn(Model):
+    amount_minor: int
+
+
+class TransferDebited(Model):
+    transfer_id: str
+    to_account_id: str
+    amount_minor: int
+
+
+class TransferCredited(Model):
+    transfer_id: str
+    from_account_id: str
+    amount_minor: int
+
+
+class TransferReversed(Model):
+    transfer_id: str
+    to_account_id: str
+    amount_minor: int
+    reason: str
+
+
+class HoldPlaced(Model):
+    hold_id: str
+    amount_minor: int
+    expires_at: int
+
+
+class HoldCaptured(Model):
+    hold_id: str
+    captured_minor: int
+    released_minor: int
+
+
+class HoldReleased(Model):
+    hold_id: str
+    amount_minor: int
+    reason: Literal["released", "expired"]
+
+
+class AccountClosed(Model):
+    pass
+
+
+Payload = (
+    AccountOpened | Deposited | Withdrawn | TransferDebited | TransferCredited
+    | TransferReversed | HoldPlaced | HoldCaptured | HoldReleased | AccountClosed
+)
+PAYLOAD_TYPES: dict[str, type[Model]] = {
+    c.__name__: c
+    for c in (AccountOpened, Deposited, Withdrawn, TransferDebited, TransferCredited,
+              TransferReversed, HoldPlaced, HoldCaptured, HoldReleased, AccountClosed)
+}
+
+
+class LedgerEvent(Model):
+    avro_name: ClassVar[str] = "ledger.LedgerEvent"
+
+    event_id: str
+    account_id: str
+    version: int
+    currency: str
+    balance_after_minor: int
+    available_after_minor: int
+    occurred_at: int
+    command_id: str
+    causation_id: str
+    correlation_id: str | None
+    actor: str
+    payload: Payload
+
+    @property
+    def type(self) -> str:
+        return type(self.payload).__name__
+
+    def to_avro(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["payload"] = ("ledger." + self.type, self.payload.__dict__)
+        return d
+
+    @classmethod
+    def from_avro(cls, d: dict[str, Any]) -> LedgerEvent:
+        name, body = d["payload"]
+        d = dict(d, payload=PAYLOAD_TYPES[name.rsplit(".", 1)[-1]].model_construct(**body))
+        return cls.model_construct(**d)
+
+
+class Rejection(Model):
+    avro_name: ClassVar[str] = "ledger.Rejection"
+
+    command_id: str
+    account_id: str
+    command_type: str
+    reason: str
+    detail: str
+    occurred_at: int
+    correlation_id: str | None
+    actor: str
+
+    def to_avro(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_avro(cls, d: dict[str, Any]) -> Rejection:
+        return cls.model_construct(**d)
+
+
+class TransferLeg(Model):
+    """Half of a transfer travelling between partitions (``ledger.transfers``)."""
+
+    avro_name: ClassVar[str] = "ledger.TransferLeg"
+
+    kind: Literal["CREDIT", "REFUND"]
+    transfer_id: str
+    from_account_id: str
+    to_account_id: str
+    amount_minor: int
+    currency: str
+    issued_at: int
+    actor: str
+    correlation_id: str | None = None
+    reason: str | None = None
+    signature: bytes = b""
+
+    @property
+    def account_id(self) -> str:
+        """The account whose partition handles this leg."""
+        return self.to_account_id if self.kind == "CREDIT" else self.from_account_id
+
+    @property
+    def leg_id(self) -> str:
+        """Idempotency key of the leg at the account that receives it."""
+        return f"{self.transfer_id}:{self.kind.lower()}"
+
+    def to_avro(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_avro(cls, d: dict[str, Any]) -> TransferLeg:
+        return cls.model_construct(**d)
+
+
+# ---------------------------------------------------------------- state
+
+
+class Hold(Model):
+    amount_minor: int
+    expires_at: int
+
+
+class AccountState(Model):
+    avro_name: ClassVar[str] = "ledger.state.AccountState"
+
+    account_id: str
+    currency: str
+    status: Literal["open", "closed"]
+    overdraft_limit_minor: int
+    balance_minor: int
+    held_minor: int
+    version: int
+    updated_at: int
+    holds: dict[str, Hold] = Field(default_factory=dict)
+
+    @property
+    def available_minor(self) -> int:
+        return self.balance_minor - self.held_minor
+
+    def to_avro(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["holds"] = {k: h.__dict__ for k, h in self.holds.items()}
+        return d
+
+    @classmethod
+    def from_avro(cls, d: dict[str, Any]) -> AccountState:
+        holds = {k: Hold.model_construct(**h) for k, h in d["holds"].items()}
+        return cls.model_construct(**dict(d, holds=holds))
+
+
+class CommandOutcome(Model):
+    """What a command_id produced: the encoded records, kept for retries."""
+
+    avro_name: ClassVar[str] = "ledger.state.CommandOutcome"
+
+    digest: bytes
+    records: list[bytes]
+    rejected: bool
+
+    def to_avro(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_avro(cls, d: dict[str, Any]) -> CommandOutcome:
+        return cls.model_construct(**d)
+
+
+# ---------------------------------------------------------------- wire helpers
+
+
+def command_to_avro(c: CommandBase) -> tuple[str, dict[str, Any]]:
+    return ("ledger." + c.type, c.__dict__)
+
+
+def command_from_avro(item: tuple[str, dict[str, Any]]) -> CommandBase:
+    name, body = item
+    return COMMAND_TYPES[name.rsplit(".", 1)[-1]].model_validate(body)
+
+
+def encode_batch(commands: list[CommandBase]) -> bytes:
+    return CODEC.encode("ledger.CommandBatch", {"commands": [command_to_avro(c) for c in commands]})
+
+
+def encode(obj: LedgerEvent | Rejection | TransferLeg | AccountState | CommandOutcome) -> bytes:
+    return CODEC.encode(obj.avro_name, obj.to_avro())

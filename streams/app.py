@@ -1,0 +1,115 @@
+"""The Faust worker: one agent over ``ledger.commands`` + ``ledger.transfers``.
+
+Faust owns the consumer group, partition assignment, rebalancing, the accounts
+table's RocksDB stores and their recovery from the changelog, and the web server.
+The agent takes records in batches and hands them to ``streams.engine.Engine``,
+which decides them and writes outputs and state itself (see its docstring for the
+order that makes kill -9 safe).
+
+Run it with ``ledger worker`` (see ``streams.cli``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import defaultdict
+from typing import Any
+
+import faust
+from faust.types import EventT
+
+from streams.engine import Engine, PartitionInput, Record
+from streams.settings import Settings
+
+log = logging.getLogger("ledger.worker")
+
+EXIT_INTERNAL_FAILURE = 70  # EX_SOFTWARE: a supervisor should restart the worker
+
+
+def die(reason: str) -> None:
+    """Exit at once, non-zero, saying why: a half-alive worker is worse than none."""
+    log.critical("worker exiting: %s", reason)
+    for h in logging.getLogger().handlers:
+        h.flush()
+    os._exit(EXIT_INTERNAL_FAILURE)
+
+
+def create_app(s: Settings) -> faust.App:
+    app = faust.App(
+        s.app_id,
+        broker=f"kafka://{s.bootstrap_servers}",
+        store="rocksdb://",
+        datadir=str(s.data_dir),
+        topic_partitions=s.partitions,
+        topic_replication_factor=s.replication_factor,
+        topic_allow_declare=False,
+        processing_guarantee="at_least_once",
+        consumer_auto_offset_reset="earliest",
+        stream_wait_empty=False,
+        stream_buffer_maxsize=max(4096, 4 * s.batch_max_records),
+        broker_commit_every=1_000_000,
+        broker_commit_interval=1.0,
+        table_standby_replicas=0,
+        web_enabled=True,
+        web_bind=s.web_host,
+        web_port=s.web_port,
+        web_in_thread=False,
+    )
+    channel = app.topic(s.commands_topic, s.transfers_topic, key_serializer="raw",
+                        value_serializer="raw",
+                        partitions=s.partitions)
+    accounts = app.Table("accounts", key_type=bytes, value_type=bytes, partitions=s.partitions)
+    engine = Engine(s, lambda p: accounts.data._db_for_partition(p))  # type: ignore[attr-defined]
+    app.ledger_engine = engine  # type: ignore[attr-defined]
+    app.accounts_table = accounts  # type: ignore[attr-defined]
+    totals = {"commands": 0, "batches": 0, "since": time.monotonic(), "logged": 0}
+
+    @app.agent(channel)
+    async def ledger(stream: Any) -> None:
+        async for events in stream.take_events(s.batch_max_records, s.batch_within_ms / 1000):
+            try:
+                await _handle(events)
+            except BaseException as exc:
+                log.exception("batch failed")
+                die(f"batch failed: {type(exc).__name__}: {exc}")
+
+    async def _handle(events: list[EventT]) -> None:
+        inputs: dict[int, PartitionInput] = defaultdict(PartitionInput)
+        for ev in events:
+            m = ev.message
+            part = inputs[m.partition]
+            (part.legs if m.topic == s.transfers_topic else part.commands).append(
+                Record(m.key, m.value, m.offset))
+        report = await engine.process(inputs)
+        totals["commands"] += report.stats.commands
+        totals["batches"] += 1
+        log.debug("batch", extra={"records": len(events), "commands": report.stats.commands,
+                                  "decide_ms": round(report.decide_ms, 2),
+                                  "flush_ms": round(report.flush_ms, 2)})
+        now = time.monotonic()
+        if now - totals["logged"] >= 10:
+            rate = totals["commands"] / max(now - totals["since"], 1e-9)
+            log.info("progress", extra={"commands_total": totals["commands"],
+                                        "batches_total": totals["batches"],
+                                        "commands_per_s": round(rate, 1)})
+            totals["logged"] = now
+
+    @app.timer(1.0)
+    async def watchdog() -> None:
+        # Faust's fetcher or consumer can crash and leave the worker alive but idle.
+        for name, svc in (("fetcher", app._fetcher), ("consumer", app.consumer),
+                          ("agent", ledger)):
+            if getattr(svc, "crashed", False):
+                die(f"{name} crashed: {getattr(svc, 'crash_reason', None)!r}")
+
+    @app.task
+    async def announce() -> None:
+        log.info("worker started", extra={"bootstrap": s.bootstrap_servers,
+                                          "partitions": s.partitions, "web_port": s.web_port})
+
+    from streams import web
+
+    web.register(app, s)
+    return app

@@ -1,0 +1,260 @@
+"""``ledger``: the command line of the ledger.
+
+    ledger kafka up                 a local Apache Kafka broker (no Docker), foreground
+    ledger topics                   create the ledger's topics
+    ledger worker                   run a Faust worker (the ledger agent + HTTP)
+    ledger submit deposit ACCT "12.34 USD"   submit a command and print its outcome
+    ledger balance ACCT             an account's balance, from a worker
+    ledger demo                     broker + worker + a scripted scenario, end to end
+
+Connection settings come from ``LEDGER_*`` variables (see ``streams.settings``);
+``--json`` prints machine-readable output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from typing import Any
+
+from schemas.money import AmountError, format_amount, parse_amount
+from streams.settings import Settings
+
+
+def _print(args: argparse.Namespace, doc: Any, human: str) -> None:
+    print(json.dumps(doc, default=str) if args.json else human)
+
+
+def cmd_kafka(args: argparse.Namespace) -> int:
+    from streams.kafka_local import run_foreground
+
+    run_foreground(args.port)
+    return 0
+
+
+def cmd_topics(args: argparse.Namespace) -> int:
+    from streams.topics import ensure_topics, specs
+
+    s = Settings()
+    created = ensure_topics(s)
+    names = [t.name for t in specs(s)]
+    _print(args, {"topics": names, "created": created},
+           "\n".join(f"{n}{'  (created)' if n in created else ''}" for n in names))
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    os.environ.setdefault("FAUST_LOOP", "uvloop")  # read by faust at import time
+    from streams import logs
+
+    logs.setup(args.loglevel.upper())
+    overrides: dict[str, Any] = {}
+    if args.data_dir:
+        overrides["data_dir"] = args.data_dir
+    if args.web_port:
+        overrides["web_port"] = args.web_port
+    s = Settings(**overrides)
+    from streams.topics import ensure_topics
+
+    ensure_topics(s)
+    import faust
+
+    from streams.app import create_app
+
+    app = create_app(s)
+    worker = faust.Worker(app, loglevel=args.loglevel, override_logging=False)
+    worker.execute_from_commandline()
+    return 0
+
+
+def _command(kind: str, args: argparse.Namespace) -> Any:
+    from schemas import models as m
+
+    base: dict[str, Any] = {
+        "command_id": args.command_id or str(uuid.uuid4()), "account_id": args.account,
+        "actor": args.actor, "issued_at": int(time.time() * 1000),
+        "expected_version": args.expected_version, "correlation_id": args.correlation_id,
+    }
+    if kind == "open":
+        limit = 0
+        if args.overdraft:
+            limit, _ = parse_amount(f"{args.overdraft} {args.currency}")
+        return m.OpenAccount(**base, currency=args.currency.upper(),
+                             overdraft_limit_minor=limit)
+    if kind == "close":
+        return m.CloseAccount(**base)
+    if kind in ("release-hold", "capture-hold"):
+        if kind == "release-hold":
+            return m.ReleaseHold(**base, hold_id=args.hold_id)
+        amount = parse_amount(args.amount)[0] if args.amount else None
+        return m.CaptureHold(**base, hold_id=args.hold_id, amount_minor=amount)
+    amount, currency = parse_amount(args.amount)
+    if kind == "deposit":
+        return m.Deposit(**base, amount_minor=amount, currency=currency)
+    if kind == "withdraw":
+        return m.Withdraw(**base, amount_minor=amount, currency=currency)
+    if kind == "transfer":
+        return m.Transfer(**base, to_account_id=args.to, amount_minor=amount, currency=currency)
+    if kind == "hold":
+        return m.PlaceHold(**base, hold_id=args.hold_id, amount_minor=amount, currency=currency,
+                           expires_at=base["issued_at"] + int(args.expires_in_s * 1000))
+    raise SystemExit(f"unknown command {kind}")
+
+
+def outcome_doc(outcome: Any) -> dict[str, Any]:
+    if outcome.rejection is not None:
+        r = outcome.rejection
+        return {"command_id": outcome.command_id, "accepted": False, "reason": r.reason,
+                "detail": r.detail}
+    return {"command_id": outcome.command_id, "accepted": True,
+            "events": [event_doc(e) for e in outcome.events]}
+
+
+def event_doc(e: Any) -> dict[str, Any]:
+    return {"account_id": e.account_id, "version": e.version, "type": e.type,
+            "payload": e.payload.model_dump(), "balance_after_minor": e.balance_after_minor,
+            "balance_after": format_amount(e.balance_after_minor, e.currency),
+            "occurred_at": e.occurred_at, "command_id": e.command_id, "actor": e.actor}
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from producers.client import CommandRefused, LedgerClient
+
+    try:
+        command = _command(args.kind, args)
+    except AmountError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with LedgerClient(Settings()) as client:
+        try:
+            fut = client.submit(command)
+        except CommandRefused as exc:
+            _print(args, {"accepted": False, "reason": exc.reason, "detail": exc.detail},
+                   f"refused before sending: {exc}")
+            return 1
+        try:
+            outcome = fut.result(timeout=args.timeout)
+        except TimeoutError:
+            print(f"error: no outcome for {command.command_id} within {args.timeout}s "
+                  "(is a worker running, and the broker reachable?)", file=sys.stderr)
+            return 3
+    doc = outcome_doc(outcome)
+    if outcome.accepted:
+        e = outcome.events[0]
+        human = f"ok: {e.type} {e.account_id} v{e.version}, balance " \
+                f"{format_amount(e.balance_after_minor, e.currency)}"
+    else:
+        human = f"rejected: {doc['reason']} ({doc['detail']})"
+    _print(args, doc, human)
+    return 0 if outcome.accepted else 1
+
+
+def fetch_account(base_url: str, account_id: str, timeout_s: float = 5.0) -> dict[str, Any]:
+    url = f"{base_url.rstrip('/')}/accounts/{urllib.parse.quote(account_id, safe='')}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            return json.loads(resp.read())  # type: ignore[no-any-return]
+    except urllib.error.HTTPError as exc:
+        return json.loads(exc.read()) | {"status": exc.code}  # type: ignore[no-any-return]
+
+
+def cmd_balance(args: argparse.Namespace) -> int:
+    doc = fetch_account(args.url, args.account)
+    if "error" in doc:
+        _print(args, doc, f"{args.account}: {doc['error']}")
+        return 1
+    _print(args, doc, f"{doc['account_id']}: balance {doc['balance']}, available "
+                      f"{doc['available']}, version {doc['version']}, {doc['status']}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from streams.demo import run_demo
+
+    return run_demo(json_out=args.json)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ledger", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="machine-readable output")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    _add = sub.add_parser
+
+    def add_parser(name: str, **kw: Any) -> argparse.ArgumentParser:
+        return _add(name, parents=[common], **kw)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
+
+    k = sub.add_parser("kafka", help="a local Kafka broker")
+    k.add_argument("action", choices=["up"])
+    k.add_argument("--port", type=int, default=9092)
+    k.set_defaults(fn=cmd_kafka)
+
+    sub.add_parser("topics", help="create the ledger's topics").set_defaults(fn=cmd_topics)
+
+    w = sub.add_parser("worker", help="run a ledger worker")
+    w.add_argument("--data-dir")
+    w.add_argument("--web-port", type=int)
+    w.add_argument("--loglevel", default="info")
+    w.set_defaults(fn=cmd_worker)
+
+    s = sub.add_parser("submit", help="submit a command and wait for its outcome")
+    s.add_argument("--command-id", help="idempotency key (default: a new uuid)")
+    s.add_argument("--actor", default=os.environ.get("USER", "cli"))
+    s.add_argument("--expected-version", type=int)
+    s.add_argument("--correlation-id")
+    s.add_argument("--timeout", type=float, default=30.0)
+    ss = s.add_subparsers(dest="kind", required=True)
+    o = ss.add_parser("open")
+    o.add_argument("account")
+    o.add_argument("currency")
+    o.add_argument("--overdraft", help="overdraft limit in major units, e.g. 100.00")
+    for kind in ("deposit", "withdraw"):
+        x = ss.add_parser(kind)
+        x.add_argument("account")
+        x.add_argument("amount", help='e.g. "12.34 USD"')
+    t = ss.add_parser("transfer")
+    t.add_argument("account")
+    t.add_argument("to")
+    t.add_argument("amount")
+    h = ss.add_parser("hold")
+    h.add_argument("account")
+    h.add_argument("hold_id")
+    h.add_argument("amount")
+    h.add_argument("--expires-in-s", type=float, default=3600)
+    c = ss.add_parser("capture-hold")
+    c.add_argument("account")
+    c.add_argument("hold_id")
+    c.add_argument("amount", nargs="?")
+    r = ss.add_parser("release-hold")
+    r.add_argument("account")
+    r.add_argument("hold_id")
+    cl = ss.add_parser("close")
+    cl.add_argument("account")
+    s.set_defaults(fn=cmd_submit)
+
+    b = sub.add_parser("balance", help="an account's balance, from a worker")
+    b.add_argument("account")
+    b.add_argument("--url", default=os.environ.get("LEDGER_URL", "http://127.0.0.1:6066"))
+    b.set_defaults(fn=cmd_balance)
+
+    sub.add_parser("demo", help="run the whole pipeline on a scripted scenario").set_defaults(
+        fn=cmd_demo)
+
+    args = parser.parse_args(argv)
+    return int(args.fn(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

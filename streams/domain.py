@@ -1,0 +1,347 @@
+"""The ledger's rules: pure ``decide`` and ``evolve``, no Kafka, no clock, no I/O.
+
+``decide(state, command) -> Outcome`` says what a command does to one account: one
+event, or one rejection with a reason from ``Reason`` (an ordered list: the first
+rule a command breaks is the one reported). ``decide_leg`` does the same for the
+halves of a transfer that travel between partitions. ``evolve(state, event)`` is
+the only code that changes a balance; the worker, replay, rebuild, verify and the
+tests all fold events through it.
+
+Time comes from the command (``issued_at``), never from a clock; an event's
+``occurred_at`` is ``max(issued_at, the account's last occurred_at)`` so that each
+account's history is ordered in time as it is in versions.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from schemas.models import (
+    AccountClosed,
+    AccountOpened,
+    AccountState,
+    CaptureHold,
+    CloseAccount,
+    CommandBase,
+    Deposit,
+    Deposited,
+    ExpireHold,
+    Hold,
+    HoldCaptured,
+    HoldPlaced,
+    HoldReleased,
+    LedgerEvent,
+    OpenAccount,
+    Payload,
+    PlaceHold,
+    Rejection,
+    ReleaseHold,
+    Transfer,
+    TransferCredited,
+    TransferDebited,
+    TransferLeg,
+    TransferReversed,
+    Withdraw,
+    Withdrawn,
+)
+from schemas.money import CURRENCY_SCALE, MAX_MINOR
+
+EVENT_NAMESPACE = uuid.UUID("5b0c8f8e-2f4e-4d1a-9d7e-6c1f3a9b2e10")
+
+
+class Reason(StrEnum):
+    """Why a command was refused, in the order the rules are checked."""
+
+    IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
+    INVALID_COMMAND = "invalid_command"
+    WRONG_PARTITION = "wrong_partition"
+    INVALID_AMOUNT = "invalid_amount"
+    UNSUPPORTED_CURRENCY = "unsupported_currency"
+    INVALID_OVERDRAFT_LIMIT = "invalid_overdraft_limit"
+    INVALID_EXPIRY = "invalid_expiry"
+    TRANSFER_TO_SELF = "transfer_to_self"
+    ACCOUNT_NOT_FOUND = "account_not_found"
+    ACCOUNT_ALREADY_EXISTS = "account_already_exists"
+    ACCOUNT_CLOSED = "account_closed"
+    VERSION_CONFLICT = "version_conflict"
+    CURRENCY_MISMATCH = "currency_mismatch"
+    HOLD_NOT_FOUND = "hold_not_found"
+    HOLD_ALREADY_EXISTS = "hold_already_exists"
+    HOLD_EXPIRED = "hold_expired"
+    HOLD_NOT_EXPIRED = "hold_not_expired"
+    CAPTURE_EXCEEDS_HOLD = "capture_exceeds_hold"
+    INSUFFICIENT_FUNDS = "insufficient_funds"
+    BALANCE_OUT_OF_RANGE = "balance_out_of_range"
+    BALANCE_NOT_ZERO = "balance_not_zero"
+    HOLDS_OPEN = "holds_open"
+
+
+class Refused(Exception):
+    """Raised inside the rules and turned into a Rejection; never escapes ``decide``."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one input produced: events for its account, or one rejection; plus legs."""
+
+    events: tuple[LedgerEvent, ...] = ()
+    rejection: Rejection | None = None
+    legs: tuple[TransferLeg, ...] = field(default=())
+    state_after: AccountState | None = None
+
+
+# ---------------------------------------------------------------- static checks
+
+
+def check_command(command: CommandBase) -> None:
+    """Rules that need no state. The client runs these before it sends anything."""
+    amount = getattr(command, "amount_minor", None)
+    if amount is not None and not 0 < amount <= MAX_MINOR:
+        raise Refused(Reason.INVALID_AMOUNT, f"amount_minor must be > 0, got {amount}")
+    currency = getattr(command, "currency", None)
+    if currency is not None and currency not in CURRENCY_SCALE:
+        raise Refused(Reason.UNSUPPORTED_CURRENCY, f"unsupported currency {currency!r}")
+    if isinstance(command, OpenAccount) and command.overdraft_limit_minor < 0:
+        raise Refused(Reason.INVALID_OVERDRAFT_LIMIT, "overdraft_limit_minor must be >= 0")
+    if isinstance(command, PlaceHold) and command.expires_at <= command.issued_at:
+        raise Refused(Reason.INVALID_EXPIRY, "expires_at must be after issued_at")
+    if isinstance(command, Transfer) and command.to_account_id == command.account_id:
+        raise Refused(Reason.TRANSFER_TO_SELF, "cannot transfer to the same account")
+
+
+# ---------------------------------------------------------------- decide
+
+
+def decide(state: AccountState | None, command: CommandBase) -> Outcome:
+    """Validate ``command`` against ``state``: one event, or one rejection."""
+    try:
+        check_command(command)
+        payload = _rules(state, command)
+    except Refused as r:
+        return Outcome(rejection=reject(command, r.reason, r.detail))
+    event, after = _event(state, command.account_id, command.command_id, command.command_id,
+                          command.issued_at, command.actor, command.correlation_id, payload,
+                          currency=getattr(command, "currency", None))
+    legs: tuple[TransferLeg, ...] = ()
+    if isinstance(command, Transfer):
+        legs = (TransferLeg(
+            kind="CREDIT", transfer_id=command.command_id, from_account_id=command.account_id,
+            to_account_id=command.to_account_id, amount_minor=command.amount_minor,
+            currency=command.currency, issued_at=event.occurred_at, actor=command.actor,
+            correlation_id=command.correlation_id,
+        ),)
+    return Outcome(events=(event,), legs=legs, state_after=after)
+
+
+def reject(command: CommandBase, reason: Reason, detail: str) -> Rejection:
+    return Rejection(
+        command_id=command.command_id, account_id=command.account_id, command_type=command.type,
+        reason=reason.value, detail=detail, occurred_at=command.issued_at,
+        correlation_id=command.correlation_id, actor=command.actor,
+    )
+
+
+def _open(state: AccountState | None, command: CommandBase) -> AccountState:
+    if state is None:
+        raise Refused(Reason.ACCOUNT_NOT_FOUND, f"account {command.account_id!r} does not exist")
+    if state.status != "open":
+        raise Refused(Reason.ACCOUNT_CLOSED, f"account {command.account_id!r} is closed")
+    if command.expected_version is not None and command.expected_version != state.version:
+        raise Refused(
+            Reason.VERSION_CONFLICT,
+            f"expected version {command.expected_version}, account is at {state.version}",
+        )
+    currency = getattr(command, "currency", None)
+    if currency is not None and currency != state.currency:
+        raise Refused(Reason.CURRENCY_MISMATCH, f"account is in {state.currency}, not {currency}")
+    return state
+
+
+def _funds(state: AccountState, amount: int) -> None:
+    if state.available_minor - amount < -state.overdraft_limit_minor:
+        raise Refused(
+            Reason.INSUFFICIENT_FUNDS,
+            f"available {state.available_minor} minus {amount} is below the limit "
+            f"-{state.overdraft_limit_minor}",
+        )
+
+
+def _credit_fits(state: AccountState, amount: int) -> None:
+    if state.balance_minor + amount > MAX_MINOR:
+        raise Refused(Reason.BALANCE_OUT_OF_RANGE, "balance would exceed the largest amount")
+
+
+def _hold(state: AccountState, hold_id: str) -> Hold:
+    hold = state.holds.get(hold_id)
+    if hold is None:
+        raise Refused(Reason.HOLD_NOT_FOUND, f"no open hold {hold_id!r}")
+    return hold
+
+
+def _rules(state: AccountState | None, c: CommandBase) -> Payload:
+    if isinstance(c, OpenAccount):
+        if state is not None:
+            raise Refused(Reason.ACCOUNT_ALREADY_EXISTS, f"account {c.account_id!r} exists")
+        if c.expected_version not in (None, 0):
+            raise Refused(Reason.VERSION_CONFLICT, "a new account is at version 0")
+        return AccountOpened(overdraft_limit_minor=c.overdraft_limit_minor)
+    s = _open(state, c)
+    if isinstance(c, Deposit):
+        _credit_fits(s, c.amount_minor)
+        return Deposited(amount_minor=c.amount_minor)
+    if isinstance(c, Withdraw):
+        _funds(s, c.amount_minor)
+        return Withdrawn(amount_minor=c.amount_minor)
+    if isinstance(c, Transfer):
+        _funds(s, c.amount_minor)
+        return TransferDebited(transfer_id=c.command_id, to_account_id=c.to_account_id,
+                               amount_minor=c.amount_minor)
+    if isinstance(c, PlaceHold):
+        if c.hold_id in s.holds:
+            raise Refused(Reason.HOLD_ALREADY_EXISTS, f"hold {c.hold_id!r} is already open")
+        _funds(s, c.amount_minor)
+        return HoldPlaced(hold_id=c.hold_id, amount_minor=c.amount_minor, expires_at=c.expires_at)
+    if isinstance(c, CaptureHold):
+        hold = _hold(s, c.hold_id)
+        if c.issued_at >= hold.expires_at:
+            raise Refused(Reason.HOLD_EXPIRED, f"hold {c.hold_id!r} expired at {hold.expires_at}")
+        captured = hold.amount_minor if c.amount_minor is None else c.amount_minor
+        if captured > hold.amount_minor:
+            raise Refused(Reason.CAPTURE_EXCEEDS_HOLD,
+                          f"capture {captured} exceeds hold {hold.amount_minor}")
+        return HoldCaptured(hold_id=c.hold_id, captured_minor=captured,
+                            released_minor=hold.amount_minor - captured)
+    if isinstance(c, ReleaseHold):
+        hold = _hold(s, c.hold_id)
+        return HoldReleased(hold_id=c.hold_id, amount_minor=hold.amount_minor, reason="released")
+    if isinstance(c, ExpireHold):
+        hold = _hold(s, c.hold_id)
+        if c.issued_at < hold.expires_at:
+            raise Refused(Reason.HOLD_NOT_EXPIRED,
+                          f"hold {c.hold_id!r} expires at {hold.expires_at}")
+        return HoldReleased(hold_id=c.hold_id, amount_minor=hold.amount_minor, reason="expired")
+    if isinstance(c, CloseAccount):
+        if s.balance_minor != 0:
+            raise Refused(Reason.BALANCE_NOT_ZERO, f"balance is {s.balance_minor}, not 0")
+        if s.holds:
+            raise Refused(Reason.HOLDS_OPEN, f"{len(s.holds)} hold(s) still open")
+        return AccountClosed()
+    raise Refused(Reason.INVALID_COMMAND, f"unknown command type {type(c).__name__}")
+
+
+def decide_leg(state: AccountState | None, leg: TransferLeg) -> Outcome:
+    """Apply a transfer leg at the account that receives it.
+
+    A CREDIT that the destination cannot take (missing, closed, other currency)
+    becomes a rejection plus a REFUND leg back to the source; a REFUND always
+    applies, so money never vanishes between the two sides.
+    """
+    if leg.kind == "REFUND":
+        if state is None:  # cannot happen for a genuine leg: the source debited
+            raise ValueError(f"refund for unknown account {leg.from_account_id!r}")
+        payload: Payload = TransferReversed(
+            transfer_id=leg.transfer_id, to_account_id=leg.to_account_id,
+            amount_minor=leg.amount_minor, reason=leg.reason or "refused",
+        )
+        return _leg_outcome(state, leg, payload)
+    reason: Reason | None = None
+    if state is None:
+        reason = Reason.ACCOUNT_NOT_FOUND
+    elif state.status != "open":
+        reason = Reason.ACCOUNT_CLOSED
+    elif state.currency != leg.currency:
+        reason = Reason.CURRENCY_MISMATCH
+    elif state.balance_minor + leg.amount_minor > MAX_MINOR:
+        reason = Reason.BALANCE_OUT_OF_RANGE
+    if reason is not None:
+        refund = leg.model_copy(update={"kind": "REFUND", "reason": reason.value,
+                                        "signature": b""})
+        rejection = Rejection(
+            command_id=leg.leg_id, account_id=leg.to_account_id, command_type="TransferCredit",
+            reason=reason.value, detail=f"transfer {leg.transfer_id} refunded to "
+            f"{leg.from_account_id}", occurred_at=leg.issued_at,
+            correlation_id=leg.correlation_id, actor=leg.actor,
+        )
+        return Outcome(rejection=rejection, legs=(refund,))
+    assert state is not None
+    payload = TransferCredited(transfer_id=leg.transfer_id, from_account_id=leg.from_account_id,
+                               amount_minor=leg.amount_minor)
+    return _leg_outcome(state, leg, payload)
+
+
+def _leg_outcome(state: AccountState, leg: TransferLeg, payload: Payload) -> Outcome:
+    event, after = _event(state, leg.account_id, leg.transfer_id, leg.leg_id, leg.issued_at,
+                          leg.actor, leg.correlation_id, payload, currency=leg.currency)
+    return Outcome(events=(event,), state_after=after)
+
+
+def _event(state: AccountState | None, account_id: str, command_id: str, causation_id: str,
+           issued_at: int, actor: str, correlation_id: str | None, payload: Payload,
+           currency: str | None) -> tuple[LedgerEvent, AccountState]:
+    """Build the event and its envelope, and the state after it (from ``evolve``)."""
+    if state is None:
+        assert currency is not None
+    occurred_at = issued_at if state is None else max(issued_at, state.updated_at)
+    version = 1 if state is None else state.version + 1
+    draft = LedgerEvent.model_construct(
+        event_id=str(uuid.uuid5(EVENT_NAMESPACE, f"{causation_id}/{account_id}")),
+        account_id=account_id, version=version,
+        currency=state.currency if state is not None else currency,
+        balance_after_minor=0, available_after_minor=0, occurred_at=occurred_at,
+        command_id=command_id, causation_id=causation_id, correlation_id=correlation_id,
+        actor=actor, payload=payload,
+    )
+    after = evolve(state, draft)
+    event = draft.model_copy(update={"balance_after_minor": after.balance_minor,
+                                     "available_after_minor": after.available_minor})
+    return event, after
+
+
+# ---------------------------------------------------------------- evolve
+
+
+def evolve(state: AccountState | None, event: LedgerEvent) -> AccountState:
+    """The account after ``event``. The one place a balance changes."""
+    p = event.payload
+    if isinstance(p, AccountOpened):
+        return AccountState(
+            account_id=event.account_id, currency=event.currency, status="open",
+            overdraft_limit_minor=p.overdraft_limit_minor, balance_minor=0, held_minor=0,
+            version=event.version, updated_at=event.occurred_at, holds={},
+        )
+    if state is None:
+        raise ValueError(f"{type(p).__name__} for account {event.account_id!r} before it opened")
+    balance, held, holds, status = state.balance_minor, state.held_minor, state.holds, state.status
+    if isinstance(p, Deposited | TransferCredited | TransferReversed):
+        balance += p.amount_minor
+    elif isinstance(p, Withdrawn | TransferDebited):
+        balance -= p.amount_minor
+    elif isinstance(p, HoldPlaced):
+        held += p.amount_minor
+        holds = {**holds, p.hold_id: Hold(amount_minor=p.amount_minor, expires_at=p.expires_at)}
+    elif isinstance(p, HoldCaptured | HoldReleased):
+        hold = holds[p.hold_id]
+        held -= hold.amount_minor
+        holds = {k: v for k, v in holds.items() if k != p.hold_id}
+        if isinstance(p, HoldCaptured):
+            balance -= p.captured_minor
+    elif isinstance(p, AccountClosed):
+        status = "closed"
+    return state.model_copy(update={
+        "balance_minor": balance, "held_minor": held, "holds": holds, "status": status,
+        "version": event.version, "updated_at": event.occurred_at,
+    })
+
+
+def fold(events: list[LedgerEvent]) -> AccountState | None:
+    state: AccountState | None = None
+    for e in events:
+        state = evolve(state, e)
+    return state

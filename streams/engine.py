@@ -1,0 +1,255 @@
+"""The worker's hot path: decide a batch, then make it durable in a crash-safe order.
+
+For each batch (records of several partitions taken from Faust at once):
+
+1. decide every partition's inputs from its committed state (legs first, then
+   commands, each in offset order) -> outputs and state changes;
+2. write each partition's checkpoint with ``pending`` = the batch's last offsets
+   to the changelog, and wait for the acks;
+3. produce the outputs (events, rejections, legs, dead letters), wait for the acks;
+4. produce the state changes and the advanced checkpoint to the changelog, wait
+   for the acks, then write them and Faust's persisted offset to RocksDB in one
+   WriteBatch per partition;
+5. return, so Faust acks the inputs and commits.
+
+A crash anywhere leaves either nothing of the batch, or a ``pending`` checkpoint:
+the next owner of the partition reads exactly those inputs again, decides them
+from the same state in the same order and sends byte-identical outputs, which
+consumers drop as duplicates by ``(account_id, version)``.
+All outputs go through one librdkafka producer, with one flush per step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from rocksdict import WriteBatch
+
+from streams.processor import (
+    DLQ,
+    EVENTS,
+    REJECTIONS,
+    TRANSFERS,
+    BatchProcessor,
+    LegSigner,
+    Stats,
+    partition_for,
+)
+from streams.settings import Settings
+from streams.state import CHECKPOINT_KEY, FAUST_OFFSET_KEY, PartitionView
+
+log = logging.getLogger("ledger.engine")
+
+
+class DeliveryFailed(RuntimeError):
+    """The broker did not take a batch's records: the worker must stop, not carry on."""
+
+
+@dataclass
+class Record:
+    key: bytes | None
+    value: bytes | None
+    offset: int
+
+
+@dataclass
+class PartitionInput:
+    commands: list[Record] = field(default_factory=list)
+    legs: list[Record] = field(default_factory=list)
+
+
+@dataclass
+class _Work:
+    partition: int
+    view: PartitionView
+    processor: BatchProcessor
+    tag: tuple[int, int]
+
+
+@dataclass
+class BatchReport:
+    partitions: int = 0
+    stats: Stats = field(default_factory=Stats)
+    decide_ms: float = 0.0
+    flush_ms: float = 0.0
+    resolved_pending: int = 0
+
+
+class Engine:
+    def __init__(self, settings: Settings, db_for: Callable[[int], Any]) -> None:
+        self.s = settings
+        self.db_for = db_for
+        self.signer = LegSigner(settings.leg_secret.get_secret_value().encode())
+        self.producer = Producer(settings.producer_config(**{
+            "linger.ms": 1,
+            "batch.num.messages": 10_000,
+            "queue.buffering.max.messages": 2_000_000,
+            "queue.buffering.max.kbytes": 1_048_576,
+        }))
+        self._errors: list[str] = []
+        self._changelog_offsets: dict[int, int] = {}
+        self._topics = {EVENTS: settings.events_topic, REJECTIONS: settings.rejections_topic,
+                        TRANSFERS: settings.transfers_topic, DLQ: settings.dlq_topic}
+
+    # ------------------------------------------------------------ producing
+
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            self._errors.append(f"{msg.topic()}[{msg.partition()}]: {err.str()}")
+        elif msg.topic() == self.s.changelog_topic:
+            p, off = msg.partition(), msg.offset()
+            if off > self._changelog_offsets.get(p, -1):
+                self._changelog_offsets[p] = off
+
+    def _produce(self, topic: str, key: bytes | None, value: bytes | None, partition: int,
+                 headers: list[tuple[str, bytes]] | None = None) -> None:
+        while True:
+            try:
+                self.producer.produce(topic, value, key, partition=partition,
+                                      on_delivery=self._on_delivery, headers=headers)
+                return
+            except BufferError:
+                self.producer.poll(0.05)
+
+    async def _flush(self, step: str) -> float:
+        start = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        left = await loop.run_in_executor(None, self.producer.flush, self.s.flush_timeout_s)
+        if left or self._errors:
+            errors, self._errors = self._errors[:5], []
+            raise DeliveryFailed(f"{step}: {left} record(s) not delivered; {errors}")
+        return (time.perf_counter() - start) * 1000
+
+    # ------------------------------------------------------------ batches
+
+    async def process(self, inputs: dict[int, PartitionInput]) -> BatchReport:
+        report = BatchReport()
+        t0 = time.perf_counter()
+        work: list[_Work] = []
+        for p in sorted(inputs):
+            view = PartitionView(self.db_for(p))
+            if view.checkpoint.pending is not None:
+                await self._resolve_pending(p, view, report)
+                view = PartitionView(self.db_for(p))
+            w = self._decide(p, view, inputs[p])
+            if w is not None:
+                work.append(w)
+        report.decide_ms = (time.perf_counter() - t0) * 1000
+        if work:
+            report.flush_ms = await self._commit(work)
+        for w in work:
+            _merge(report.stats, w.processor.stats)
+        report.partitions = len(work)
+        return report
+
+    def _decide(self, p: int, view: PartitionView, inp: PartitionInput) -> _Work | None:
+        ck = view.checkpoint
+        legs = sorted((r for r in inp.legs if r.offset > ck.transfers), key=lambda r: r.offset)
+        cmds = sorted((r for r in inp.commands if r.offset > ck.commands), key=lambda r: r.offset)
+        if not legs and not cmds:
+            return None
+        bp = BatchProcessor(view.get, p, self.s.partitions, self.signer, self.s.max_record_bytes)
+        for r in legs:
+            bp.leg_record(r.key, r.value, self.s.transfers_topic, r.offset)
+        for r in cmds:
+            bp.command_record(r.key, r.value, self.s.commands_topic, r.offset)
+        tag = (cmds[-1].offset if cmds else ck.commands, legs[-1].offset if legs else ck.transfers)
+        return _Work(p, view, bp, tag)
+
+    async def _commit(self, work: list[_Work]) -> float:
+        changelog = self.s.changelog_topic
+        for w in work:
+            pending = replace(w.view.checkpoint, pending=w.tag)
+            self._produce(changelog, CHECKPOINT_KEY, pending.encode(), w.partition)
+        flush_ms = await self._flush("checkpoint intent")
+        for w in work:
+            for out in w.processor.outputs:
+                partition = w.partition
+                if out.kind in (TRANSFERS, REJECTIONS) and out.key:
+                    partition = partition_for(out.key.decode(), self.s.partitions)
+                self._produce(self._topics[out.kind], out.key, out.value, partition, out.headers)
+        flush_ms += await self._flush("outputs")
+        self._changelog_offsets.clear()
+        staged = []
+        for w in work:
+            records = w.view.changes_to_records(w.processor.finish(), w.tag)
+            done = w.view.checkpoint.advanced(*w.tag)
+            for key, value in records.items():
+                self._produce(changelog, key, value, w.partition)
+            self._produce(changelog, CHECKPOINT_KEY, done.encode(), w.partition)
+            staged.append((w, records, done))
+        flush_ms += await self._flush("state")
+        for w, records, done in staged:
+            wb = WriteBatch(raw_mode=True)
+            for key, value in records.items():
+                if value is None:
+                    wb.delete(key)
+                else:
+                    wb.put(key, value)
+            wb.put(CHECKPOINT_KEY, done.encode())
+            wb.put(FAUST_OFFSET_KEY, str(self._changelog_offsets[w.partition]).encode())
+            w.view.db.write(wb)
+        return flush_ms
+
+    async def _resolve_pending(self, p: int, view: PartitionView, report: BatchReport) -> None:
+        """Finish a batch a crashed worker left half-done: same inputs, same order."""
+        ck = view.checkpoint
+        assert ck.pending is not None
+        last_cmd, last_leg = ck.pending
+        log.warning("partition %d: resuming an unfinished batch (commands %d..%d, legs %d..%d)",
+                    p, ck.commands + 1, last_cmd, ck.transfers + 1, last_leg)
+        loop = asyncio.get_running_loop()
+        inp = PartitionInput(
+            commands=await loop.run_in_executor(
+                None, self._fetch, self.s.commands_topic, p, ck.commands + 1, last_cmd),
+            legs=await loop.run_in_executor(
+                None, self._fetch, self.s.transfers_topic, p, ck.transfers + 1, last_leg),
+        )
+        committed = PartitionView(view.db)
+        committed.checkpoint = replace(ck, pending=None)
+        w = self._decide(p, committed, inp)
+        if w is None:  # nothing was in the range after all
+            raise DeliveryFailed(f"partition {p}: pending batch {ck.pending} has no inputs")
+        w.tag = ck.pending
+        await self._commit([w])
+        report.resolved_pending += 1
+
+    def _fetch(self, topic: str, partition: int, first: int, last: int) -> list[Record]:
+        """Read offsets first..last of one partition directly (no group, no commits)."""
+        if last < first:
+            return []
+        consumer = Consumer({**self.s.kafka_config(), "group.id": f"ledger-resolve-{uuid.uuid4()}",
+                             "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+        try:
+            consumer.assign([TopicPartition(topic, partition, first)])
+            out: list[Record] = []
+            deadline = time.monotonic() + self.s.flush_timeout_s
+            while time.monotonic() < deadline:
+                for m in consumer.consume(1000, timeout=0.5):
+                    if m.error() is not None:
+                        continue
+                    if first <= m.offset() <= last:
+                        out.append(Record(m.key(), m.value(), m.offset()))
+                    if m.offset() >= last:
+                        return out
+            raise DeliveryFailed(f"{topic}[{partition}]: could not read {first}..{last}")
+        finally:
+            consumer.close()
+
+    def close(self) -> None:
+        self.producer.flush(self.s.flush_timeout_s)
+
+
+def _merge(into: Stats, s: Stats) -> None:
+    for name in ("commands", "events", "rejections", "legs", "dead_letters", "replays"):
+        setattr(into, name, getattr(into, name) + getattr(s, name))
+    for d_into, d in ((into.reasons, s.reasons), (into.types, s.types)):
+        for k, v in d.items():
+            d_into[k] = d_into.get(k, 0) + v

@@ -1,0 +1,681 @@
+"""A real local Apache Kafka broker (KRaft, combined broker+controller) without Docker.
+
+The broker jars come from Maven Central: ``ensure_jars()`` runs ``mvn
+dependency:copy-dependencies`` on ``streams/broker/pom.xml`` into a cache
+outside the repo (``$LEDGER_KAFKA_CACHE`` or ``~/.cache/ledger/kafka-4.1.1``),
+once. ``LocalBroker`` then formats a data directory and runs ``kafka.Kafka``
+with the ``java`` found on ``PATH``, on free 127.0.0.1 ports::
+
+    from streams.kafka_local import LocalBroker, ensure_jars
+
+    ensure_jars()
+    with LocalBroker() as broker:
+        print(broker.bootstrap_servers)  # "127.0.0.1:<port>"
+        broker.restart()                 # same ports and data
+
+For people, ``run_foreground()`` (the future ``ledger kafka up``) keeps a
+broker running on a persistent data dir until Ctrl-C::
+
+    python -c 'from streams.kafka_local import run_foreground; run_foreground(None)'
+
+Tests use the fixtures in ``tests/conftest.py``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import contextlib
+import ctypes
+import fcntl
+import importlib.resources
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import IO
+
+from confluent_kafka.admin import AdminClient
+
+__all__ = [
+    "KAFKA_VERSION",
+    "BrokerError",
+    "LocalBroker",
+    "cache_dir",
+    "ensure_jars",
+    "run_foreground",
+]
+
+KAFKA_VERSION = "4.1.1"
+
+log = logging.getLogger("ledger.kafka")
+
+_MARKER_NAME = ".complete"
+_PARTIAL_PREFIX = "lib.partial-"
+_MVN_TIMEOUT_S = 900.0
+_FORMAT_TIMEOUT_S = 120.0
+_POLL_INTERVAL_S = 0.2
+_LOG_TAIL_LINES = 40
+_HOST = "127.0.0.1"
+_PORT_ATTEMPTS = 3
+_HEAP = "-Xmx512m"
+
+
+class BrokerError(RuntimeError):
+    """The broker could not be set up, started or reached."""
+
+
+# --------------------------------------------------------------------------- jars
+
+
+def cache_dir() -> Path:
+    """The jar cache: ``$LEDGER_KAFKA_CACHE`` or ``~/.cache/ledger/kafka-<version>``."""
+    override = os.environ.get("LEDGER_KAFKA_CACHE")
+    if override:
+        return Path(override).expanduser()
+    return Path.home() / ".cache" / "ledger" / f"kafka-{KAFKA_VERSION}"
+
+
+def _lib_is_complete(lib: Path) -> bool:
+    marker = lib / _MARKER_NAME
+    if not marker.is_file():
+        return False
+    expected = [name for name in marker.read_text().splitlines() if name]
+    return bool(expected) and all((lib / name).is_file() for name in expected)
+
+
+@contextlib.contextmanager
+def _pom_path() -> Iterator[Path]:
+    resource = importlib.resources.files("streams").joinpath("broker/pom.xml")
+    if not resource.is_file():  # e.g. a zipped install that dropped package data
+        yield Path(__file__).parent / "broker" / "pom.xml"
+        return
+    with importlib.resources.as_file(resource) as path:
+        yield path
+
+
+def ensure_jars() -> Path:
+    """Return the directory of Kafka broker jars, downloading them with Maven if needed.
+
+    Safe to call concurrently from several processes (a file lock serialises
+    the download) and after an interrupted download (only a directory with
+    a complete marker is trusted).
+    """
+    cache = cache_dir()
+    lib = cache / "lib"
+    if _lib_is_complete(lib):
+        return lib
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        if _lib_is_complete(lib):  # another process finished while we waited
+            return lib
+        mvn = shutil.which("mvn")
+        if mvn is None:
+            raise BrokerError("`mvn` is not on PATH; it is needed once to fetch the Kafka jars")
+        # Holding the lock, any partial dir is the leftover of a killed download.
+        for leftover in cache.glob(f"{_PARTIAL_PREFIX}*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=_PARTIAL_PREFIX, dir=cache))
+        try:
+            log.info("downloading Kafka %s jars with Maven into %s", KAFKA_VERSION, lib)
+            started = time.monotonic()
+            with _pom_path() as pom:
+                cmd = [
+                    mvn, "-q", "-B", "-f", str(pom),
+                    "dependency:copy-dependencies", f"-DoutputDirectory={staging}",
+                ]  # fmt: skip
+                try:
+                    result = subprocess.run(
+                        cmd,
+                        stdin=subprocess.DEVNULL,
+                        capture_output=True,
+                        text=True,
+                        timeout=_MVN_TIMEOUT_S,
+                        check=False,
+                    )
+                except subprocess.TimeoutExpired as e:
+                    raise BrokerError(f"mvn did not finish in {_MVN_TIMEOUT_S:.0f} s") from e
+            if result.returncode != 0:
+                raise BrokerError(
+                    f"mvn failed with exit code {result.returncode}:\n"
+                    f"{_tail(result.stdout + result.stderr)}"
+                )
+            jars = sorted(p.name for p in staging.glob("*.jar"))
+            if not any(name.startswith("kafka_2.13-") for name in jars):
+                raise BrokerError(f"mvn succeeded but no kafka_2.13 jar is in {staging}")
+            (staging / _MARKER_NAME).write_text("\n".join(jars) + "\n")
+            if lib.exists():  # present but not trusted: marker missing or jars gone
+                shutil.rmtree(lib)
+            staging.rename(lib)
+            log.info("fetched %d jars in %.1f s", len(jars), time.monotonic() - started)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+    return lib
+
+
+# ------------------------------------------------------------------------- broker
+
+
+def _free_ports(count: int) -> list[int]:
+    # Hold every socket open until all are chosen so the ports are distinct.
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((_HOST, 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((_HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def _tail(text: str, lines: int = _LOG_TAIL_LINES) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _file_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 256 * 1024))
+            return _tail(f.read().decode("utf-8", errors="replace"), lines)
+    except FileNotFoundError:
+        return "(no log written)"
+
+
+def _random_cluster_id() -> str:
+    # Kafka's Uuid text form: 16 random bytes, URL-safe base64, no padding.
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode("ascii")
+
+
+def _read_properties(path: Path) -> dict[str, str]:
+    props: dict[str, str] = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", "!")) or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        props[key.strip()] = value.strip()
+    return props
+
+
+def _write_properties(path: Path, props: dict[str, str]) -> None:
+    body = "".join(f"{key}={value}\n" for key, value in props.items())
+    path.write_text("# Written by streams.kafka_local; rewritten on every start.\n" + body)
+
+
+_LOG4J2_TEMPLATE = """\
+status = warn
+name = ledger-kafka
+
+appender.console.type = Console
+appender.console.name = STDOUT
+appender.console.layout.type = PatternLayout
+appender.console.layout.pattern = [%d] %p %m (%c)%n
+
+appender.file.type = RollingFile
+appender.file.name = FILE
+appender.file.fileName = {log_dir}/server.log
+appender.file.filePattern = {log_dir}/server.log.%i
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+appender.file.policies.type = Policies
+appender.file.policies.size.type = SizeBasedTriggeringPolicy
+appender.file.policies.size.size = 20MB
+appender.file.strategy.type = DefaultRolloverStrategy
+appender.file.strategy.max = 3
+
+rootLogger.level = WARN
+rootLogger.appenderRef.stdout.ref = STDOUT
+rootLogger.appenderRef.file.ref = FILE
+
+logger.kafka.name = kafka
+logger.kafka.level = INFO
+logger.apache.name = org.apache.kafka
+logger.apache.level = INFO
+logger.statechange.name = state.change.logger
+logger.statechange.level = WARN
+logger.request.name = kafka.request.logger
+logger.request.level = WARN
+logger.requestchannel.name = kafka.network.RequestChannel$
+logger.requestchannel.level = WARN
+logger.authorizer.name = kafka.authorizer.logger
+logger.authorizer.level = WARN
+"""
+
+
+_PR_SET_PDEATHSIG = 1
+# Looked up in the parent: the forked child should do as little as possible before exec.
+_PRCTL: Callable[..., int] | None = (
+    ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+)
+
+
+def _die_with_parent() -> None:
+    """Runs in the forked child before exec: SIGKILL it when the parent goes away."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+# Strong references on purpose: a broker dropped without stop() must still be
+# stopped (and its temporary data dir removed) when the interpreter exits.
+_brokers_to_clean_up: set[LocalBroker] = set()
+
+
+@atexit.register
+def _clean_up_brokers() -> None:
+    for broker in list(_brokers_to_clean_up):
+        with contextlib.suppress(Exception):
+            broker.stop(timeout_s=10)
+            broker._remove_owned_data_dir()
+
+
+class LocalBroker:
+    """One Kafka broker process (KRaft, node 1, broker+controller) on 127.0.0.1.
+
+    ``data_dir`` holds ``server.properties``, the log4j2 config, ``broker.log``
+    (stdout+stderr of the current run), ``logs/server.log`` (rolling, kept
+    across runs) and the Kafka data in ``kraft-data/``. A temporary
+    ``data_dir`` (the default) is deleted by ``__exit__`` and at interpreter
+    exit; a given one is kept. ``port`` is the client (PLAINTEXT) port; free
+    ones are picked when it is None, and once chosen the ports stay fixed for
+    ``restart()``. ``extra_properties`` override or add server properties.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path | None = None,
+        port: int | None = None,
+        extra_properties: dict[str, str] | None = None,
+    ) -> None:
+        self._owns_data_dir = data_dir is None
+        if data_dir is None:
+            data_dir = Path(tempfile.mkdtemp(prefix="ledger-kafka-"))
+        self._data_dir = Path(data_dir).expanduser().resolve()
+        self._requested_port = port
+        self._extra_properties = dict(extra_properties or {})
+        self._port: int | None = None
+        self._controller_port: int | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log_file: IO[bytes] | None = None
+
+    # -- paths and addresses
+
+    @property
+    def data_dir(self) -> Path:
+        return self._data_dir
+
+    @property
+    def log_path(self) -> Path:
+        """stdout+stderr of the current (or last) broker run."""
+        return self._data_dir / "broker.log"
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise BrokerError("the broker has no port yet; call start() first")
+        return self._port
+
+    @property
+    def controller_port(self) -> int:
+        if self._controller_port is None:
+            raise BrokerError("the broker has no port yet; call start() first")
+        return self._controller_port
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"{_HOST}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def is_running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
+        return _file_tail(self.log_path, lines)
+
+    # -- lifecycle
+
+    def start(self, timeout_s: float = 90) -> None:
+        """Start the broker and return once it answers metadata requests.
+
+        Raises ``BrokerError`` (with the end of the broker log) if the process
+        exits or is not ready within ``timeout_s``.
+        """
+        if self.is_running():
+            raise BrokerError(f"broker already running (pid {self.pid})")
+        deadline = time.monotonic() + timeout_s
+        lib = ensure_jars()
+        java = shutil.which("java")
+        if java is None:
+            raise BrokerError("`java` (17 or newer) is not on PATH")
+        self._data_dir.mkdir(parents=True, exist_ok=True)
+        _brokers_to_clean_up.add(self)
+        for attempt in range(1, _PORT_ATTEMPTS + 1):
+            # A port picked by _free_ports can be taken by someone else before
+            # the JVM binds it; picking again is only fine while we choose freely.
+            may_repick = self._port is None and self._requested_port is None
+            self._choose_ports()
+            config = self._write_config()
+            self._format_storage(java, lib, config, deadline)
+            started = time.monotonic()
+            self._spawn(java, lib, config)
+            try:
+                self._wait_until_ready(deadline)
+                break
+            except BrokerError:
+                clash = "Address already in use" in self.log_tail(400)
+                if not (may_repick and clash and attempt < _PORT_ATTEMPTS):
+                    raise
+                log.warning("port clash on %s; retrying on new ports", self.bootstrap_servers)
+                self._port = self._controller_port = None
+        log.info(
+            "Kafka %s up on %s in %.1f s (pid %s, data %s)",
+            KAFKA_VERSION, self.bootstrap_servers, time.monotonic() - started,
+            self.pid, self._data_dir,
+        )  # fmt: skip
+
+    def stop(self, timeout_s: float = 30) -> None:
+        """SIGTERM the broker (a clean shutdown); SIGKILL it if still alive after ``timeout_s``."""
+        process = self._process
+        if process is not None and process.poll() is None:
+            log.info("stopping Kafka broker (pid %s)", process.pid)
+            process.terminate()
+            try:
+                process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning(
+                    "broker pid %s ignored SIGTERM for %.0f s; killing", process.pid, timeout_s
+                )
+                process.kill()
+                process.wait(timeout=timeout_s)
+            log.info("Kafka broker stopped (exit code %s)", process.returncode)
+        self._close_log()
+
+    def kill(self) -> None:
+        """SIGKILL the broker with no clean shutdown (for chaos tests)."""
+        process = self._process
+        if process is not None and process.poll() is None:
+            log.info("killing Kafka broker (pid %s)", process.pid)
+            process.kill()
+            process.wait(timeout=30)
+        self._close_log()
+
+    def restart(self, timeout_s: float = 90) -> None:
+        """Stop (if running) and start again on the same ports and data dir."""
+        self.stop()
+        self.start(timeout_s=timeout_s)
+
+    def __enter__(self) -> LocalBroker:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+        self._remove_owned_data_dir()
+
+    # -- internals
+
+    def _remove_owned_data_dir(self) -> None:
+        _brokers_to_clean_up.discard(self)
+        if self._owns_data_dir and not self.is_running():
+            shutil.rmtree(self._data_dir, ignore_errors=True)
+
+    def _choose_ports(self) -> None:
+        if self._port is not None and self._controller_port is not None:
+            return
+        previous = self._previous_ports()
+        if previous is not None and all(_port_is_free(p) for p in previous):
+            # Reusing a formatted data dir: keep its ports so the bootstrap
+            # address people copied and the stored controller endpoint stay valid.
+            port, controller = previous
+            if self._requested_port is not None and self._requested_port != port:
+                port = self._requested_port
+            if port != controller:
+                self._port, self._controller_port = port, controller
+                return
+        if self._requested_port is not None:
+            self._port = self._requested_port
+            self._controller_port = next(p for p in _free_ports(2) if p != self._requested_port)
+        else:
+            self._port, self._controller_port = _free_ports(2)
+
+    def _previous_ports(self) -> tuple[int, int] | None:
+        config = self._data_dir / "server.properties"
+        formatted = (self._data_dir / "kraft-data" / "meta.properties").is_file()
+        if not (formatted and config.is_file()):
+            return None
+        listeners = _read_properties(config).get("listeners", "")
+        ports: dict[str, int] = {}
+        for listener in listeners.split(","):
+            name, _, address = listener.partition("://")
+            with contextlib.suppress(ValueError):
+                ports[name.strip()] = int(address.rpartition(":")[2])
+        if "PLAINTEXT" in ports and "CONTROLLER" in ports:
+            return ports["PLAINTEXT"], ports["CONTROLLER"]
+        return None
+
+    def _write_config(self) -> Path:
+        port, controller = self.port, self.controller_port
+        log_dir = self._data_dir / "logs"
+        log_dir.mkdir(exist_ok=True)
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.bootstrap.servers": f"{_HOST}:{controller}",
+            "listeners": f"PLAINTEXT://{_HOST}:{port},CONTROLLER://{_HOST}:{controller}",
+            "advertised.listeners": f"PLAINTEXT://{_HOST}:{port}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "log.dirs": str(self._data_dir / "kraft-data"),
+            "num.partitions": "1",
+            "offsets.topic.replication.factor": "1",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "group.initial.rebalance.delay.ms": "0",
+            "auto.create.topics.enable": "false",
+            # After a kill() the old registration blocks the new one until the
+            # broker session expires (default 9 s); a shorter one keeps chaos
+            # restarts quick while staying well above the heartbeat interval.
+            "broker.heartbeat.interval.ms": "1000",
+            "broker.session.timeout.ms": "4000",
+        }
+        props.update(self._extra_properties)
+        config = self._data_dir / "server.properties"
+        _write_properties(config, props)
+        (self._data_dir / "log4j2.properties").write_text(_LOG4J2_TEMPLATE.format(log_dir=log_dir))
+        return config
+
+    def _java(self, java: str, lib: Path, *args: str, heap: str | None = None) -> list[str]:
+        return [
+            java,
+            *([heap] if heap else []),
+            f"-Dlog4j2.configurationFile={self._data_dir / 'log4j2.properties'}",
+            f"-Dkafka.logs.dir={self._data_dir / 'logs'}",
+            "-cp",
+            f"{lib}/*",
+            *args,
+        ]
+
+    def _format_storage(self, java: str, lib: Path, config: Path, deadline: float) -> None:
+        log_dirs = _read_properties(config)["log.dirs"].split(",")
+        if all((Path(d) / "meta.properties").is_file() for d in log_dirs):
+            return
+        cmd = self._java(
+            java, lib, "kafka.tools.StorageTool", "format",
+            "-t", _random_cluster_id(), "-c", str(config), "--standalone",
+        )  # fmt: skip
+        log.info("formatting Kafka storage in %s", ", ".join(log_dirs))
+        try:
+            result = subprocess.run(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=max(1.0, min(_FORMAT_TIMEOUT_S, deadline - time.monotonic())),
+                check=False,
+            )
+        except subprocess.TimeoutExpired as e:
+            raise BrokerError(f"formatting Kafka storage timed out after {e.timeout:.0f} s") from e
+        if result.returncode != 0:
+            raise BrokerError(
+                f"formatting Kafka storage failed (exit {result.returncode}):\n"
+                f"{_tail(result.stdout + result.stderr)}"
+            )
+
+    def _spawn(self, java: str, lib: Path, config: Path) -> None:
+        self._close_log()
+        # A fresh file per run keeps the tail about this run; logs/server.log keeps history.
+        self._log_file = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
+        # PDEATHSIG fires when the forking *thread* exits, so only use it from the
+        # main thread; other callers rely on the atexit hook.
+        preexec = (
+            _die_with_parent
+            if _PRCTL is not None and threading.current_thread() is threading.main_thread()
+            else None
+        )
+        self._process = subprocess.Popen(
+            self._java(java, lib, "kafka.Kafka", str(config), heap=_HEAP),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            cwd=self._data_dir,
+            # Own session: a Ctrl-C meant for Python must not kill the broker
+            # before we stop it cleanly.
+            start_new_session=True,
+            preexec_fn=preexec,
+        )  # fmt: skip
+
+    def _wait_until_ready(self, deadline: float) -> None:
+        admin = AdminClient(
+            {
+                "bootstrap.servers": self.bootstrap_servers,
+                # librdkafka reports every refused connection while the JVM boots.
+                "log_level": 2,
+                "socket.connection.setup.timeout.ms": 1000,
+                "reconnect.backoff.ms": 100,
+                "reconnect.backoff.max.ms": 200,
+            }
+        )
+        last_error = "no answer yet"
+        while True:
+            process = self._process
+            assert process is not None
+            if process.poll() is not None:
+                raise BrokerError(
+                    f"Kafka broker exited with code {process.returncode} during start-up; "
+                    f"last lines of {self.log_path}:\n{self.log_tail()}"
+                )
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.kill()
+                raise BrokerError(
+                    f"Kafka broker not ready on {self.bootstrap_servers} in time "
+                    f"({last_error}); last lines of {self.log_path}:\n{self.log_tail()}"
+                )
+            if self._tcp_accepts():
+                try:
+                    metadata = admin.list_topics(timeout=max(0.1, min(2.0, remaining)))
+                except Exception as e:  # KafkaException while the broker registers
+                    last_error = str(e)
+                else:
+                    if metadata.brokers and process.poll() is None:
+                        return
+                    last_error = "metadata lists no brokers yet"
+            time.sleep(_POLL_INTERVAL_S)
+
+    def _tcp_accepts(self) -> bool:
+        try:
+            with socket.create_connection((_HOST, self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def _close_log(self) -> None:
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+
+# --------------------------------------------------------------------- foreground
+
+
+def default_data_dir() -> Path:
+    """Data dir of ``run_foreground``: ``$LEDGER_KAFKA_DATA`` or ``~/.local/share/ledger/kafka``."""
+    override = os.environ.get("LEDGER_KAFKA_DATA")
+    if override:
+        return Path(override).expanduser()
+    return Path.home() / ".local" / "share" / "ledger" / "kafka"
+
+
+def run_foreground(port: int | None) -> None:
+    """Run a broker on the persistent data dir until Ctrl-C or SIGTERM, then stop it cleanly.
+
+    Prints ``LEDGER_BOOTSTRAP_SERVERS=127.0.0.1:<port>`` once the broker is
+    ready. With ``port=None`` the ports of the previous run are reused if free.
+    """
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    stop_requested = threading.Event()
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        stop_requested.set()
+
+    signals = (signal.SIGINT, signal.SIGTERM)
+    # While starting, either signal interrupts the wait (KeyboardInterrupt);
+    # once up, they only ask the loop below to stop.
+    previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in signals}
+    broker = LocalBroker(data_dir=default_data_dir(), port=port)
+    try:
+        try:
+            broker.start()
+        except KeyboardInterrupt:
+            log.info("interrupted during start-up")
+            return
+        for sig in signals:
+            signal.signal(sig, request_stop)
+        print(f"LEDGER_BOOTSTRAP_SERVERS={broker.bootstrap_servers}", flush=True)
+        while not stop_requested.wait(timeout=1.0):
+            if not broker.is_running():
+                raise BrokerError(
+                    f"Kafka broker exited unexpectedly; last lines of {broker.log_path}:\n"
+                    f"{broker.log_tail()}"
+                )
+    finally:
+        broker.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,301 @@
+"""One partition's batch of input records -> outputs and state changes. No Kafka here.
+
+The worker hands a ``BatchProcessor`` the raw records of one partition in the order
+it must decide them, then takes ``outputs`` (events, rejections, legs, dead letters,
+each already encoded) and ``finish()`` (the store keys to write). Everything it
+reads comes through ``read(key)``, the partition's store as of the batch's start;
+its own changes are kept in an overlay, so a batch of N commands and N batches of
+one command give byte-identical outputs and the same state.
+
+Store keys (bytes):
+    ``a<account>``                  AccountState
+    ``i<account>\\0<command_id>``    CommandOutcome: a retry gets the same records again
+    ``x<expires_at:8>``...          hold expiry index: ``<account>\\0<hold_id>``
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from aiokafka.partitioner import murmur2
+from pydantic import ValidationError
+
+from schemas.codec import CODEC, DecodeError
+from schemas.models import (
+    AccountState,
+    CommandBase,
+    CommandOutcome,
+    HoldCaptured,
+    HoldPlaced,
+    HoldReleased,
+    LedgerEvent,
+    Rejection,
+    TransferLeg,
+    command_from_avro,
+    encode,
+)
+from streams.domain import Outcome, Reason, decide, decide_leg, reject
+
+EVENTS, REJECTIONS, TRANSFERS, DLQ = "events", "rejections", "transfers", "dlq"
+
+
+@lru_cache(maxsize=1 << 16)
+def partition_for(account_id: str, partitions: int) -> int:
+    """Kafka's default (murmur2) partition of a key: the same as Faust and the Java client."""
+    return (murmur2(account_id.encode()) & 0x7FFFFFFF) % partitions
+
+
+def account_key(account_id: str) -> bytes:
+    return b"a" + account_id.encode()
+
+
+def outcome_key(account_id: str, command_id: str) -> bytes:
+    return b"i" + account_id.encode() + b"\0" + command_id.encode()
+
+
+def expiry_key(expires_at: int, account_id: str, hold_id: str) -> bytes:
+    return b"x" + struct.pack(">q", expires_at) + account_id.encode() + b"\0" + hold_id.encode()
+
+
+def parse_expiry_key(key: bytes) -> tuple[int, str, str]:
+    (expires_at,) = struct.unpack(">q", key[1:9])
+    account, hold = key[9:].split(b"\0", 1)
+    return expires_at, account.decode(), hold.decode()
+
+
+# When and under which trace a retry was sent does not make it another command.
+_NOT_CONTENT = frozenset({"issued_at", "correlation_id"})
+
+
+def command_digest(c: CommandBase) -> bytes:
+    """What a command asks for: the same command_id must always ask for the same thing."""
+    content = sorted((k, v) for k, v in c.__dict__.items() if k not in _NOT_CONTENT)
+    return hashlib.sha256(repr((c.type, content)).encode()).digest()[:16]
+
+
+class LegSigner:
+    """HMAC over a leg's content: only a worker that recorded the debit can make one."""
+
+    def __init__(self, secret: bytes) -> None:
+        self._secret = secret
+
+    def _mac(self, leg: TransferLeg) -> bytes:
+        body = CODEC.body(TransferLeg.avro_name, {**leg.to_avro(), "signature": b""})
+        return hmac.new(self._secret, body, hashlib.sha256).digest()
+
+    def sign(self, leg: TransferLeg) -> TransferLeg:
+        return leg.model_copy(update={"signature": self._mac(leg)})
+
+    def verify(self, leg: TransferLeg) -> bool:
+        return hmac.compare_digest(leg.signature, self._mac(leg))
+
+
+@dataclass
+class Output:
+    kind: str  # EVENTS | REJECTIONS | TRANSFERS | DLQ
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]] | None = None
+
+
+@dataclass
+class Stats:
+    commands: int = 0
+    events: int = 0
+    rejections: int = 0
+    legs: int = 0
+    dead_letters: int = 0
+    replays: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    types: dict[str, int] = field(default_factory=dict)
+
+
+class BatchProcessor:
+    def __init__(self, read: Callable[[bytes], bytes | None], partition: int, partitions: int,
+                 signer: LegSigner, max_record_bytes: int = 1_000_000) -> None:
+        self._read = read
+        self.partition = partition
+        self.partitions = partitions
+        self.signer = signer
+        self.max_record_bytes = max_record_bytes
+        self.outputs: list[Output] = []
+        self.stats = Stats()
+        self._accounts: dict[str, AccountState | None] = {}
+        self._dirty: set[str] = set()
+        self._writes: dict[bytes, bytes | None] = {}
+
+    # ------------------------------------------------------------ reads
+
+    def _account(self, account_id: str) -> AccountState | None:
+        try:
+            return self._accounts[account_id]
+        except KeyError:
+            raw = self._read(account_key(account_id))
+            state = None if raw is None else AccountState.from_avro(
+                CODEC.decode(raw, expect=AccountState.avro_name)[1])
+            self._accounts[account_id] = state
+            return state
+
+    def _get(self, key: bytes) -> bytes | None:
+        if key in self._writes:
+            return self._writes[key]
+        return self._read(key)
+
+    # ------------------------------------------------------------ inputs
+
+    def dead_letter(self, key: bytes | None, value: bytes | None, topic: str, offset: int,
+                    error: str, code: str) -> None:
+        self.stats.dead_letters += 1
+        self.outputs.append(Output(DLQ, key, value or b"", [
+            ("source_topic", topic.encode()), ("source_partition", str(self.partition).encode()),
+            ("source_offset", str(offset).encode()), ("error_code", code.encode()),
+            ("error", error.encode()[:1000]),
+        ]))
+
+    def command_record(self, key: bytes | None, value: bytes | None, topic: str,
+                       offset: int) -> None:
+        """Decide every command of one ``ledger.commands`` record, in list order."""
+        if value is None or len(value) > self.max_record_bytes:
+            size = 0 if value is None else len(value)
+            self.dead_letter(key, value, topic, offset, f"record of {size} bytes", "oversize"
+                             if size else "empty")
+            return
+        try:
+            _, batch = CODEC.decode(value, expect="ledger.CommandBatch")
+        except DecodeError as exc:
+            self.dead_letter(key, value, topic, offset, str(exc), exc.code)
+            return
+        for item in batch["commands"]:
+            self.stats.commands += 1
+            try:
+                command = command_from_avro(item)
+            except ValidationError as exc:
+                self._invalid(item, exc)
+                continue
+            self.stats.types[command.type] = self.stats.types.get(command.type, 0) + 1
+            self._command(command)
+
+    def _invalid(self, item: tuple[str, dict[str, object]], exc: ValidationError) -> None:
+        name, body = item
+        rejection = Rejection(
+            command_id=str(body.get("command_id") or ""),
+            account_id=str(body.get("account_id") or ""),
+            command_type=name.rsplit(".", 1)[-1], reason=Reason.INVALID_COMMAND.value,
+            detail=str(exc.errors(include_url=False, include_input=False))[:500],
+            occurred_at=int(body.get("issued_at") or 0),  # type: ignore[call-overload]
+            correlation_id=body.get("correlation_id"),  # type: ignore[arg-type]
+            actor=str(body.get("actor") or ""),
+        )
+        self._emit_rejection(rejection)
+
+    def _command(self, c: CommandBase) -> None:
+        if partition_for(c.account_id, self.partitions) != self.partition:
+            self._emit_rejection(reject(c, Reason.WRONG_PARTITION,
+                                        f"account belongs to partition "
+                                        f"{partition_for(c.account_id, self.partitions)}"),
+                                 )
+            return
+        okey = outcome_key(c.account_id, c.command_id)
+        digest = command_digest(c)
+        if self._replayed(okey, digest):
+            return
+        if okey in self._writes or self._get(okey) is not None:
+            self._emit_rejection(reject(c, Reason.IDEMPOTENCY_KEY_REUSED,
+                                        f"command_id {c.command_id!r} was used for another "
+                                        "command"))
+            return
+        self._apply(c.account_id, okey, digest, decide(self._account(c.account_id), c))
+
+    def leg_record(self, key: bytes | None, value: bytes | None, topic: str,
+                   offset: int) -> None:
+        """Apply one leg from ``ledger.transfers``; forged or misrouted legs are dead letters."""
+        try:
+            _, datum = CODEC.decode(value or b"", expect=TransferLeg.avro_name)
+            leg = TransferLeg.from_avro(datum)
+        except DecodeError as exc:
+            self.dead_letter(key, value, topic, offset, str(exc), exc.code)
+            return
+        if not self.signer.verify(leg):
+            self.dead_letter(key, value, topic, offset, "leg signature does not verify",
+                             "forged_leg")
+            return
+        if partition_for(leg.account_id, self.partitions) != self.partition:
+            self.dead_letter(key, value, topic, offset, "leg on the wrong partition",
+                             "wrong_partition")
+            return
+        okey = outcome_key(leg.account_id, leg.leg_id)
+        digest = hashlib.sha256(value or b"").digest()[:16]
+        if self._replayed(okey, digest):
+            return
+        state = self._account(leg.account_id)
+        if leg.kind == "REFUND" and state is None:
+            self.dead_letter(key, value, topic, offset, "refund for an unknown account",
+                             "forged_leg")
+            return
+        self._apply(leg.account_id, okey, digest, decide_leg(state, leg))
+
+    # ------------------------------------------------------------ outputs
+
+    def _replayed(self, okey: bytes, digest: bytes) -> bool:
+        """A command_id seen before with the same content: send its first outcome again."""
+        raw = self._get(okey)
+        if raw is None:
+            return False
+        prior = CommandOutcome.from_avro(CODEC.decode(raw, expect=CommandOutcome.avro_name)[1])
+        if prior.digest != digest:
+            return False
+        self.stats.replays += 1
+        kind = REJECTIONS if prior.rejected else EVENTS
+        for record in prior.records:
+            self.outputs.append(Output(kind, okey[1:].split(b"\0", 1)[0], record))
+        return True
+
+    def _apply(self, account_id: str, okey: bytes, digest: bytes, outcome: Outcome) -> None:
+        records: list[bytes]
+        if outcome.rejection is not None:
+            records = [self._emit_rejection(outcome.rejection)]
+        else:
+            records = [self._emit_event(event) for event in outcome.events]
+            self._accounts[account_id] = outcome.state_after
+            self._dirty.add(account_id)
+        for leg in outcome.legs:
+            self.stats.legs += 1
+            signed = self.signer.sign(leg)
+            self.outputs.append(Output(TRANSFERS, signed.account_id.encode(), encode(signed)))
+        self._writes[okey] = encode(CommandOutcome(
+            digest=digest, records=records, rejected=outcome.rejection is not None))
+
+    def _emit_event(self, event: LedgerEvent) -> bytes:
+        self.stats.events += 1
+        value = encode(event)
+        self.outputs.append(Output(EVENTS, event.account_id.encode(), value))
+        p = event.payload
+        if isinstance(p, HoldPlaced):
+            self._writes[expiry_key(p.expires_at, event.account_id, p.hold_id)] = b""
+        elif isinstance(p, HoldCaptured | HoldReleased):
+            before = self._accounts[event.account_id]
+            assert before is not None
+            hold = before.holds[p.hold_id]
+            self._writes[expiry_key(hold.expires_at, event.account_id, p.hold_id)] = None
+        return value
+
+    def _emit_rejection(self, rejection: Rejection) -> bytes:
+        self.stats.rejections += 1
+        self.stats.reasons[rejection.reason] = self.stats.reasons.get(rejection.reason, 0) + 1
+        value = encode(rejection)
+        self.outputs.append(Output(REJECTIONS, rejection.account_id.encode(), value))
+        return value
+
+    def finish(self) -> dict[bytes, bytes | None]:
+        """The store keys this batch changes (None deletes), accounts encoded once each."""
+        for account_id in self._dirty:
+            state = self._accounts[account_id]
+            assert state is not None
+            self._writes[account_key(account_id)] = encode(state)
+        self._dirty.clear()
+        return self._writes

@@ -1,0 +1,83 @@
+"""One frozen settings object for every process, read from ``LEDGER_*`` variables.
+
+Kafka client options that matter for correctness (acks, idempotence, partitioner)
+are set on purpose in ``producer_config``; secrets are ``SecretStr`` and never
+printed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_LEG_SECRET = "dev-only-leg-secret-change-me"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LEDGER_", frozen=True, extra="ignore")
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = "SCRAM-SHA-512"
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+
+    partitions: int = Field(default=12, ge=1, le=1024)
+    replication_factor: int = Field(default=1, ge=1)
+    commands_topic: str = "ledger.commands"
+    transfers_topic: str = "ledger.transfers"
+    events_topic: str = "ledger.events"
+    rejections_topic: str = "ledger.rejections"
+    dlq_topic: str = "ledger.dlq"
+
+    app_id: str = "ledger"
+    data_dir: Path = Path("data")
+    web_host: str = "127.0.0.1"
+    web_port: int = 6066
+    leg_secret: SecretStr = SecretStr(DEV_LEG_SECRET)
+
+    # Bounds of one unit of work in the worker (records taken from Faust per batch,
+    # and how long to wait for a batch to fill).
+    batch_max_records: int = Field(default=2000, ge=1, le=100_000)
+    batch_within_ms: int = Field(default=5, ge=1, le=10_000)
+    # A command record bigger than this is dead-lettered unread.
+    max_record_bytes: int = Field(default=1_000_000, ge=1024)
+    # How long a flush to the broker may take before the worker gives up and exits.
+    flush_timeout_s: float = Field(default=60.0, gt=0)
+
+    @property
+    def changelog_topic(self) -> str:
+        """Faust's name for the accounts table changelog."""
+        return f"{self.app_id}-accounts-changelog"
+
+    def kafka_config(self) -> dict[str, Any]:
+        """Connection and security options shared by every confluent-kafka client."""
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "security.protocol": self.security_protocol,
+        }
+        if self.sasl_username:
+            conf["sasl.mechanism"] = self.sasl_mechanism
+            conf["sasl.username"] = self.sasl_username
+            secret = self.sasl_password
+            conf["sasl.password"] = secret.get_secret_value() if secret else ""
+        return conf
+
+    def producer_config(self, **overrides: Any) -> dict[str, Any]:
+        return {
+            **self.kafka_config(),
+            "acks": "all",
+            "enable.idempotence": True,
+            # Faust (aiokafka) partitions with murmur2; librdkafka's default is CRC32.
+            "partitioner": "murmur2_random",
+            "linger.ms": 2,
+            "message.max.bytes": 16 * 1024 * 1024,
+            **overrides,
+        }
+
+
+def load() -> Settings:
+    return Settings()

@@ -1,0 +1,66 @@
+"""Create the ledger's topics with the partition count and configs the design needs.
+
+Faust never changes the config of a topic that exists, and only compacts the
+topics it creates itself, so every topic (the table changelog included) is
+created here, before a worker starts.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from streams.settings import Settings
+
+log = logging.getLogger("ledger.topics")
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    config: dict[str, str]
+
+
+def specs(s: Settings) -> list[TopicSpec]:
+    keep = {"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1"}
+    big = {"max.message.bytes": str(16 * 1024 * 1024)}
+    return [
+        TopicSpec(s.commands_topic, s.partitions, {"retention.ms": str(7 * 86_400_000), **big}),
+        TopicSpec(s.transfers_topic, s.partitions, {**keep}),
+        # The source of truth: kept forever, never compacted.
+        TopicSpec(s.events_topic, s.partitions, {**keep}),
+        TopicSpec(s.rejections_topic, s.partitions, {**keep}),
+        TopicSpec(s.dlq_topic, s.partitions, {**keep, **big}),
+        TopicSpec(s.changelog_topic, s.partitions, {"cleanup.policy": "compact", **big}),
+    ]
+
+
+def ensure_topics(s: Settings, timeout_s: float = 30.0) -> list[str]:
+    """Create missing topics; returns the names created. Existing ones are checked."""
+    admin = AdminClient(s.kafka_config())
+    existing = admin.list_topics(timeout=timeout_s).topics
+    wanted = specs(s)
+    for spec in wanted:
+        if spec.name in existing:
+            have = len(existing[spec.name].partitions)
+            if have != spec.partitions:
+                raise RuntimeError(f"topic {spec.name} has {have} partitions, the ledger needs "
+                                   f"{spec.partitions}: every account-keyed topic must match")
+    new = [NewTopic(t.name, t.partitions, s.replication_factor, config=t.config)
+           for t in wanted if t.name not in existing]
+    created: list[str] = []
+    for name, fut in (admin.create_topics(new, operation_timeout=timeout_s).items() if new
+                      else []):
+        try:
+            fut.result(timeout_s)
+            created.append(name)
+        except KafkaException as exc:
+            if exc.args[0].code() != 36:  # TOPIC_ALREADY_EXISTS: a racing worker made it
+                raise
+    if created:
+        log.info("created topics %s", ", ".join(sorted(created)))
+    return created
