@@ -24,7 +24,15 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import OFFSET_END, Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_END,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 from schemas.codec import CODEC, DecodeError
 from schemas.models import CommandBase, LedgerEvent, Rejection, encode_batch
@@ -61,6 +69,19 @@ class Outcome:
     @property
     def reason(self) -> str | None:
         return None if self.rejection is None else self.rejection.reason
+
+
+def _high_watermark(consumer: Consumer, tp: TopicPartition, deadline: float) -> int:
+    """The partition's end offset; retries while a new topic's leader is being elected."""
+    while True:
+        try:
+            return int(consumer.get_watermark_offsets(tp, timeout=10)[1])
+        except KafkaException as exc:
+            # NOT_LEADER and friends are not flagged retriable, yet pass in a moment.
+            if time.monotonic() > deadline:
+                raise DeliveryError(f"cannot read the end of {tp.topic}[{tp.partition}]: "
+                                    f"{exc.args[0].str()}") from exc
+            time.sleep(0.1)
 
 
 class LedgerClient:
@@ -165,11 +186,11 @@ class LedgerClient:
                              "fetch.min.bytes": 1})
         # Start at the current end of every partition, resolved now: an outcome
         # produced between this call and the first fetch must not be missed.
+        deadline = time.monotonic() + 30
         tps = []
         for topic in (self.s.events_topic, self.s.rejections_topic):
             for p in range(self.s.partitions):
-                _low, high = consumer.get_watermark_offsets(TopicPartition(topic, p),
-                                                            timeout=10)
+                high = _high_watermark(consumer, TopicPartition(topic, p), deadline)
                 tps.append(TopicPartition(topic, p, high if high >= 0 else OFFSET_END))
         consumer.assign(tps)
         return consumer

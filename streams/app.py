@@ -112,4 +112,5 @@ def create_app(s: Settings) -> faust.App:
     from streams import web
 
     web.register(app, s)
+    web.register_health(app, s)
     return app

@@ -8,6 +8,7 @@ created here, before a worker starts.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaException
@@ -63,4 +64,19 @@ def ensure_topics(s: Settings, timeout_s: float = 30.0) -> list[str]:
                 raise
     if created:
         log.info("created topics %s", ", ".join(sorted(created)))
+        _wait_for_leaders(admin, created, timeout_s)
     return created
+
+
+def _wait_for_leaders(admin: AdminClient, names: list[str], timeout_s: float) -> None:
+    """New topics are usable once every partition has a leader; until then clients fail."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        topics = admin.list_topics(timeout=timeout_s).topics
+        missing = [n for n in names if n not in topics or topics[n].error is not None
+                   or any(p.leader < 0 for p in topics[n].partitions.values())]
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"topics without leaders after {timeout_s}s: {missing}")
+        time.sleep(0.1)

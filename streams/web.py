@@ -55,3 +55,19 @@ def register(app: faust.App, s: Settings) -> None:
     class Live(View):
         async def get(self, request: Request) -> Response:
             return self.json({"live": True})
+
+
+def register_health(app: faust.App, s: Settings) -> None:
+    @app.page("/health/ready")
+    class Ready(View):
+        """Ready once table recovery is done and this worker consumes its partitions."""
+
+        async def get(self, request: Request) -> Response:
+            recovery = app.tables.recovery  # type: ignore[attr-defined]
+            assigned = [tp for tp in app.assignor.assigned_actives()
+                        if tp.topic == s.commands_topic]
+            ready = (recovery.completed.is_set() and not recovery.in_recovery
+                     and not app.rebalancing and bool(assigned))
+            doc = {"ready": ready, "partitions": sorted(tp.partition for tp in assigned),
+                   "in_recovery": recovery.in_recovery, "rebalancing": app.rebalancing}
+            return self.json(doc, status=200 if ready else 503)
