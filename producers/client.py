@@ -35,12 +35,15 @@ from confluent_kafka import (
 )
 
 from schemas.codec import CODEC, DecodeError
-from schemas.models import CommandBase, LedgerEvent, Rejection, encode_batch
+from schemas.models import CommandBase, LedgerEvent, Rejection, Transfer, encode_batch
 from streams.domain import Refused, check_command
 from streams.processor import partition_for
 from streams.settings import Settings
 
 log = logging.getLogger("ledger.client")
+
+# Event types that end a transfer (record names as Avro reads them).
+_SETTLED = frozenset({"ledger.TransferCredited", "ledger.TransferReversed"})
 
 
 class CommandRefused(ValueError):
@@ -97,6 +100,7 @@ class LedgerClient:
         self._queued: dict[int, list[CommandBase]] = defaultdict(list)
         self._wake = threading.Event()
         self._waiting: dict[str, Future[Outcome]] = {}
+        self._settling: dict[str, Future[Outcome]] = {}
         self._closed = threading.Event()
         self._threads = [threading.Thread(target=self._send_loop, name="ledger-send",
                                           daemon=True)]
@@ -111,7 +115,12 @@ class LedgerClient:
     # ------------------------------------------------------------ submitting
 
     def submit(self, command: CommandBase) -> Future[Outcome]:
-        """Queue a command; the future resolves to its Outcome (or a DeliveryError)."""
+        """Queue a command; the future resolves to its Outcome (or a DeliveryError).
+
+        For a Transfer the future also has ``.settlement``: a future of the transfer's
+        final outcome, the destination's TransferCredited or the source's
+        TransferReversed (or the rejection, if the source refused it).
+        """
         try:
             check_command(command)
         except Refused as r:
@@ -123,6 +132,10 @@ class LedgerClient:
                 raise RuntimeError("client is closed")
             if self._consumer is not None:
                 self._waiting[command.command_id] = fut
+                if isinstance(command, Transfer):
+                    settlement: Future[Outcome] = Future()
+                    fut.settlement = settlement  # type: ignore[attr-defined]
+                    self._settling[command.command_id] = settlement
             else:
                 fut.set_result(Outcome(command.command_id))
             self._queued[p].append(command)
@@ -199,24 +212,29 @@ class LedgerClient:
         assert self._consumer is not None
         while not self._closed.is_set():
             for m in self._consumer.consume(1000, timeout=0.1):
-                if m.error() is not None or not self._waiting:
+                if m.error() is not None or not (self._waiting or self._settling):
                     continue
                 try:
-                    name, datum = CODEC.decode(m.value())
+                    name, datum = CODEC.decode(m.value() or b"")
                 except DecodeError:
                     continue
                 if name == LedgerEvent.avro_name:
                     cid = datum["command_id"]
-                    if cid in self._waiting:
-                        self._resolve(cid, Outcome(cid, events=[LedgerEvent.from_avro(datum)]))
+                    final = datum["payload"][0] in _SETTLED and cid in self._settling
+                    if cid in self._waiting or final:
+                        outcome = Outcome(cid, events=[LedgerEvent.from_avro(datum)])
+                        self._resolve(self._settling if final else self._waiting, cid, outcome)
                 elif name == Rejection.avro_name:
                     cid = datum["command_id"]
                     if cid in self._waiting:
-                        self._resolve(cid, Outcome(cid, rejection=Rejection.from_avro(datum)))
+                        outcome = Outcome(cid, rejection=Rejection.from_avro(datum))
+                        self._resolve(self._waiting, cid, outcome)
+                        self._resolve(self._settling, cid, outcome)
 
-    def _resolve(self, command_id: str, outcome: Outcome) -> None:
+    def _resolve(self, futures: dict[str, Future[Outcome]], command_id: str,
+                 outcome: Outcome) -> None:
         with self._lock:
-            fut = self._waiting.pop(command_id, None)
+            fut = futures.pop(command_id, None)
         if fut is not None and not fut.done():
             fut.set_result(outcome)
 
@@ -237,11 +255,16 @@ class LedgerClient:
         self._closed.set()
         self._threads[0].join(10)
         self.producer.flush(10)
+        del self.producer  # destroys the librdkafka instance: no reconnect noise after close
         for t in self._threads[1:]:
             t.join(5)
         if self._consumer is not None:
             self._consumer.close()
-        self._fail(list(self._waiting), RuntimeError("client closed before the outcome"))
+        closed = RuntimeError("client closed before the outcome")
+        self._fail(list(self._waiting), closed)
+        for f in self._settling.values():
+            if not f.done():
+                f.set_exception(closed)
 
     def __enter__(self) -> LedgerClient:
         return self

@@ -61,7 +61,7 @@ class Schema:
 
 def _load(path: Path, current: bool) -> Schema:
     raw = json.loads(path.read_text())
-    parsed = fastavro.parse_schema(raw, _write_hint=False)
+    parsed: dict[str, Any] = fastavro.parse_schema(raw, _write_hint=False)  # type: ignore[assignment]
     fp = bytes.fromhex(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO"))
     # single-object encoding puts the fingerprint little-endian
     return Schema(name=parsed["name"], parsed=parsed, fingerprint=fp[::-1], current=current)
@@ -117,6 +117,7 @@ class Codec:
             raise DecodeError(f"corrupt {writer.name} body: {type(exc).__name__}: {exc}") from exc
         if buf.tell() != len(data):
             raise DecodeError(f"{len(data) - buf.tell()} trailing bytes after a {writer.name}")
+        assert isinstance(datum, dict)
         return writer.name, datum
 
 

@@ -75,7 +75,7 @@ def create_app(s: Settings) -> faust.App:
                 log.exception("batch failed")
                 die(f"batch failed: {type(exc).__name__}: {exc}")
 
-    async def _handle(events: list[EventT]) -> None:
+    async def _handle(events: list[EventT[Any]]) -> None:
         inputs: dict[int, PartitionInput] = defaultdict(PartitionInput)
         for ev in events:
             m = ev.message
@@ -96,7 +96,7 @@ def create_app(s: Settings) -> faust.App:
                                         "commands_per_s": round(rate, 1)})
             totals["logged"] = now
 
-    @app.timer(1.0)
+    @app.timer(1.0)  # type: ignore[untyped-decorator]
     async def watchdog() -> None:
         # Faust's fetcher or consumer can crash and leave the worker alive but idle.
         for name, svc in (("fetcher", app._fetcher), ("consumer", app.consumer),
@@ -104,7 +104,7 @@ def create_app(s: Settings) -> faust.App:
             if getattr(svc, "crashed", False):
                 die(f"{name} crashed: {getattr(svc, 'crash_reason', None)!r}")
 
-    @app.task
+    @app.task  # type: ignore[untyped-decorator]
     async def announce() -> None:
         log.info("worker started", extra={"bootstrap": s.bootstrap_servers,
                                           "partitions": s.partitions, "web_port": s.web_port})

@@ -286,14 +286,15 @@ def _event(state: AccountState | None, account_id: str, command_id: str, causati
            issued_at: int, actor: str, correlation_id: str | None, payload: Payload,
            currency: str | None) -> tuple[LedgerEvent, AccountState]:
     """Build the event and its envelope, and the state after it (from ``evolve``)."""
-    if state is None:
-        assert currency is not None
+    if state is not None:
+        currency = state.currency
+    assert currency is not None
     occurred_at = issued_at if state is None else max(issued_at, state.updated_at)
     version = 1 if state is None else state.version + 1
     draft = LedgerEvent.model_construct(
         event_id=str(uuid.uuid5(EVENT_NAMESPACE, f"{causation_id}/{account_id}")),
         account_id=account_id, version=version,
-        currency=state.currency if state is not None else currency,
+        currency=currency,
         balance_after_minor=0, available_after_minor=0, occurred_at=occurred_at,
         command_id=command_id, causation_id=causation_id, correlation_id=correlation_id,
         actor=actor, payload=payload,

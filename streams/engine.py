@@ -104,12 +104,12 @@ class Engine:
         if err is not None:
             self._errors.append(f"{msg.topic()}[{msg.partition()}]: {err.str()}")
         elif msg.topic() == self.s.changelog_topic:
-            p, off = msg.partition(), msg.offset()
+            p, off = msg.partition() or 0, msg.offset() or 0
             if off > self._changelog_offsets.get(p, -1):
                 self._changelog_offsets[p] = off
 
     def _produce(self, topic: str, key: bytes | None, value: bytes | None, partition: int,
-                 headers: list[tuple[str, bytes]] | None = None) -> None:
+                 headers: list[tuple[str, str | bytes | None]] | None = None) -> None:
         while True:
             try:
                 self.producer.produce(topic, value, key, partition=partition,
@@ -233,11 +233,12 @@ class Engine:
             deadline = time.monotonic() + self.s.flush_timeout_s
             while time.monotonic() < deadline:
                 for m in consumer.consume(1000, timeout=0.5):
-                    if m.error() is not None:
+                    offset = m.offset()
+                    if m.error() is not None or offset is None:
                         continue
-                    if first <= m.offset() <= last:
-                        out.append(Record(m.key(), m.value(), m.offset()))
-                    if m.offset() >= last:
+                    if first <= offset <= last:
+                        out.append(Record(m.key(), m.value(), offset))
+                    if offset >= last:
                         return out
             raise DeliveryFailed(f"{topic}[{partition}]: could not read {first}..{last}")
         finally:

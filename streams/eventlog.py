@@ -41,12 +41,12 @@ def read_all(s: Settings, topic: str, timeout_s: float = 60.0,
             for m in consumer.consume(10_000, timeout=0.5):
                 if m.error() is not None:
                     continue
-                p = m.partition()
-                if p in done or m.offset() >= ends[p]:
+                p, offset = m.partition(), m.offset()
+                if p is None or offset is None or p in done or offset >= ends[p]:
                     continue
                 seen += 1
                 yield m
-                if m.offset() >= ends[p] - 1:
+                if offset >= ends[p] - 1:
                     done.add(p)
             if progress:
                 print(f"\r  {topic}: {seen}/{total}", end="", flush=True)

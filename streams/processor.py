@@ -47,7 +47,7 @@ EVENTS, REJECTIONS, TRANSFERS, DLQ = "events", "rejections", "transfers", "dlq"
 @lru_cache(maxsize=1 << 16)
 def partition_for(account_id: str, partitions: int) -> int:
     """Kafka's default (murmur2) partition of a key: the same as Faust and the Java client."""
-    return (murmur2(account_id.encode()) & 0x7FFFFFFF) % partitions
+    return int(murmur2(account_id.encode()) & 0x7FFFFFFF) % partitions
 
 
 def account_key(account_id: str) -> bytes:
@@ -78,6 +78,14 @@ def command_digest(c: CommandBase) -> bytes:
     return hashlib.sha256(repr((c.type, content)).encode()).digest()[:16]
 
 
+def _int(value: object) -> int:
+    return value if isinstance(value, int) else 0
+
+
+def _str_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
 class LegSigner:
     """HMAC over a leg's content: only a worker that recorded the debit can make one."""
 
@@ -100,7 +108,7 @@ class Output:
     kind: str  # EVENTS | REJECTIONS | TRANSFERS | DLQ
     key: bytes | None
     value: bytes
-    headers: list[tuple[str, bytes]] | None = None
+    headers: list[tuple[str, str | bytes | None]] | None = None
 
 
 @dataclass
@@ -187,8 +195,8 @@ class BatchProcessor:
             account_id=str(body.get("account_id") or ""),
             command_type=name.rsplit(".", 1)[-1], reason=Reason.INVALID_COMMAND.value,
             detail=str(exc.errors(include_url=False, include_input=False))[:500],
-            occurred_at=int(body.get("issued_at") or 0),  # type: ignore[call-overload]
-            correlation_id=body.get("correlation_id"),  # type: ignore[arg-type]
+            occurred_at=_int(body.get("issued_at")),
+            correlation_id=_str_or_none(body.get("correlation_id")),
             actor=str(body.get("actor") or ""),
         )
         self._emit_rejection(rejection)

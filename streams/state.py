@@ -51,7 +51,7 @@ class Checkpoint:
             return cls()
         d = json.loads(raw)
         pending = tuple(d["pending"]) if d.get("pending") is not None else None
-        return cls(d["commands"], d["transfers"], pending)  # type: ignore[arg-type]
+        return cls(d["commands"], d["transfers"], pending)
 
     def covers(self, tag_commands: int, tag_transfers: int) -> bool:
         return tag_commands <= self.commands and tag_transfers <= self.transfers

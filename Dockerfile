@@ -1,0 +1,16 @@
+# The ledger worker (and CLI) as an image. Used by docker-compose.yml.
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY schemas ./schemas
+COPY streams ./streams
+COPY producers ./producers
+RUN pip install --no-cache-dir .
+ENV LEDGER_DATA_DIR=/var/lib/ledger \
+    LEDGER_WEB_HOST=0.0.0.0 \
+    LEDGER_WEB_PORT=6066
+VOLUME /var/lib/ledger
+EXPOSE 6066
+HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
+  CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:6066/health/live', timeout=2)" || exit 1
+CMD ["ledger", "worker"]

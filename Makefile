@@ -1,0 +1,27 @@
+# The two commands a fresh clone needs: `make demo` and `make test`.
+# Both create .venv and install the project into it on first use.
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTHON ?= python3
+
+.PHONY: demo test lint bench kafka
+.DEFAULT_GOAL := test
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/ledger demo
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+kafka: $(BIN)/.installed
+	$(BIN)/ledger kafka up
