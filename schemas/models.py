@@ -7,6 +7,7 @@ Timestamps are epoch milliseconds (UTC) as integers; money is integer minor unit
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -310,7 +311,7 @@ def command_from_avro(item: tuple[str, dict[str, Any]]) -> CommandBase:
     return COMMAND_TYPES[name.rsplit(".", 1)[-1]].model_validate(body)
 
 
-def encode_batch(commands: list[CommandBase]) -> bytes:
+def encode_batch(commands: Sequence[CommandBase]) -> bytes:
     return CODEC.encode("ledger.CommandBatch", {"commands": [command_to_avro(c) for c in commands]})
 
 

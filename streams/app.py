@@ -20,8 +20,11 @@ from typing import Any
 import faust
 from faust.types import EventT
 
+from schemas.models import ExpireHold
 from streams.engine import Engine, PartitionInput, Record
+from streams.processor import parse_expiry_key
 from streams.settings import Settings
+from streams.state import PartitionView
 
 log = logging.getLogger("ledger.worker")
 
@@ -103,6 +106,40 @@ def create_app(s: Settings) -> faust.App:
                           ("agent", ledger)):
             if getattr(svc, "crashed", False):
                 die(f"{name} crashed: {getattr(svc, 'crash_reason', None)!r}")
+
+    expiry_sent: dict[bytes, float] = {}
+
+    @app.timer(1.0)  # type: ignore[untyped-decorator]
+    async def expire_holds() -> None:
+        # A hold's expiry acts through the log, as an ExpireHold command keyed by its
+        # account, so a replay meets it in the same order; its content is fixed by
+        # the hold (issued_at = expires_at), so a re-send is an idempotent retry.
+        now = time.time()
+        for tp in app.assignor.assigned_actives():
+            if tp.topic == s.commands_topic:
+                due = _due_holds(tp.partition, int(now * 1000), now)
+                for i in range(0, len(due), 500):
+                    engine.submit_commands(tp.partition, due[i:i + 500])
+        for key, sent in list(expiry_sent.items()):
+            if now - sent > 300:
+                del expiry_sent[key]
+
+    def _due_holds(partition: int, now_ms: int, now: float) -> list[ExpireHold]:
+        view = PartitionView(accounts.data._db_for_partition(partition))  # type: ignore[attr-defined]
+        due = []
+        for key in view.db.keys(from_key=b"x"):
+            if not key.startswith(b"x"):
+                break
+            expires_at, account, hold_id = parse_expiry_key(key)
+            if expires_at > now_ms:
+                break
+            if view.get(key) is None or now - expiry_sent.get(key, 0.0) < 30:
+                continue
+            expiry_sent[key] = now
+            due.append(ExpireHold(command_id=f"expire:{hold_id}:{expires_at}",
+                                  account_id=account, actor="ledger", issued_at=expires_at,
+                                  hold_id=hold_id))
+        return due
 
     @app.task  # type: ignore[untyped-decorator]
     async def announce() -> None:

@@ -25,13 +25,14 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 from rocksdict import WriteBatch
 
+from schemas.models import CommandBase, encode_batch
 from streams.processor import (
     DLQ,
     EVENTS,
@@ -243,6 +244,11 @@ class Engine:
             raise DeliveryFailed(f"{topic}[{partition}]: could not read {first}..{last}")
         finally:
             consumer.close()
+
+    def submit_commands(self, partition: int, commands: Sequence[CommandBase]) -> None:
+        """Put commands the ledger issues itself (hold expiries) on the command log."""
+        self._produce(self.s.commands_topic, None, encode_batch(commands), partition)
+        self.producer.poll(0)
 
     def close(self) -> None:
         self.producer.flush(self.s.flush_timeout_s)
