@@ -1,0 +1,107 @@
+"""Undo-tagged store values and the per-partition checkpoint (streams.state)."""
+
+from __future__ import annotations
+
+import pytest
+
+from streams.state import CHECKPOINT_KEY, Checkpoint, PartitionView, unwrap, wrap
+
+
+@pytest.mark.parametrize("tag", [(5, 7), (-1, 7), (5, -1), (0, 0)])
+def test_a_value_whose_tag_the_checkpoint_covers_reads_as_new(tag):
+    ck = Checkpoint(commands=5, transfers=7)
+
+    assert unwrap(wrap(tag, b"old", b"new"), ck) == b"new"
+    assert unwrap(wrap(tag, None, b"new"), ck) == b"new"
+
+
+@pytest.mark.parametrize("tag", [(6, 7), (5, 8), (6, 8)])
+def test_a_value_written_by_an_unfinished_batch_reads_as_prev(tag):
+    ck = Checkpoint(commands=5, transfers=7)
+
+    assert unwrap(wrap(tag, b"old", b"new"), ck) == b"old"
+
+
+def test_an_uncovered_value_without_prev_reads_as_absent():
+    ck = Checkpoint(commands=5, transfers=7)
+
+    assert unwrap(wrap((6, 7), None, b"new"), ck) is None
+
+
+def test_an_empty_prev_is_not_an_absent_prev():
+    ck = Checkpoint()
+
+    assert unwrap(wrap((0, 0), b"", b"new"), ck) == b""
+    assert unwrap(wrap((0, 0), b"", b"new"), Checkpoint(0, 0)) == b"new"
+
+
+def test_empty_new_values_survive():
+    assert unwrap(wrap((1, 1), b"old", b""), Checkpoint(1, 1)) == b""
+    assert unwrap(wrap((1, 1), None, b""), Checkpoint(1, 1)) == b""
+
+
+def test_a_missing_record_reads_as_absent():
+    assert unwrap(None, Checkpoint(10, 10)) is None
+
+
+def test_the_fresh_checkpoint_covers_nothing_written():
+    ck = Checkpoint()
+
+    assert (ck.commands, ck.transfers, ck.pending) == (-1, -1, None)
+    assert ck.covers(-1, -1)
+    assert not ck.covers(0, -1) and not ck.covers(-1, 0)
+
+
+def test_values_with_binary_content_are_split_exactly():
+    prev, new = bytes(range(256)), b"\x00\xff" * 300
+    raw = wrap((3, 4), prev, new)
+
+    assert unwrap(raw, Checkpoint(3, 4)) == new
+    assert unwrap(raw, Checkpoint(2, 4)) == prev
+
+
+@pytest.mark.parametrize("ck", [Checkpoint(), Checkpoint(10, 3),
+                                Checkpoint(10, 3, pending=(12, 5)),
+                                Checkpoint(-1, 9, pending=(4, 9))], ids=repr)
+def test_checkpoint_encode_decode_round_trip(ck):
+    back = Checkpoint.decode(ck.encode())
+
+    assert back == ck
+    assert back.pending is None or isinstance(back.pending, tuple)
+
+
+def test_no_checkpoint_decodes_as_the_fresh_one():
+    assert Checkpoint.decode(None) == Checkpoint()
+
+
+def test_advancing_clears_pending_and_never_goes_back():
+    ck = Checkpoint(10, 3, pending=(12, 5))
+
+    assert ck.advanced(12, 5) == Checkpoint(12, 5)
+    assert ck.advanced(8, 1) == Checkpoint(10, 3)
+
+
+def test_partition_view_reads_as_of_its_checkpoint():
+    db = {CHECKPOINT_KEY: Checkpoint(5, 5).encode(),
+          b"done": wrap((5, 5), b"v1", b"v2"),
+          b"half": wrap((6, 5), b"v1", b"v2"),
+          b"new-half": wrap((6, 5), None, b"v2")}
+    view = PartitionView(db)
+
+    assert (view.get(b"done"), view.get(b"half"), view.get(b"new-half"),
+            view.get(b"missing")) == (b"v2", b"v1", None, None)
+
+
+def test_partition_view_wraps_changes_with_the_committed_prev():
+    db = {CHECKPOINT_KEY: Checkpoint(5, 5).encode(),
+          b"k": wrap((4, 4), b"v0", b"v1"),           # committed: v1
+          b"torn": wrap((6, 6), b"v1", b"garbage")}   # unfinished: committed is v1
+    view = PartitionView(db)
+
+    records = view.changes_to_records({b"k": b"v2", b"torn": b"v2", b"fresh": b"v2",
+                                       b"gone": None}, tag=(7, 7))
+
+    assert records[b"gone"] is None
+    for key, prev in ((b"k", b"v1"), (b"torn", b"v1"), (b"fresh", None)):
+        assert unwrap(records[key], Checkpoint(7, 7)) == b"v2"
+        assert unwrap(records[key], Checkpoint(5, 5)) == prev
