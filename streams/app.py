@@ -54,6 +54,8 @@ def create_app(s: Settings) -> faust.App:
         stream_buffer_maxsize=max(4096, 4 * s.batch_max_records),
         broker_commit_every=1_000_000,
         broker_commit_interval=1.0,
+        broker_session_timeout=s.session_timeout_s,
+        broker_heartbeat_interval=min(1.0, s.session_timeout_s / 3),
         table_standby_replicas=0,
         web_enabled=True,
         web_bind=s.web_host,

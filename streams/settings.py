@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     batch_within_ms: int = Field(default=5, ge=1, le=10_000)
     # A command record bigger than this is dead-lettered unread.
     max_record_bytes: int = Field(default=1_000_000, ge=1024)
+    # How fast the group notices a dead worker (its partitions move after this).
+    session_timeout_s: float = Field(default=10.0, ge=1)
     # How long a flush to the broker may take before the worker gives up and exits.
     flush_timeout_s: float = Field(default=60.0, gt=0)
 

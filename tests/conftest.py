@@ -14,11 +14,16 @@ import re
 import sys
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from producers.client import LedgerClient
 from streams.kafka_local import BrokerError, LocalBroker, ensure_jars
+from streams.procs import WorkerProcess, free_port
+from streams.settings import Settings
+from streams.topics import ensure_topics
 
 EXTERNAL_BOOTSTRAP_ENV = "LEDGER_BOOTSTRAP_SERVERS"
 
@@ -88,4 +93,52 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> 
         and _KAFKA_FIXTURES & set(getattr(item, "fixturenames", ()))
     ):
         report.sections.append(("kafka broker log (tail)", broker.log_tail()))
+    if report.failed:
+        for w in getattr(item, "ledger_workers", []):
+            report.sections.append((f"worker log {w.log_path.name} (tail)", w.log_tail(60)))
     return report
+
+
+# ---------------------------------------------------------------- ledgers and workers
+
+
+@pytest.fixture
+def ledger_settings(kafka_bootstrap: str, unique_name: Callable[..., str],
+                    tmp_path: Path) -> Settings:
+    """A ledger of its own: unique topic names and app id, topics created."""
+    prefix = unique_name()
+    s = Settings(
+        bootstrap_servers=kafka_bootstrap, app_id=prefix, data_dir=tmp_path / "data",
+        commands_topic=f"{prefix}.commands", transfers_topic=f"{prefix}.transfers",
+        events_topic=f"{prefix}.events", rejections_topic=f"{prefix}.rejections",
+        dlq_topic=f"{prefix}.dlq", leg_secret="test-leg-secret",  # type: ignore[arg-type]
+    )
+    ensure_topics(s)
+    return s
+
+
+@pytest.fixture
+def start_worker(ledger_settings: Settings, tmp_path: Path,
+                 request: pytest.FixtureRequest) -> Iterator[Callable[..., WorkerProcess]]:
+    """Factory: start a ready ``ledger worker`` process (own data dir and web port)."""
+    workers: list[WorkerProcess] = []
+    request.node.ledger_workers = workers  # the report hook shows their logs on failure
+
+    def start(name: str = "w1", ready: bool = True, **overrides: object) -> WorkerProcess:
+        s = ledger_settings.model_copy(update={
+            "data_dir": tmp_path / f"data-{name}", "web_port": free_port(), **overrides})
+        w = WorkerProcess(s, tmp_path / f"{name}.log")
+        workers.append(w)
+        if ready:
+            w.wait_ready()
+        return w
+
+    yield start
+    for w in workers:
+        w.stop()
+
+
+@pytest.fixture
+def client(ledger_settings: Settings) -> Iterator[LedgerClient]:
+    with LedgerClient(ledger_settings) as c:
+        yield c

@@ -66,7 +66,7 @@ def union_records(schema: dict, field: str) -> dict[str, list[str]]:
 
 def round_trip(obj):
     data = encode(obj)
-    name, datum = CODEC.decode(data, expect=obj.avro_name)
+    _, datum = CODEC.decode(data, expect=obj.avro_name)
     back = type(obj).from_avro(datum)
     return back, data
 

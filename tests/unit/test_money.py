@@ -121,9 +121,10 @@ def test_format_shows_exactly_the_scale_in_decimals(minor, currency):
 
 
 @pytest.mark.xfail(strict=True, reason="BUG: parse_amount's regex uses \\d, which matches any "
-                   "Unicode digit, so '１２.34 USD' (fullwidth) or '١٢.٣٤ USD' (Arabic-Indic) "
-                   "parse as 12.34 USD instead of being refused")
-@pytest.mark.parametrize("text", ["１２.34 USD", "١٢.٣٤ USD"])
+                   "Unicode digit, so fullwidth or Arabic-Indic digits parse as ASCII ones: "
+                   "'\\uff11\\uff12.34 USD' gives (1234, 'USD') instead of an AmountError")
+@pytest.mark.parametrize("text", ["\uff11\uff12.34 USD",             # fullwidth 12
+                                  "\u0661\u0662.\u0663\u0664 USD"])  # Arabic-Indic 12.34
 def test_only_ascii_digits_are_amounts(text):
     with pytest.raises(AmountError):
         parse_amount(text)

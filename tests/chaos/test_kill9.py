@@ -1,0 +1,174 @@
+"""kill -9 the worker mid-stream, restart the broker: nothing lost, nothing doubled."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import defaultdict
+
+import pytest
+
+from producers.client import LedgerClient
+from schemas.codec import CODEC
+from schemas.models import CommandBase, Deposit, OpenAccount, Transfer, Withdraw
+from streams.eventlog import read_all
+from streams.settings import Settings
+from streams.verify import Report, verify
+
+pytestmark = [pytest.mark.kafka, pytest.mark.chaos]
+
+
+def workload(rng: random.Random, accounts: list[str], n: int) -> list[CommandBase]:
+    t = iter(range(int(time.time() * 1000), 10**14))
+    out: list[CommandBase] = []
+    for a in accounts:
+        out.append(OpenAccount(command_id=f"open-{a}", account_id=a, actor="chaos",
+                               issued_at=next(t), currency="USD"))
+        out.append(Deposit(command_id=f"seed-{a}", account_id=a, actor="chaos",
+                           issued_at=next(t), amount_minor=50_000, currency="USD"))
+    for i in range(n):
+        a = rng.choice(accounts)
+        roll = rng.random()
+        if roll < 0.5:
+            b = rng.choice(accounts)
+            if b == a:
+                b = accounts[(accounts.index(a) + 1) % len(accounts)]
+            out.append(Transfer(command_id=f"x{i}", account_id=a, actor="chaos",
+                                issued_at=next(t), to_account_id=b,
+                                amount_minor=rng.randint(1, 9_000), currency="USD"))
+        elif roll < 0.75:
+            out.append(Deposit(command_id=f"x{i}", account_id=a, actor="chaos",
+                               issued_at=next(t), amount_minor=rng.randint(1, 5_000),
+                               currency="USD"))
+        else:
+            out.append(Withdraw(command_id=f"x{i}", account_id=a, actor="chaos",
+                                issued_at=next(t), amount_minor=rng.randint(1, 9_000),
+                                currency="USD"))
+    return out
+
+
+def submit_paced(s: Settings, commands: list[CommandBase], seconds: float,
+                 done: threading.Event) -> threading.Thread:
+    """Produce the commands steadily over ``seconds`` (outcomes are checked from the log)."""
+
+    def run() -> None:
+        with LedgerClient(s, wait_outcomes=False) as client:
+            chunk = max(1, len(commands) // int(seconds * 10))
+            for i in range(0, len(commands), chunk):
+                for c in commands[i:i + chunk]:
+                    client.submit(c)
+                time.sleep(0.1)
+            client.flush(120)
+        done.set()
+
+    thread = threading.Thread(target=run, name="chaos-producer", daemon=True)
+    thread.start()
+    return thread
+
+
+def outcomes_by_command(s: Settings) -> tuple[dict[str, set[bytes]], int]:
+    """Distinct outcome records per command_id (events it caused, or its rejection)."""
+    seen: dict[str, set[bytes]] = defaultdict(set)
+    records = 0
+    for topic in (s.events_topic, s.rejections_topic):
+        for m in read_all(s, topic):
+            records += 1
+            _, d = CODEC.decode(m.value())
+            # legs cause events too (causation "<transfer>:credit"); count commands only
+            if d.get("causation_id", d["command_id"]) == d["command_id"]:
+                seen[d["command_id"]].add(m.value())
+    return seen, records
+
+
+def wait_for_outcomes(s: Settings, ids: set[str], timeout_s: float) -> dict[str, set[bytes]]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        seen, _ = outcomes_by_command(s)
+        missing = ids - set(seen)
+        if not missing:
+            return seen
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{len(missing)} commands without an outcome, e.g. "
+                                 f"{sorted(missing)[:5]}")
+        time.sleep(1)
+
+
+def wait_settled(s: Settings, timeout_s: float) -> Report:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        report = verify(s)
+        if report.transfers_in_flight == 0 or time.monotonic() > deadline:
+            return report
+        time.sleep(1)
+
+
+def check_ledger(s: Settings, commands: list[CommandBase], worker) -> Report:
+    seen = wait_for_outcomes(s, {c.command_id for c in commands}, timeout_s=240)
+    several = {cid: len(v) for cid, v in seen.items() if len(v) != 1}
+    assert not several, f"commands with more than one distinct outcome: {several}"
+    report = wait_settled(s, timeout_s=120)
+    print(f"\n{len(seen)} commands, each with exactly one outcome; {report.events} events; "
+          f"{report.transfers_credited} transfers credited, {report.transfers_reversed} "
+          f"reversed; duplicate event records (byte-identical copies): {report.duplicates}")
+    assert report.ok, report.breaches[:10]
+    assert report.transfers_in_flight == 0
+    for account, state in report.states.items():
+        status, doc = worker.get(f"/accounts/{account}")
+        assert status == 200, (account, doc)
+        assert (doc["balance_minor"], doc["version"]) == (state.balance_minor, state.version)
+    return report
+
+
+def test_kill9_worker_five_times_and_restart_broker(ledger_settings, start_worker,
+                                                    local_broker):
+    rng = random.Random(2024)
+    s = ledger_settings.model_copy(update={"session_timeout_s": 6.0})
+    accounts = [f"acct-{i}" for i in range(300)]
+    commands = workload(rng, accounts, 20_000)
+    done = threading.Event()
+    producer = submit_paced(s, commands, seconds=50, done=done)
+
+    worker = start_worker("w0", session_timeout_s=6.0)
+    kills = 0
+    broker_restarted = False
+    while kills < 5:
+        time.sleep(rng.uniform(0.5, 4.0))
+        if kills == 2 and not broker_restarted:
+            local_broker.restart()  # with a worker running: it must ride it out
+            broker_restarted = True
+            time.sleep(rng.uniform(1.0, 4.0))
+        assert worker.proc.poll() is None, f"worker died by itself:\n{worker.log_tail()}"
+        worker.kill()
+        kills += 1
+        worker = start_worker(f"w{kills}", session_timeout_s=6.0,
+                              data_dir=worker.settings.data_dir)
+    producer.join(180)
+    assert done.is_set(), "the producer did not finish"
+    assert broker_restarted and kills == 5
+    assert len(commands) > 20_000
+    check_ledger(s, commands, worker)
+
+
+def test_two_workers_one_killed_the_other_takes_over(ledger_settings, start_worker):
+    rng = random.Random(7)
+    s = ledger_settings.model_copy(update={"session_timeout_s": 6.0})
+    accounts = [f"acct-{i}" for i in range(200)]
+    commands = workload(rng, accounts, 8_000)
+    a = start_worker("a", session_timeout_s=6.0)
+    b = start_worker("b", session_timeout_s=6.0)
+    done = threading.Event()
+    producer = submit_paced(s, commands, seconds=15, done=done)
+    time.sleep(rng.uniform(3, 6))
+    b.kill()
+    producer.join(120)
+    assert done.is_set()
+    # a now owns every partition: b's state came back from the changelog
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        status, doc = a.get("/health/ready")
+        if status == 200 and len(doc["partitions"]) == s.partitions:
+            break
+        time.sleep(0.5)
+    assert len(doc["partitions"]) == s.partitions, doc
+    check_ledger(s, commands, a)
