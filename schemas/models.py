@@ -8,11 +8,14 @@ Timestamps are epoch milliseconds (UTC) as integers; money is integer minor unit
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.codec import CODEC
+
+# An identifier: no control characters (NUL separates the parts of store keys).
+Id = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
 
 
 class Model(BaseModel):
@@ -23,9 +26,9 @@ class Model(BaseModel):
 
 
 class CommandBase(Model):
-    command_id: str = Field(min_length=1, max_length=200)
-    account_id: str = Field(min_length=1, max_length=200)
-    actor: str = Field(min_length=1, max_length=200)
+    command_id: Id
+    account_id: Id
+    actor: Id
     issued_at: int
     expected_version: int | None = None
     correlation_id: str | None = Field(default=None, max_length=200)
@@ -53,29 +56,29 @@ class Withdraw(CommandBase):
 class Transfer(CommandBase):
     """Move money to ``to_account_id``; the transfer id is the ``command_id``."""
 
-    to_account_id: str = Field(min_length=1, max_length=200)
+    to_account_id: Id
     amount_minor: int
     currency: str
 
 
 class PlaceHold(CommandBase):
-    hold_id: str = Field(min_length=1, max_length=200)
+    hold_id: Id
     amount_minor: int
     currency: str
     expires_at: int
 
 
 class CaptureHold(CommandBase):
-    hold_id: str = Field(min_length=1, max_length=200)
+    hold_id: Id
     amount_minor: int | None = None
 
 
 class ReleaseHold(CommandBase):
-    hold_id: str = Field(min_length=1, max_length=200)
+    hold_id: Id
 
 
 class ExpireHold(CommandBase):
-    hold_id: str = Field(min_length=1, max_length=200)
+    hold_id: Id
 
 
 class CloseAccount(CommandBase):

@@ -18,8 +18,14 @@ CURRENCY_SCALE: dict[str, int] = {
 
 # Avro long: every amount and balance must fit in a signed 64-bit integer.
 MAX_MINOR = 2**63 - 1
+# One command moves at most 2**53 minor units: exact as a JSON number in any client
+# (JavaScript's safe integers), and far above any real payment.
+MAX_AMOUNT_MINOR = 2**53
+# Deposits, credits and holds stop at 2**62, leaving headroom below 2**63 for refunds
+# of transfers still in flight, which must always apply.
+MAX_BALANCE_MINOR = 2**62
 
-_AMOUNT = re.compile(r"^\s*(-?)(\d+)(?:\.(\d+))?\s+([A-Za-z]{3})\s*$")
+_AMOUNT = re.compile(r"^\s*(-?)([0-9]+)(?:\.([0-9]+))?\s+([A-Za-z]{3})\s*$")
 
 
 class AmountError(ValueError):

@@ -46,7 +46,7 @@ from schemas.models import (
     Withdraw,
     Withdrawn,
 )
-from schemas.money import CURRENCY_SCALE, MAX_MINOR
+from schemas.money import CURRENCY_SCALE, MAX_AMOUNT_MINOR, MAX_BALANCE_MINOR, MAX_MINOR
 
 EVENT_NAMESPACE = uuid.UUID("5b0c8f8e-2f4e-4d1a-9d7e-6c1f3a9b2e10")
 
@@ -103,13 +103,16 @@ class Outcome:
 def check_command(command: CommandBase) -> None:
     """Rules that need no state. The client runs these before it sends anything."""
     amount = getattr(command, "amount_minor", None)
-    if amount is not None and not 0 < amount <= MAX_MINOR:
-        raise Refused(Reason.INVALID_AMOUNT, f"amount_minor must be > 0, got {amount}")
+    if amount is not None and not 0 < amount <= MAX_AMOUNT_MINOR:
+        raise Refused(Reason.INVALID_AMOUNT,
+                      f"amount_minor must be between 1 and {MAX_AMOUNT_MINOR}, got {amount}")
     currency = getattr(command, "currency", None)
     if currency is not None and currency not in CURRENCY_SCALE:
         raise Refused(Reason.UNSUPPORTED_CURRENCY, f"unsupported currency {currency!r}")
-    if isinstance(command, OpenAccount) and command.overdraft_limit_minor < 0:
-        raise Refused(Reason.INVALID_OVERDRAFT_LIMIT, "overdraft_limit_minor must be >= 0")
+    if isinstance(command, OpenAccount) and not 0 <= command.overdraft_limit_minor \
+            <= MAX_AMOUNT_MINOR:
+        raise Refused(Reason.INVALID_OVERDRAFT_LIMIT,
+                      f"overdraft_limit_minor must be between 0 and {MAX_AMOUNT_MINOR}")
     if isinstance(command, PlaceHold) and command.expires_at <= command.issued_at:
         raise Refused(Reason.INVALID_EXPIRY, "expires_at must be after issued_at")
     if isinstance(command, Transfer) and command.to_account_id == command.account_id:
@@ -173,9 +176,9 @@ def _funds(state: AccountState, amount: int) -> None:
         )
 
 
-def _credit_fits(state: AccountState, amount: int) -> None:
-    if state.balance_minor + amount > MAX_MINOR:
-        raise Refused(Reason.BALANCE_OUT_OF_RANGE, "balance would exceed the largest amount")
+def _fits(total: int, amount: int) -> None:
+    if total + amount > MAX_BALANCE_MINOR:
+        raise Refused(Reason.BALANCE_OUT_OF_RANGE, f"would exceed {MAX_BALANCE_MINOR}")
 
 
 def _hold(state: AccountState, hold_id: str) -> Hold:
@@ -193,8 +196,10 @@ def _rules(state: AccountState | None, c: CommandBase) -> Payload:
             raise Refused(Reason.VERSION_CONFLICT, "a new account is at version 0")
         return AccountOpened(overdraft_limit_minor=c.overdraft_limit_minor)
     s = _open(state, c)
+    # Time rules use the instant the event will carry, not the sender's clock alone.
+    at = max(c.issued_at, s.updated_at)
     if isinstance(c, Deposit):
-        _credit_fits(s, c.amount_minor)
+        _fits(s.balance_minor, c.amount_minor)
         return Deposited(amount_minor=c.amount_minor)
     if isinstance(c, Withdraw):
         _funds(s, c.amount_minor)
@@ -206,11 +211,14 @@ def _rules(state: AccountState | None, c: CommandBase) -> Payload:
     if isinstance(c, PlaceHold):
         if c.hold_id in s.holds:
             raise Refused(Reason.HOLD_ALREADY_EXISTS, f"hold {c.hold_id!r} is already open")
+        if c.expires_at <= at:
+            raise Refused(Reason.INVALID_EXPIRY, f"expires_at is not after {at}")
+        _fits(s.held_minor, c.amount_minor)
         _funds(s, c.amount_minor)
         return HoldPlaced(hold_id=c.hold_id, amount_minor=c.amount_minor, expires_at=c.expires_at)
     if isinstance(c, CaptureHold):
         hold = _hold(s, c.hold_id)
-        if c.issued_at >= hold.expires_at:
+        if at >= hold.expires_at:
             raise Refused(Reason.HOLD_EXPIRED, f"hold {c.hold_id!r} expired at {hold.expires_at}")
         captured = hold.amount_minor if c.amount_minor is None else c.amount_minor
         if captured > hold.amount_minor:
@@ -223,7 +231,7 @@ def _rules(state: AccountState | None, c: CommandBase) -> Payload:
         return HoldReleased(hold_id=c.hold_id, amount_minor=hold.amount_minor, reason="released")
     if isinstance(c, ExpireHold):
         hold = _hold(s, c.hold_id)
-        if c.issued_at < hold.expires_at:
+        if at < hold.expires_at:
             raise Refused(Reason.HOLD_NOT_EXPIRED,
                           f"hold {c.hold_id!r} expires at {hold.expires_at}")
         return HoldReleased(hold_id=c.hold_id, amount_minor=hold.amount_minor, reason="expired")
@@ -246,6 +254,14 @@ def decide_leg(state: AccountState | None, leg: TransferLeg) -> Outcome:
     if leg.kind == "REFUND":
         if state is None:  # cannot happen for a genuine leg: the source debited
             raise ValueError(f"refund for unknown account {leg.from_account_id!r}")
+        if state.balance_minor + leg.amount_minor > MAX_MINOR:
+            # Only reachable with hundreds of maximal transfers in flight at once.
+            # The refund stays on record as a rejection for an operator to settle.
+            return Outcome(rejection=Rejection(
+                command_id=leg.leg_id, account_id=leg.from_account_id,
+                command_type="TransferRefund", reason=Reason.BALANCE_OUT_OF_RANGE.value,
+                detail=f"refund of transfer {leg.transfer_id} would overflow the balance",
+                occurred_at=leg.issued_at, correlation_id=leg.correlation_id, actor=leg.actor))
         payload: Payload = TransferReversed(
             transfer_id=leg.transfer_id, to_account_id=leg.to_account_id,
             amount_minor=leg.amount_minor, reason=leg.reason or "refused",
@@ -258,7 +274,7 @@ def decide_leg(state: AccountState | None, leg: TransferLeg) -> Outcome:
         reason = Reason.ACCOUNT_CLOSED
     elif state.currency != leg.currency:
         reason = Reason.CURRENCY_MISMATCH
-    elif state.balance_minor + leg.amount_minor > MAX_MINOR:
+    elif state.balance_minor + leg.amount_minor > MAX_BALANCE_MINOR:
         reason = Reason.BALANCE_OUT_OF_RANGE
     if reason is not None:
         refund = leg.model_copy(update={"kind": "REFUND", "reason": reason.value,

@@ -537,7 +537,8 @@ class LocalBroker:
             return
         cmd = self._java(
             java, lib, "kafka.tools.StorageTool", "format",
-            "-t", _random_cluster_id(), "-c", str(config), "--standalone",
+            # "=" form: a base64 id may start with "-" and read as an option
+            f"--cluster-id={_random_cluster_id()}", "-c", str(config), "--standalone",
         )  # fmt: skip
         log.info("formatting Kafka storage in %s", ", ".join(log_dirs))
         try:

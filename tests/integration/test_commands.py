@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from schemas.codec import CODEC
 from schemas.models import (
     CaptureHold,
     CloseAccount,
@@ -16,7 +17,6 @@ from schemas.models import (
     Transfer,
     Withdraw,
 )
-from schemas.codec import CODEC
 from streams.eventlog import read_all
 from streams.verify import verify
 

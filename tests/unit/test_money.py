@@ -120,9 +120,6 @@ def test_format_shows_exactly_the_scale_in_decimals(minor, currency):
     assert format_amount(parse_amount(text)[0], currency) == text
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: parse_amount's regex uses \\d, which matches any "
-                   "Unicode digit, so fullwidth or Arabic-Indic digits parse as ASCII ones: "
-                   "'\\uff11\\uff12.34 USD' gives (1234, 'USD') instead of an AmountError")
 @pytest.mark.parametrize("text", ["\uff11\uff12.34 USD",             # fullwidth 12
                                   "\u0661\u0662.\u0663\u0664 USD"])  # Arabic-Indic 12.34
 def test_only_ascii_digits_are_amounts(text):
