@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -23,6 +24,8 @@ import urllib.parse
 import urllib.request
 import uuid
 from typing import Any
+
+from confluent_kafka import KafkaException
 
 from schemas.money import AmountError, format_amount, parse_amount
 from streams.settings import Settings
@@ -61,9 +64,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.web_port:
         overrides["web_port"] = args.web_port
     s = Settings(**overrides)
-    from streams.topics import ensure_topics
+    from streams.topics import ensure_topics, wait_for_broker
 
-    ensure_topics(s)
+    try:
+        wait_for_broker(s, s.startup_timeout_s)
+        ensure_topics(s)
+    except (RuntimeError, KafkaException) as exc:
+        logging.getLogger("ledger.worker").critical("worker exiting: %s", exc)
+        return 69  # EX_UNAVAILABLE
     import faust
 
     from streams.app import create_app

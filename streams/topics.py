@@ -40,6 +40,33 @@ def specs(s: Settings) -> list[TopicSpec]:
     ]
 
 
+def wait_for_broker(s: Settings, timeout_s: float, max_delay_s: float = 10.0) -> None:
+    """Block until the cluster answers, retrying with backoff and saying so each time."""
+    admin = AdminClient({**s.kafka_config(), "log.connection.close": False,
+                         "logger": logging.getLogger("ledger.librdkafka")})  # type: ignore[dict-item]
+    deadline = time.monotonic() + timeout_s
+    delay, attempt = 0.5, 0
+    while True:
+        attempt += 1
+        try:
+            admin.list_topics(timeout=2.0)
+            if attempt > 1:
+                log.info("broker reachable", extra={"bootstrap": s.bootstrap_servers,
+                                                    "attempts": attempt})
+            return
+        except KafkaException as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(f"no Kafka broker answered at {s.bootstrap_servers} "
+                                   f"for {timeout_s:.0f}s ({attempt} attempts): "
+                                   f"{exc.args[0].str()}") from None
+            log.warning("waiting for the broker", extra={
+                "bootstrap": s.bootstrap_servers, "attempt": attempt,
+                "error": exc.args[0].str(), "retry_in_s": round(min(delay, left), 1)})
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, max_delay_s)
+
+
 def ensure_topics(s: Settings, timeout_s: float = 30.0) -> list[str]:
     """Create missing topics; returns the names created. Existing ones are checked."""
     admin = AdminClient(s.kafka_config())
