@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     web_host: str = "127.0.0.1"
     web_port: int = 6066
     leg_secret: SecretStr = SecretStr(DEV_LEG_SECRET)
+    # When set, records are written in the Confluent wire format with schemas registered
+    # here (RecordNameStrategy); both framings are always read.
+    schema_registry_url: str | None = None
 
     # Bounds of one unit of work in the worker (records taken from Faust per batch,
     # and how long to wait for a batch to fill).
@@ -47,6 +50,9 @@ class Settings(BaseSettings):
     max_record_bytes: int = Field(default=1_000_000, ge=1024)
     # How fast the group notices a dead worker (its partitions move after this).
     session_timeout_s: float = Field(default=10.0, ge=1)
+    # How long a starting worker waits for the broker (retrying with backoff) before
+    # it exits non-zero.
+    startup_timeout_s: float = Field(default=300.0, gt=0)
     # How long a flush to the broker may take before the worker gives up and exits.
     flush_timeout_s: float = Field(default=60.0, gt=0)
 
