@@ -70,6 +70,8 @@ def create_app(s: Settings) -> faust.App:
     app.ledger_engine = engine  # type: ignore[attr-defined]
     app.accounts_table = accounts  # type: ignore[attr-defined]
     totals = {"commands": 0, "batches": 0, "since": time.monotonic(), "logged": 0}
+    health: dict[str, Any] = {"progress_at": time.monotonic(), "lag": {}, "stalled_s": 0.0}
+    app.ledger_health = health  # type: ignore[attr-defined]
 
     @app.agent(channel)
     async def ledger(stream: Any) -> None:
@@ -88,6 +90,7 @@ def create_app(s: Settings) -> faust.App:
             (part.legs if m.topic == s.transfers_topic else part.commands).append(
                 Record(m.key, m.value, m.offset))
         report = await engine.process(inputs)
+        health["progress_at"] = time.monotonic()
         totals["commands"] += report.stats.commands
         totals["batches"] += 1
         log.debug("batch", extra={"records": len(events), "commands": report.stats.commands,
@@ -108,6 +111,34 @@ def create_app(s: Settings) -> faust.App:
                           ("agent", ledger)):
             if getattr(svc, "crashed", False):
                 die(f"{name} crashed: {getattr(svc, 'crash_reason', None)!r}")
+
+    @app.timer(2.0)  # type: ignore[untyped-decorator]
+    async def stall_watchdog() -> None:
+        # Faust can stop feeding an agent without crashing anything (a lost wake-up
+        # after a rebalance, a fetcher stuck on a partition): input waits, nothing is
+        # decided. Measure it against our own checkpoints and make it loud.
+        tps = [tp for tp in app.assignor.assigned_actives()
+               if tp.topic in (s.commands_topic, s.transfers_topic)]
+        recovery = app.tables.recovery  # type: ignore[attr-defined]
+        if not tps or app.rebalancing or recovery.in_recovery:
+            health["progress_at"] = time.monotonic()
+            health["lag"], health["stalled_s"] = {}, 0.0
+            return
+        highwaters = await app.consumer.highwaters(*tps)
+        lag = {}
+        for tp in tps:
+            ck = PartitionView(accounts.data._db_for_partition(tp.partition)).checkpoint  # type: ignore[attr-defined]
+            done = ck.commands if tp.topic == s.commands_topic else ck.transfers
+            if highwaters.get(tp, 0) - done - 1 > 0:
+                lag[f"{tp.topic}[{tp.partition}]"] = highwaters[tp] - done - 1
+        health["lag"] = lag
+        if not lag:
+            health["progress_at"] = time.monotonic()
+        health["stalled_s"] = time.monotonic() - health["progress_at"]
+        if health["stalled_s"] > 2 * s.stall_timeout_s:
+            die(f"stalled: no batch for {health['stalled_s']:.0f}s with input waiting "
+                f"({sum(lag.values())} records on {len(lag)} partitions); hot path: "
+                f"{engine.phase}")
 
     expiry_sent: dict[bytes, float] = {}
 

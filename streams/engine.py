@@ -95,6 +95,8 @@ class Engine:
             "queue.buffering.max.kbytes": 1_048_576,
         }))
         self._errors: list[str] = []
+        # What the hot path is doing, for the stall watchdog's last words.
+        self.phase = "idle"
         self._changelog_offsets: dict[int, int] = {}
         self._topics = {EVENTS: settings.events_topic, REJECTIONS: settings.rejections_topic,
                         TRANSFERS: settings.transfers_topic, DLQ: settings.dlq_topic}
@@ -120,6 +122,7 @@ class Engine:
                 self.producer.poll(0.05)
 
     async def _flush(self, step: str) -> float:
+        self.phase = f"flush {step}"
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
         left = await loop.run_in_executor(None, self.producer.flush, self.s.flush_timeout_s)
@@ -132,6 +135,7 @@ class Engine:
 
     async def process(self, inputs: dict[int, PartitionInput]) -> BatchReport:
         report = BatchReport()
+        self.phase = "decide"
         t0 = time.perf_counter()
         work: list[_Work] = []
         for p in sorted(inputs):
@@ -148,6 +152,7 @@ class Engine:
         for w in work:
             _merge(report.stats, w.processor.stats)
         report.partitions = len(work)
+        self.phase = "idle"
         return report
 
     def _decide(self, p: int, view: PartitionView, inp: PartitionInput) -> _Work | None:
@@ -207,6 +212,7 @@ class Engine:
         log.warning("partition %d: resuming an unfinished batch (commands %d..%d, legs %d..%d)",
                     p, ck.commands + 1, last_cmd, ck.transfers + 1, last_leg)
         loop = asyncio.get_running_loop()
+        self.phase = f"resolve pending batch of partition {p}"
         inp = PartitionInput(
             commands=await loop.run_in_executor(
                 None, self._fetch, self.s.commands_topic, p, ck.commands + 1, last_cmd),

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     max_record_bytes: int = Field(default=1_000_000, ge=1024)
     # How fast the group notices a dead worker (its partitions move after this).
     session_timeout_s: float = Field(default=10.0, ge=1)
+    # A worker with input waiting on its partitions and no batch done for this long is
+    # stalled: not ready at once, and it exits (for its supervisor to restart) after 2x.
+    stall_timeout_s: float = Field(default=30.0, gt=0)
     # How long a starting worker waits for the broker (retrying with backoff) before
     # it exits non-zero.
     startup_timeout_s: float = Field(default=300.0, gt=0)

@@ -66,8 +66,11 @@ def register_health(app: faust.App, s: Settings) -> None:
             recovery = app.tables.recovery  # type: ignore[attr-defined]
             assigned = [tp for tp in app.assignor.assigned_actives()
                         if tp.topic == s.commands_topic]
+            health = app.ledger_health  # type: ignore[attr-defined]
+            stalled = health["stalled_s"] > s.stall_timeout_s
             ready = (recovery.completed.is_set() and not recovery.in_recovery
-                     and not app.rebalancing and bool(assigned))
+                     and not app.rebalancing and bool(assigned) and not stalled)
             doc = {"ready": ready, "partitions": sorted(tp.partition for tp in assigned),
-                   "in_recovery": recovery.in_recovery, "rebalancing": app.rebalancing}
+                   "in_recovery": recovery.in_recovery, "rebalancing": app.rebalancing,
+                   "stalled_s": round(health["stalled_s"], 1), "lag": health["lag"]}
             return self.json(doc, status=200 if ready else 503)

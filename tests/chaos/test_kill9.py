@@ -81,9 +81,34 @@ def outcomes_by_command(s: Settings) -> tuple[dict[str, set[bytes]], int]:
     return seen, records
 
 
-def wait_for_outcomes(s: Settings, ids: set[str], timeout_s: float) -> dict[str, set[bytes]]:
+class Supervisor:
+    """Restarts a worker that exited by itself, as compose or systemd would.
+
+    A worker exits on purpose when an internal service fails or it stalls (see the
+    watchdogs in ``streams.app``); nothing may be lost or doubled across that either.
+    """
+
+    def __init__(self, start_worker, worker) -> None:
+        self.start_worker = start_worker
+        self.worker = worker
+        self.restarts = 0
+
+    def check(self):
+        if self.worker.proc.poll() is not None:
+            self.restarts += 1
+            print(f"\nsupervisor: worker exited with {self.worker.proc.returncode}, "
+                  f"restarting; last log line: {self.worker.log_tail(1)}")
+            self.worker = self.start_worker(f"restart{self.restarts}", ready=False,
+                                            session_timeout_s=6.0, stall_timeout_s=10.0,
+                                            data_dir=self.worker.settings.data_dir)
+        return self.worker
+
+
+def wait_for_outcomes(s: Settings, ids: set[str], timeout_s: float,
+                      supervisor: Supervisor) -> dict[str, set[bytes]]:
     deadline = time.monotonic() + timeout_s
     while True:
+        supervisor.check()
         seen, _ = outcomes_by_command(s)
         missing = ids - set(seen)
         if not missing:
@@ -103,14 +128,17 @@ def wait_settled(s: Settings, timeout_s: float) -> Report:
         time.sleep(1)
 
 
-def check_ledger(s: Settings, commands: list[CommandBase], worker) -> Report:
-    seen = wait_for_outcomes(s, {c.command_id for c in commands}, timeout_s=240)
+def check_ledger(s: Settings, commands: list[CommandBase], supervisor: Supervisor) -> Report:
+    seen = wait_for_outcomes(s, {c.command_id for c in commands}, 240, supervisor)
     several = {cid: len(v) for cid, v in seen.items() if len(v) != 1}
     assert not several, f"commands with more than one distinct outcome: {several}"
     report = wait_settled(s, timeout_s=120)
+    worker = supervisor.check()
+    worker.wait_ready()
     print(f"\n{len(seen)} commands, each with exactly one outcome; {report.events} events; "
           f"{report.transfers_credited} transfers credited, {report.transfers_reversed} "
-          f"reversed; duplicate event records (byte-identical copies): {report.duplicates}")
+          f"reversed; duplicate event records (byte-identical copies): {report.duplicates}; "
+          f"restarts by the supervisor: {supervisor.restarts}")
     assert report.ok, report.breaches[:10]
     assert report.transfers_in_flight == 0
     for account, state in report.states.items():
@@ -129,7 +157,7 @@ def test_kill9_worker_five_times_and_restart_broker(ledger_settings, start_worke
     done = threading.Event()
     producer = submit_paced(s, commands, seconds=50, done=done)
 
-    worker = start_worker("w0", session_timeout_s=6.0)
+    worker = start_worker("w0", session_timeout_s=6.0, stall_timeout_s=10.0)
     kills = 0
     broker_restarted = False
     while kills < 5:
@@ -141,13 +169,13 @@ def test_kill9_worker_five_times_and_restart_broker(ledger_settings, start_worke
         assert worker.proc.poll() is None, f"worker died by itself:\n{worker.log_tail()}"
         worker.kill()
         kills += 1
-        worker = start_worker(f"w{kills}", session_timeout_s=6.0,
+        worker = start_worker(f"w{kills}", session_timeout_s=6.0, stall_timeout_s=10.0,
                               data_dir=worker.settings.data_dir)
     producer.join(180)
     assert done.is_set(), "the producer did not finish"
     assert broker_restarted and kills == 5
     assert len(commands) > 20_000
-    check_ledger(s, commands, worker)
+    check_ledger(s, commands, Supervisor(start_worker, worker))
 
 
 def test_two_workers_one_killed_the_other_takes_over(ledger_settings, start_worker):
@@ -155,8 +183,8 @@ def test_two_workers_one_killed_the_other_takes_over(ledger_settings, start_work
     s = ledger_settings.model_copy(update={"session_timeout_s": 6.0})
     accounts = [f"acct-{i}" for i in range(200)]
     commands = workload(rng, accounts, 8_000)
-    a = start_worker("a", session_timeout_s=6.0)
-    b = start_worker("b", session_timeout_s=6.0)
+    a = start_worker("a", session_timeout_s=6.0, stall_timeout_s=10.0)
+    b = start_worker("b", session_timeout_s=6.0, stall_timeout_s=10.0)
     done = threading.Event()
     producer = submit_paced(s, commands, seconds=15, done=done)
     time.sleep(rng.uniform(3, 6))
@@ -171,4 +199,4 @@ def test_two_workers_one_killed_the_other_takes_over(ledger_settings, start_work
             break
         time.sleep(0.5)
     assert len(doc["partitions"]) == s.partitions, doc
-    check_ledger(s, commands, a)
+    check_ledger(s, commands, Supervisor(start_worker, a))
