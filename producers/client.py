@@ -92,6 +92,8 @@ class LedgerClient:
                  max_batch_commands: int = 1000, max_batch_bytes: int = 512 * 1024,
                  wait_outcomes: bool = True) -> None:
         self.s = settings
+        if settings.schema_registry_url:
+            CODEC.use_registry(settings.schema_registry_url)
         self.linger_s = linger_ms / 1000
         self.max_batch_commands = max_batch_commands
         self.max_batch_bytes = max_batch_bytes

@@ -32,6 +32,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 from rocksdict import WriteBatch
 
+from schemas.codec import CODEC
 from schemas.models import CommandBase, encode_batch
 from streams.processor import (
     DLQ,
@@ -88,6 +89,8 @@ class Engine:
         self.s = settings
         self.db_for = db_for
         self.signer = LegSigner(settings.leg_secret.get_secret_value().encode())
+        if settings.schema_registry_url:
+            CODEC.use_registry(settings.schema_registry_url)
         self.producer = Producer(settings.producer_config(**{
             "linger.ms": 1,
             "batch.num.messages": 10_000,
