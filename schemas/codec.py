@@ -80,7 +80,7 @@ def _fingerprint(parsed: Any) -> bytes:
 
 def _load(path: Path, current: bool) -> Schema:
     raw = json.loads(path.read_text())
-    parsed: dict[str, Any] = fastavro.parse_schema(raw, _write_hint=False)  # type: ignore[assignment]
+    parsed: dict[str, Any] = fastavro.parse_schema(raw)  # type: ignore[assignment]
     return Schema(name=parsed["name"], parsed=parsed, fingerprint=_fingerprint(parsed),
                   current=current, text=json.dumps(raw, separators=(",", ":")))
 
@@ -273,7 +273,7 @@ class Codec:
         if schema_type not in (None, "AVRO"):  # the REST API leaves schemaType out for Avro
             raise UnknownSchema(f"schema id {schema_id} is a {schema_type} schema, not Avro")
         try:
-            parsed: Any = fastavro.parse_schema(json.loads(text), _write_hint=False)
+            parsed: Any = fastavro.parse_schema(json.loads(text))
             fp = _fingerprint(parsed)
         except Exception as exc:  # bad JSON, bad Avro, missing attribute, None, ...
             raise UnknownSchema(

@@ -14,6 +14,7 @@ account's history is ordered in time as it is in versions.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -48,7 +49,7 @@ from schemas.models import (
 )
 from schemas.money import CURRENCY_SCALE, MAX_AMOUNT_MINOR, MAX_BALANCE_MINOR, MAX_MINOR
 
-EVENT_NAMESPACE = uuid.UUID("5b0c8f8e-2f4e-4d1a-9d7e-6c1f3a9b2e10")
+_EVENT_ID_KEY = b"ledger-event-id-v1"
 
 
 class Reason(StrEnum):
@@ -307,18 +308,22 @@ def _event(state: AccountState | None, account_id: str, command_id: str, causati
     assert currency is not None
     occurred_at = issued_at if state is None else max(issued_at, state.updated_at)
     version = 1 if state is None else state.version + 1
-    draft = LedgerEvent.model_construct(
-        event_id=str(uuid.uuid5(EVENT_NAMESPACE, f"{causation_id}/{account_id}")),
-        account_id=account_id, version=version,
-        currency=currency,
-        balance_after_minor=0, available_after_minor=0, occurred_at=occurred_at,
+    after = _after(state, payload, account_id, currency, version, occurred_at)
+    event = LedgerEvent(
+        event_id=event_id(causation_id, account_id), account_id=account_id, version=version,
+        currency=currency, balance_after_minor=after.balance_minor,
+        available_after_minor=after.available_minor, occurred_at=occurred_at,
         command_id=command_id, causation_id=causation_id, correlation_id=correlation_id,
         actor=actor, payload=payload,
     )
-    after = evolve(state, draft)
-    event = draft.model_copy(update={"balance_after_minor": after.balance_minor,
-                                     "available_after_minor": after.available_minor})
     return event, after
+
+
+def event_id(causation_id: str, account_id: str) -> str:
+    """Deterministic: the same command (or leg) on the same account, the same id."""
+    digest = hashlib.blake2b(f"{causation_id}/{account_id}".encode(), digest_size=16,
+                             key=_EVENT_ID_KEY).digest()
+    return str(uuid.UUID(bytes=digest, version=4))
 
 
 # ---------------------------------------------------------------- evolve
@@ -326,15 +331,20 @@ def _event(state: AccountState | None, account_id: str, command_id: str, causati
 
 def evolve(state: AccountState | None, event: LedgerEvent) -> AccountState:
     """The account after ``event``. The one place a balance changes."""
-    p = event.payload
+    return _after(state, event.payload, event.account_id, event.currency, event.version,
+                  event.occurred_at)
+
+
+def _after(state: AccountState | None, p: Payload, account_id: str, currency: str,
+           version: int, occurred_at: int) -> AccountState:
     if isinstance(p, AccountOpened):
         return AccountState(
-            account_id=event.account_id, currency=event.currency, status="open",
+            account_id=account_id, currency=currency, status="open",
             overdraft_limit_minor=p.overdraft_limit_minor, balance_minor=0, held_minor=0,
-            version=event.version, updated_at=event.occurred_at, holds={},
+            version=version, updated_at=occurred_at, holds={},
         )
     if state is None:
-        raise ValueError(f"{type(p).__name__} for account {event.account_id!r} before it opened")
+        raise ValueError(f"{type(p).__name__} for account {account_id!r} before it opened")
     balance, held, holds, status = state.balance_minor, state.held_minor, state.holds, state.status
     if isinstance(p, Deposited | TransferCredited | TransferReversed):
         balance += p.amount_minor
@@ -353,7 +363,7 @@ def evolve(state: AccountState | None, event: LedgerEvent) -> AccountState:
         status = "closed"
     return state.model_copy(update={
         "balance_minor": balance, "held_minor": held, "holds": holds, "status": status,
-        "version": event.version, "updated_at": event.occurred_at,
+        "version": version, "updated_at": occurred_at,
     })
 
 

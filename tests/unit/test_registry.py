@@ -313,7 +313,7 @@ def parse(path: Path) -> Any:
 
 
 def parse_text(text: str) -> Any:
-    return fastavro.parse_schema(json.loads(text), _write_hint=False)
+    return fastavro.parse_schema(json.loads(text))
 
 
 # ================================================================ encode
