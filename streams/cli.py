@@ -14,6 +14,7 @@ Connection settings come from ``LEDGER_*`` variables (see ``streams.settings``);
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from pathlib import Path
 from typing import Any
 
 from confluent_kafka import KafkaException
@@ -189,6 +191,105 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(json_out=args.json)
 
 
+def parse_instant(text: str) -> int:
+    """Epoch milliseconds, or an ISO 8601 date-time (UTC unless it says otherwise)."""
+    if text.isdigit():
+        return int(text)
+    when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return int(when.timestamp() * 1000)
+
+
+def _progress(args: argparse.Namespace) -> Any:
+    if args.json:
+        return None
+
+    def show(done: int, total: int) -> None:
+        if total:
+            print(f"\r  {done:,}/{total:,} events", end="", file=sys.stderr, flush=True)
+
+    return show
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from streams.verify import verify
+
+    report = verify(Settings(), progress=not args.json)
+    doc = report.summary()
+    lines = [f"{k}: {v}" for k, v in doc.items() if k != "breaches"]
+    lines += [f"BREACH {b}" for b in report.breaches[:50]] or ["ok: every invariant holds"]
+    _print(args, doc, "\n".join(lines))
+    return 0 if report.ok else 1
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from streams.projection import GroupActive, replay
+
+    offsets = None
+    if args.offsets:
+        offsets = {int(p): int(o) for p, o in (x.split(":") for x in args.offsets.split(","))}
+    try:
+        r = replay(Settings(), args.group, Path(args.path) if args.path else None,
+                   fresh=args.fresh, to=args.to,
+                   at_ms=parse_instant(args.at) if args.at else None, offsets=offsets,
+                   progress=_progress(args))
+    except GroupActive as exc:
+        print(f"\nrefused: {exc}", file=sys.stderr)
+        return 2
+    doc = {"ok": r.ok, "events_applied": r.events_applied, "accounts": r.accounts,
+           "checksum": r.checksum, "live_checksum": r.live_checksum, "seconds": r.seconds,
+           "events_per_s": r.events_per_s, "differences": r.differences[:50]}
+    human = (f"\nreplayed {r.events_applied:,} events into {r.accounts:,} accounts in "
+             f"{r.seconds:.1f}s ({r.events_per_s:,.0f}/s); checksum {r.checksum[:16]} vs live "
+             f"{r.live_checksum[:16]}: " + ("same" if r.ok else
+                                            f"{len(r.differences)} DIFFERENCES\n"
+                                            + "\n".join(r.differences[:20])))
+    _print(args, doc, human)
+    return 0 if r.ok else 1
+
+
+def cmd_as_of(args: argparse.Namespace) -> int:
+    from streams.projection import Projection
+
+    at_ms = parse_instant(args.time)
+    with Projection(Settings(), args.group, Path(args.path) if args.path else None) as proj:
+        proj.run_until_caught_up(timeout_s=args.timeout)
+        doc = proj.as_of(args.account, at_ms)
+    if doc is None:
+        _print(args, {"account_id": args.account, "at_ms": at_ms, "error": "no_history"},
+               f"{args.account}: no event at or before {args.time}")
+        return 1
+    doc = {"at_ms": at_ms, **doc}
+    cur = doc["currency"]
+    human = (f"{args.account} as of {args.time}: balance "
+             f"{format_amount(doc['balance_minor'], cur)}, available "
+             f"{format_amount(doc['available_minor'], cur)}, version {doc['version']}")
+    _print(args, doc, human)
+    return 0
+
+
+def cmd_project(args: argparse.Namespace) -> int:
+    from streams import logs
+    from streams.projection import Projection
+
+    logs.setup()
+    log = logging.getLogger("ledger.projection")
+    with Projection(Settings(), args.group, Path(args.path) if args.path else None) as proj:
+        log.info("projection running", extra={"group": proj.group_id, "path": str(proj.path)})
+        try:
+            while True:
+                proj.poll_batch()
+        except KeyboardInterrupt:
+            return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from streams.bench import run_bench
+
+    return run_bench(commands=args.commands, mix=args.mix, seed=args.seed, json_out=args.json)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ledger", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -259,6 +360,39 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("demo", help="run the whole pipeline on a scripted scenario").set_defaults(
         fn=cmd_demo)
+
+    v = sub.add_parser("verify", help="fold the events topic and check every invariant")
+    v.set_defaults(fn=cmd_verify)
+
+    rp = sub.add_parser("replay", help="reset the balances projection's offsets, re-run it, "
+                                       "compare with the live state")
+    rp.add_argument("--group", help="consumer group (default <app_id>-balances)")
+    rp.add_argument("--path", help="projection store (default <data_dir>/balances)")
+    rp.add_argument("--fresh", action="store_true", help="delete the store first (rebuild)")
+    rp.add_argument("--to", choices=["earliest", "latest"], default="earliest")
+    rp.add_argument("--at", help="reset to the offsets at this instant (record timestamps; "
+                                 "ISO 8601 or epoch ms)")
+    rp.add_argument("--offsets", help="explicit offsets: partition:offset,...")
+    rp.set_defaults(fn=cmd_replay)
+
+    ao = sub.add_parser("as-of", help="an account's balance at a past instant")
+    ao.add_argument("account")
+    ao.add_argument("time", help="ISO 8601 (e.g. 2026-11-12T09:30:00Z) or epoch ms")
+    ao.add_argument("--group")
+    ao.add_argument("--path")
+    ao.add_argument("--timeout", type=float, default=120.0)
+    ao.set_defaults(fn=cmd_as_of)
+
+    pj = sub.add_parser("project", help="run the balances projection (read model)")
+    pj.add_argument("--group")
+    pj.add_argument("--path")
+    pj.set_defaults(fn=cmd_project)
+
+    bn = sub.add_parser("bench", help="measure throughput, latency, replay; check the result")
+    bn.add_argument("--commands", type=int, default=200_000)
+    bn.add_argument("--mix", choices=["full", "simple"], default="full")
+    bn.add_argument("--seed", type=int, default=1)
+    bn.set_defaults(fn=cmd_bench)
 
     args = parser.parse_args(argv)
     return int(args.fn(args))

@@ -10,10 +10,11 @@ Store keys (bytes, one RocksDB in ``settings.data_dir / "balances"``):
 - ``b"b" + account_id`` -> the account now: ``_BALANCE`` (balance, available,
   version, updated_at, closed) followed by the currency code;
 - ``b"h" + account_id + b"\\0" + occurred_at (8 bytes BE) + version (8 bytes BE)``
-  -> balance, available and version after that event, as three Avro longs
-  (zigzag varints). Ids have no control characters, so the NUL ends the id, and
-  ``occurred_at`` never decreases per account: the keys of one account sort in
-  time order and ``as_of`` is a single backward seek.
+  -> the account after that event: version, currency, balance, available and
+  occurred_at, Avro-encoded as in the event (the fold copies that slice of the
+  event's bytes; ``_read_fields`` reads it). Ids have no control characters, so
+  the NUL ends the id, and ``occurred_at`` never decreases per account: the keys
+  of one account sort in time order and ``as_of`` is one backward seek.
 
 Each ``(account, version)`` is applied once: a version at or below the stored one
 is a duplicate or a replay and is skipped, the next version is applied, and a
@@ -54,7 +55,14 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 from rocksdict import Options, Rdict, WriteBatch
 
-from schemas.codec import CODEC, HEADER_LEN, MAGIC, DecodeError
+from schemas.codec import (
+    CODEC,
+    CONFLUENT_HEADER_LEN,
+    CONFLUENT_MAGIC,
+    HEADER_LEN,
+    MAGIC,
+    DecodeError,
+)
 from schemas.models import AccountState, LedgerEvent
 from streams.settings import Settings
 
@@ -64,18 +72,21 @@ Progress = Callable[[int, int], None]
 
 # ---------------------------------------------------------------- encoding
 
-_EVENT_HEADER = MAGIC + CODEC.current[LedgerEvent.avro_name].fingerprint
+_EVENT_FINGERPRINT = CODEC.current[LedgerEvent.avro_name].fingerprint
+_EVENT_HEADER = MAGIC + _EVENT_FINGERPRINT
 # After event_id and account_id: version (a varint), a 3-character currency
 # (length 3 is the zigzag byte 0x06), balance_after and available_after (two
 # varints) and occurred_at as a 6-byte varint (epoch ms from 1970-07 to 2039-09).
 _FAST = re.compile(
-    rb"([\x80-\xff]{0,9}+[\x00-\x7f])\x06(...)((?:[\x80-\xff]{0,9}+[\x00-\x7f]){2})"
-    rb"([\x80-\xff]{5}[\x00-\x7f])",
+    rb"[\x80-\xff]{0,9}+[\x00-\x7f]\x06...(?:[\x80-\xff]{0,9}+[\x00-\x7f]){2}"
+    rb"[\x80-\xff]{5}[\x00-\x7f]",
     re.DOTALL,
 )
 _ACCOUNT_CLOSED_INDEX = 9  # position of AccountClosed in the payload union
 _ACCOUNT_CLOSED_TAIL = _ACCOUNT_CLOSED_INDEX << 1  # its zigzag byte: an empty record ends there
 _HISTORY_SUFFIX = struct.Struct(">QQ")  # occurred_at, version
+# The whole history key of a short account id in one pack (ids below 64 bytes).
+_HISTORY_KEYS = [struct.Struct(f">c{n}sxQQ") for n in range(64)]
 _BALANCE = struct.Struct(">qqqq?")  # balance, available, version, updated_at, closed
 _U64_MAX = (1 << 64) - 1
 _VERSION_CACHE_MAX = 1_000_000
@@ -131,25 +142,54 @@ def _payload_index(raw: bytes, i: int) -> int:
     return index
 
 
-# (account_id, version, version bytes, currency, balance+available bytes, occurred_at, closed)
-_Parsed = tuple[bytes, int, bytes, bytes, bytes, int, bool]
+def _fields(version: int, currency: str, balance: int, available: int, occurred_at: int) -> bytes:
+    """A history value: these fields as Avro encodes them in an event (current schema)."""
+    cur = currency.encode()
+    return b"".join((_long_bytes(version), _long_bytes(len(cur)), cur, _long_bytes(balance),
+                     _long_bytes(available), _long_bytes(occurred_at)))
 
 
-def _parse_slow(raw: bytes | None) -> _Parsed | None:
+def _read_fields(raw: bytes) -> tuple[int, str, int, int, int]:
+    """version, currency, balance, available, occurred_at from ``_fields`` bytes."""
+    version, i = _read_long(raw, 0)
+    n, i = _read_long(raw, i)
+    currency = raw[i:i + n].decode()
+    balance, i = _read_long(raw, i + n)
+    available, i = _read_long(raw, i)
+    occurred_at, _ = _read_long(raw, i)
+    return version, currency, balance, available, occurred_at
+
+
+# (account_id, version, history value, occurred_at, closes the account)
+_Parsed = tuple[bytes, int, bytes, int, bool]
+
+
+def _parse_slow(raw: bytes) -> _Parsed | None:
     """Any event the fast path does not take (or None if it is not an event)."""
-    if raw is None:
-        return None
     try:
         _, d = CODEC.decode(raw, expect=LedgerEvent.avro_name)
     except DecodeError as exc:
         log.warning("skipping a record that is not an event: %s", exc)
         return None
-    version = int(d["version"])
-    return (str(d["account_id"]).encode(), version, _long_bytes(version),
-            str(d["currency"]).encode(),
-            _long_bytes(int(d["balance_after_minor"]))
-            + _long_bytes(int(d.get("available_after_minor", 0))),
-            int(d["occurred_at"]), d["payload"][0].rsplit(".", 1)[-1] == "AccountClosed")
+    version, occurred_at = int(d["version"]), int(d["occurred_at"])
+    fields = _fields(version, str(d["currency"]), int(d["balance_after_minor"]),
+                     int(d.get("available_after_minor", 0)), occurred_at)
+    return (str(d["account_id"]).encode(), version, fields, occurred_at,
+            d["payload"][0].rsplit(".", 1)[-1] == "AccountClosed")
+
+
+def _framed_current_event(header: bytes) -> bool:
+    """Whether a Confluent header (00 + schema id) names the current LedgerEvent schema.
+
+    Only known once the codec has fetched the id from the registry (its first record
+    goes through ``CODEC.decode``); until then, and if the codec cannot say, the
+    record takes the slow path.
+    """
+    by_id = getattr(CODEC, "_by_id", None)
+    if not isinstance(by_id, dict):
+        return False
+    writer = by_id.get(int.from_bytes(header[1:CONFLUENT_HEADER_LEN], "big"))
+    return getattr(writer, "fingerprint", None) == _EVENT_FINGERPRINT
 
 
 def _unpack_balance(account_id: str, raw: bytes) -> dict[str, Any]:
@@ -205,10 +245,15 @@ class Projection:
         self.duplicates = 0  # events skipped: version already applied
         self.gaps = 0  # events skipped: a version missing before them
         self.bad_records = 0  # records that are not events
+        self.slow_records = 0  # records read with CODEC.decode, not the fast path
         self._versions: dict[bytes, int] = {}  # account -> version applied (a cache)
         self._closed_accounts: set[bytes] = set()  # the closed ones among them
         self._gap_logged: set[bytes] = set()
         self._positions: dict[int, int] = {}  # partition -> next offset applied and committed
+        # Confluent headers (00 + registry id) of the current LedgerEvent schema
+        self._fast_framed: set[bytes] = set()
+        if settings.schema_registry_url and CODEC.registry_url != settings.schema_registry_url:
+            CODEC.use_registry(settings.schema_registry_url)  # as the worker writes
         self.path.mkdir(parents=True, exist_ok=True)
         self._db = Rdict(str(self.path), Options(raw_mode=True))
         try:
@@ -251,50 +296,65 @@ class Projection:
         versions = self._versions
         closed_accounts = self._closed_accounts
         db_get = self._db.get
-        last: dict[bytes, tuple[int, bytes, int, bytes]] = {}
+        last: dict[bytes, bytes] = {}  # account -> history value of its last event applied
         header = _EVENT_HEADER
+        fast_framed = self._fast_framed
         match = _FAST.match
         suffix = _HISTORY_SUFFIX.pack
+        history_keys = _HISTORY_KEYS
+        history_key: struct.Struct | None
         put = wb.put
         applied = duplicates = 0
         for m in msgs:
             if m.error() is not None:
                 self._message_error(m)
                 continue
-            raw = m.value()
+            raw = m.value() or b""  # a tombstone is no event: the slow path says so
             ok = False
-            if raw is not None and raw.startswith(header):
+            if raw.startswith(header):
+                base = HEADER_LEN
+            elif raw[:CONFLUENT_HEADER_LEN] in fast_framed:
+                base = CONFLUENT_HEADER_LEN
+            else:
+                base = 0
+            if base:
                 try:
-                    n = raw[HEADER_LEN]  # event_id length: one byte below 64 characters
+                    n = raw[base]  # event_id length: one byte below 64 characters
                     if n < 0x80:
-                        i = HEADER_LEN + 1 + (n >> 1)
+                        i = base + 1 + (n >> 1)
                         n = raw[i]  # account_id length
                         if n < 0x80:
                             i += 1
                             j = i + (n >> 1)
                             mt = match(raw, j)
                             if mt is not None:
+                                e = mt.end()
                                 account = raw[i:j]
-                                vb, currency, balav, occ = mt.groups()
-                                v = vb[0]
+                                history_key = history_keys[n >> 1]
+                                fields = raw[j:e]
+                                v = raw[j]
                                 version = ((v >> 1) ^ -(v & 1) if v < 0x80
-                                           else _read_long(vb, 0)[0])
-                                b0, b1, b2, b3, b4, b5 = occ
+                                           else _read_long(raw, j)[0])
+                                b0, b1, b2, b3, b4, b5 = raw[e - 6:e]
                                 o = ((b0 & 0x7F) | (b1 & 0x7F) << 7 | (b2 & 0x7F) << 14
                                      | (b3 & 0x7F) << 21 | (b4 & 0x7F) << 28 | b5 << 35)
                                 occurred = (o >> 1) ^ -(o & 1)
                                 closes = (raw[-1] == _ACCOUNT_CLOSED_TAIL
-                                          and _payload_index(raw, mt.end())
-                                          == _ACCOUNT_CLOSED_INDEX)
+                                          and _payload_index(raw, e) == _ACCOUNT_CLOSED_INDEX)
                                 ok = True
                 except IndexError:
                     ok = False
             if not ok:
+                self.slow_records += 1
                 parsed = _parse_slow(raw)
                 if parsed is None:
                     self.bad_records += 1
                     continue
-                account, version, vb, currency, balav, occurred, closes = parsed
+                if (raw[:1] == CONFLUENT_MAGIC
+                        and _framed_current_event(raw[:CONFLUENT_HEADER_LEN])):
+                    fast_framed.add(raw[:CONFLUENT_HEADER_LEN])
+                account, version, fields, occurred, closes = parsed
+                history_key = None
             stored = versions.get(account)
             if stored is None:
                 rec = db_get(b"b" + account)
@@ -304,6 +364,7 @@ class Projection:
                     stored, closed = _BALANCE.unpack_from(rec)[2::2]
                     if closed:
                         closed_accounts.add(account)
+                versions[account] = stored
             if version <= stored:
                 duplicates += 1
                 continue
@@ -315,14 +376,16 @@ class Projection:
                 closed_accounts.add(account)
             elif version == 1:  # AccountOpened
                 closed_accounts.discard(account)
-            put(b"h" + account + b"\0" + suffix(occurred, version), balav + vb)
-            last[account] = (version, balav, occurred, currency)
+            if history_key is not None:
+                put(history_key.pack(b"h", account, occurred, version), fields)
+            else:
+                put(b"h" + account + b"\0" + suffix(occurred, version), fields)
+            last[account] = fields
             applied += 1
-        for account, (version, balav, occurred, currency) in last.items():
-            balance, i = _read_long(balav, 0)
-            available, _ = _read_long(balav, i)
+        for account, fields in last.items():
+            version, currency, balance, available, occurred = _read_fields(fields)
             put(b"b" + account, _BALANCE.pack(balance, available, version, occurred,
-                                              account in closed_accounts) + currency)
+                                              account in closed_accounts) + currency.encode())
         self.applied += applied
         self.duplicates += duplicates
         return applied
@@ -369,7 +432,8 @@ class Projection:
             else:
                 self._positions[tp.partition] = tp.offset
 
-    def run_until_caught_up(self, timeout_s: float, progress: Progress | None = None) -> int:
+    def run_until_caught_up(self, timeout_s: float, progress: Progress | None = None,
+                            batch_records: int = 50_000) -> int:
         """Consume until every partition reaches its end as of the call; events applied.
 
         Raises TimeoutError if that takes longer than ``timeout_s``.
@@ -394,7 +458,7 @@ class Projection:
             if now > deadline:
                 raise TimeoutError(f"{self.group_id}: {done()}/{total} records of {self.topic} "
                                    f"in {timeout_s}s")
-            applied += self.poll_batch(max_records=max(1, min(10_000, remaining)),
+            applied += self.poll_batch(max_records=max(1, min(batch_records, remaining)),
                                        timeout_s=min(0.5, max(0.01, deadline - now)))
             for p, off in self._positions.items():
                 if p in pos and off > pos[p]:
@@ -469,10 +533,8 @@ class Projection:
         if len(key) != len(prefix) + _HISTORY_SUFFIX.size or not key.startswith(prefix):
             return None
         occurred, version = _HISTORY_SUFFIX.unpack_from(key, len(prefix))
-        value: bytes = it.value()
-        balance, i = _read_long(value, 0)
-        available, _ = _read_long(value, i)
-        return {"account_id": account_id, "balance_minor": balance,
+        _, currency, balance, available, _ = _read_fields(it.value())
+        return {"account_id": account_id, "currency": currency, "balance_minor": balance,
                 "available_minor": available, "version": version, "occurred_at": occurred}
 
     # ------------------------------------------------------------ lifecycle

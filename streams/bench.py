@@ -1,0 +1,435 @@
+"""``ledger bench``: how fast the ledger is on this machine, with every guarantee on.
+
+One run measures, on the same broker:
+
+- raw confluent-kafka produce and consume rates of as many records (this machine's
+  limit in this run);
+- backlog: commands/s over a pre-produced backlog, from the first outcome to the last
+  (outcome record timestamps), and its ratio to the raw produce rate;
+- end to end: commands/s with submitting and deciding at once, from the first
+  submit to the last outcome;
+- latency of single submits at 20% of the backlog rate, open loop (fixed arrival
+  times), submit -> outcome seen by the client: p50/p99/p999;
+- replay: events folded per second rebuilding every balance from the events topic;
+- ``as-of`` and ``GET /accounts/{id}`` latency p50/p99;
+- the worker's peak resident memory.
+
+It ends by checking the result (``verify`` green, the worker's balances equal an
+independent fold of the events), so a fast wrong answer fails. ``--json`` keys are
+stable: see ``KEYS``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+
+from producers.client import LedgerClient
+from schemas import models as m
+from streams.procs import WorkerProcess, free_port
+from streams.settings import Settings
+from streams.topics import ensure_topics
+from streams.verify import verify
+
+KEYS = (
+    "commands", "mix", "raw_produce_per_s", "raw_consume_per_s", "backlog_commands_per_s",
+    "backlog_vs_raw_produce", "e2e_commands_per_s", "latency_rate_per_s", "latency_ms_p50",
+    "latency_ms_p99", "latency_ms_p999", "replay_events_per_s", "as_of_ms_p50",
+    "as_of_ms_p99", "get_ms_p50", "get_ms_p99", "worker_rss_mb_peak", "check_ok",
+)
+ACCOUNTS = 10_000
+
+
+def say(msg: str) -> None:
+    print(f"[bench] {msg}", flush=True)
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# ---------------------------------------------------------------- workloads
+
+
+def workload(mix: str, n: int, rng: random.Random, prefix: str) -> list[m.CommandBase]:
+    """Opens for every account first, then ``n`` commands of the mix (opens included)."""
+    accounts = [f"{prefix}{i}" for i in range(ACCOUNTS)]
+    t = iter(range(int(time.time() * 1000), 10**14))
+    out: list[m.CommandBase] = [
+        m.OpenAccount(command_id=f"o{i}", account_id=a, actor="bench", issued_at=next(t),
+                      currency="USD", overdraft_limit_minor=1_000 if i % 10 == 0 else 0)
+        for i, a in enumerate(accounts)]
+    i = len(out)
+    holds: list[tuple[str, str]] = []
+    while len(out) < n:
+        a = accounts[rng.randrange(ACCOUNTS)]
+        cid = f"c{i}"
+        i += 1
+        roll = rng.random()
+        if mix == "simple" or roll < 0.6:
+            if rng.random() < 0.55:
+                out.append(m.Deposit(command_id=cid, account_id=a, actor="bench",
+                                     issued_at=next(t), amount_minor=rng.randint(100, 50_000),
+                                     currency="USD"))
+            else:
+                out.append(m.Withdraw(command_id=cid, account_id=a, actor="bench",
+                                      issued_at=next(t), amount_minor=rng.randint(100, 50_000),
+                                      currency="USD"))
+        elif roll < 0.85:
+            b = accounts[rng.randrange(ACCOUNTS)]
+            if b == a:
+                b = f"{prefix}missing"  # refunded: the saga's other ending
+            out.append(m.Transfer(command_id=cid, account_id=a, actor="bench",
+                                  issued_at=next(t), to_account_id=b,
+                                  amount_minor=rng.randint(100, 20_000), currency="USD"))
+        elif roll < 0.92 or not holds:
+            hold = f"h{i}"
+            holds.append((a, hold))
+            out.append(m.PlaceHold(command_id=cid, account_id=a, actor="bench",
+                                   issued_at=next(t), hold_id=hold, currency="USD",
+                                   amount_minor=rng.randint(100, 5_000),
+                                   expires_at=next(t) + 3_600_000))
+        elif roll < 0.97:
+            a, hold = holds.pop(rng.randrange(len(holds)))
+            if rng.random() < 0.5:
+                out.append(m.CaptureHold(command_id=cid, account_id=a, actor="bench",
+                                         issued_at=next(t), hold_id=hold))
+            else:
+                out.append(m.ReleaseHold(command_id=cid, account_id=a, actor="bench",
+                                         issued_at=next(t), hold_id=hold))
+        else:  # invalid: unknown accounts, wrong currency
+            if rng.random() < 0.5:
+                out.append(m.Withdraw(command_id=cid, account_id=f"{prefix}ghost{i}",
+                                      actor="bench", issued_at=next(t), amount_minor=1,
+                                      currency="USD"))
+            else:
+                out.append(m.Deposit(command_id=cid, account_id=a, actor="bench",
+                                     issued_at=next(t), amount_minor=1, currency="EUR"))
+    return out
+
+
+# ---------------------------------------------------------------- measurements
+
+
+def raw_rates(s: Settings, n: int) -> tuple[float, float]:
+    """Produce then consume ``n`` records of ~100 bytes with confluent-kafka."""
+    topic = f"bench-raw-{uuid.uuid4().hex[:8]}"
+    admin = AdminClient(s.kafka_config())
+    admin.create_topics([NewTopic(topic, s.partitions, s.replication_factor)])[topic].result(30)
+    producer = Producer(s.producer_config(**{"linger.ms": 5, "batch.num.messages": 10_000}))
+    value = os.urandom(100)
+    start = time.perf_counter()
+    for i in range(n):
+        while True:
+            try:
+                producer.produce(topic, value, str(i % ACCOUNTS).encode())
+                break
+            except BufferError:
+                producer.poll(0.01)
+    producer.flush(60)
+    produce_s = time.perf_counter() - start
+    consumer = Consumer({**s.kafka_config(), "group.id": f"bench-{uuid.uuid4()}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer.subscribe([topic])
+    got, first = 0, 0.0
+    deadline = time.monotonic() + 120
+    while got < n and time.monotonic() < deadline:
+        batch = consumer.consume(10_000, timeout=1)
+        if batch and not first:
+            first = time.perf_counter()
+        got += sum(1 for msg in batch if msg.error() is None)
+    consume_s = time.perf_counter() - first
+    consumer.close()
+    admin.delete_topics([topic])
+    return n / produce_s, got / max(consume_s, 1e-9)
+
+
+class OutcomeWatch:
+    """Counts command outcomes (events caused by a command, or its rejection) as they land."""
+
+    def __init__(self, s: Settings) -> None:
+        self.s = s
+        self.consumer = Consumer({**s.kafka_config(), "group.id": f"bench-{uuid.uuid4()}",
+                                  "enable.auto.commit": False, "auto.offset.reset": "earliest",
+                                  "fetch.wait.max.ms": 20})
+        self.consumer.assign([TopicPartition(t, p, 0) for t in (s.events_topic,
+                              s.rejections_topic) for p in range(s.partitions)])
+        self.ids: set[bytes] = set()
+        self.first_ts: int | None = None
+        self.last_ts = 0
+
+    def poll(self) -> None:
+        for msg in self.consumer.consume(20_000, timeout=0.2):
+            value = msg.value()
+            if msg.error() is not None or value is None:
+                continue
+            # command_id without a full decode: it is the first string after the
+            # header for rejections; for events we decode (cheap enough here).
+            from schemas.codec import CODEC
+
+            _, d = CODEC.decode(value)
+            if d.get("causation_id", d["command_id"]) != d["command_id"]:
+                continue  # a transfer leg's event, not a command's outcome
+            self.ids.add(d["command_id"].encode())
+            _, ts = msg.timestamp()
+            self.first_ts = ts if self.first_ts is None else min(self.first_ts, ts)
+            self.last_ts = max(self.last_ts, ts)
+
+    def wait(self, n: int, timeout_s: float, label: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        shown = 0.0
+        while len(self.ids) < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{label}: {len(self.ids)}/{n} outcomes in {timeout_s}s")
+            self.poll()
+            if time.monotonic() - shown > 2:
+                say(f"  {label}: {len(self.ids)}/{n} outcomes")
+                shown = time.monotonic()
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def submit_all(s: Settings, commands: list[m.CommandBase]) -> float:
+    """Send every command through the client (coalesced per partition); seconds taken."""
+    start = time.perf_counter()
+    with LedgerClient(s, wait_outcomes=False, max_batch_commands=2000) as client:
+        for c in commands:
+            client.submit(c)
+        client.flush(300)
+    return time.perf_counter() - start
+
+
+def latency(s: Settings, accounts: list[str], rate: float, seconds: float) -> list[float]:
+    """Open loop: submits at fixed arrival times; ms from submit to the client's outcome."""
+    results: list[float] = []
+    lock = threading.Lock()
+    n = max(50, int(rate * seconds))
+    with LedgerClient(s, linger_ms=0.5) as client:
+        start = time.perf_counter()
+        pending = []
+        for i in range(n):
+            due = start + i / rate
+            now = time.perf_counter()
+            if due > now:
+                time.sleep(due - now)
+            sent = time.perf_counter()
+            fut = client.submit(m.Deposit(command_id=f"lat{i}-{uuid.uuid4().hex[:6]}",
+                                          account_id=accounts[i % len(accounts)],
+                                          actor="bench", issued_at=int(time.time() * 1000),
+                                          amount_minor=1, currency="USD"))
+
+            def done(_f: Any, sent: float = sent) -> None:
+                with lock:
+                    results.append((time.perf_counter() - sent) * 1000)
+
+            fut.add_done_callback(done)
+            pending.append(fut)
+        for f in pending:
+            f.result(timeout=60)
+    return results
+
+
+def http_latency(url: str, paths: list[str]) -> list[float]:
+    out = []
+    for path in paths:
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(url + path, timeout=5) as resp:
+            resp.read()
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def rss_peak_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+# ---------------------------------------------------------------- the run
+
+
+def replay_rate(s: Settings) -> float:
+    """Events/s rebuilding every balance from the events topic into a fresh store."""
+    from streams.projection import replay
+
+    result = replay(s, fresh=True)
+    if not result.ok:
+        raise AssertionError(f"replay differs from the live state: {result.differences[:5]}")
+    return result.events_per_s
+
+
+def as_of_latency(s: Settings, accounts: list[str]) -> list[float]:
+    """ms per as-of query on the projection built by ``replay_rate``."""
+    from streams.projection import Projection
+
+    now = int(time.time() * 1000)
+    out = []
+    with Projection(s) as proj:
+        for i, a in enumerate(accounts):
+            t0 = time.perf_counter()
+            proj.as_of(a, now - (i % 60) * 1000)
+            out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def run_bench(commands: int = 200_000, mix: str = "full", seed: int = 1,
+              json_out: bool = False) -> int:
+    rng = random.Random(seed)
+    results: dict[str, Any] = {"commands": commands, "mix": mix}
+    with ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ledger-bench-")))
+        bootstrap = os.environ.get("LEDGER_BOOTSTRAP_SERVERS")
+        if not bootstrap:
+            from streams.kafka_local import LocalBroker, ensure_jars
+
+            say("starting a local broker")
+            ensure_jars()
+            broker = stack.enter_context(LocalBroker(data_dir=work / "kafka"))
+            bootstrap = broker.bootstrap_servers
+        run = f"bench-{uuid.uuid4().hex[:6]}"
+        base = Settings(bootstrap_servers=bootstrap, app_id=run, data_dir=work / "w",
+                        web_port=free_port())
+
+        def ledger(name: str) -> Settings:
+            return base.model_copy(update={
+                "app_id": f"{run}-{name}", "commands_topic": f"{run}-{name}.commands",
+                "transfers_topic": f"{run}-{name}.transfers",
+                "events_topic": f"{run}-{name}.events",
+                "rejections_topic": f"{run}-{name}.rejections",
+                "dlq_topic": f"{run}-{name}.dlq", "data_dir": work / name,
+                "web_port": free_port()})
+
+        say(f"raw confluent-kafka rates over {commands} records")
+        results["raw_produce_per_s"], results["raw_consume_per_s"] = raw_rates(base, commands)
+
+        say(f"generating {commands} commands, mix {mix}, over {ACCOUNTS} accounts")
+        cmds = workload(mix, commands, rng, prefix="a")
+
+        # -- backlog: everything produced first, then one worker decides it
+        s = ledger("backlog")
+        ensure_topics(s)
+        say("producing the backlog")
+        submit_all(s, cmds)
+        watch = OutcomeWatch(s)
+        say("starting a worker on the backlog")
+        worker = WorkerProcess(s, work / "backlog.log")
+        stack.callback(worker.stop)
+        worker.wait_ready()
+        watch.wait(len(cmds), 600, "backlog")
+        assert watch.first_ts is not None
+        span_s = max((watch.last_ts - watch.first_ts) / 1000, 1e-3)
+        results["backlog_commands_per_s"] = len(cmds) / span_s
+        results["backlog_vs_raw_produce"] = (results["backlog_commands_per_s"]
+                                             / results["raw_produce_per_s"])
+        watch.close()
+        say(f"  backlog: {results['backlog_commands_per_s']:,.0f} commands/s")
+
+        # -- latency at 20% of the backlog rate, single submits, open loop
+        rate = min(0.2 * results["backlog_commands_per_s"], 5_000.0)
+        say(f"latency: single submits at {rate:,.0f}/s for 10 s")
+        opened = [c.account_id for c in cmds[:ACCOUNTS]]
+        lat = latency(s, opened, rate, 10.0)
+        results["latency_rate_per_s"] = rate
+        results["latency_ms_p50"] = percentile(lat, 0.50)
+        results["latency_ms_p99"] = percentile(lat, 0.99)
+        results["latency_ms_p999"] = percentile(lat, 0.999)
+
+        say("GET /accounts/{id} latency")
+        sample = [opened[rng.randrange(len(opened))] for _ in range(500)]
+        got = http_latency(worker.url, [f"/accounts/{a}" for a in sample])
+        results["get_ms_p50"], results["get_ms_p99"] = percentile(got, .5), percentile(got, .99)
+
+        say("checking: verify, and the worker's balances against the fold of the events")
+        report = verify(s)
+        mismatches = 0
+        for a in sample[:200]:
+            with urllib.request.urlopen(f"{worker.url}/accounts/{a}", timeout=5) as resp:
+                doc = json.loads(resp.read())
+            state = report.states[a]
+            mismatches += (doc["balance_minor"], doc["version"]) != (state.balance_minor,
+                                                                    state.version)
+        results["check_ok"] = report.ok and mismatches == 0 and \
+            report.transfers_in_flight == 0
+        if not results["check_ok"]:
+            say(f"CHECK FAILED: {report.breaches[:5]}, {mismatches} balance mismatches, "
+                f"{report.transfers_in_flight} transfers in flight")
+        results["worker_rss_mb_peak"] = rss_peak_mb(worker.proc.pid)
+        worker.stop()
+
+        say("replay: rebuilding every balance from the events topic")
+        results["replay_events_per_s"] = replay_rate(s)
+        asof = as_of_latency(s, sample)
+        results["as_of_ms_p50"] = percentile(asof, .5)
+        results["as_of_ms_p99"] = percentile(asof, .99)
+
+        # -- end to end: a fresh ledger, the worker running while commands arrive
+        s2 = ledger("e2e")
+        ensure_topics(s2)
+        worker2 = WorkerProcess(s2, work / "e2e.log")
+        stack.callback(worker2.stop)
+        worker2.wait_ready()
+        watch2 = OutcomeWatch(s2)
+        say("end to end: submitting while the worker decides")
+        t0 = time.time()
+        sender = threading.Thread(target=submit_all, args=(s2, cmds))
+        sender.start()
+        watch2.wait(len(cmds), 600, "e2e")
+        sender.join()
+        results["e2e_commands_per_s"] = len(cmds) / max(watch2.last_ts / 1000 - t0, 1e-3)
+        results["worker_rss_mb_peak"] = max(results["worker_rss_mb_peak"],
+                                            rss_peak_mb(worker2.proc.pid))
+        watch2.close()
+
+    for k in KEYS:
+        results.setdefault(k, None)
+    if json_out:
+        print(json.dumps({k: results[k] for k in KEYS}))
+    else:
+        print(render(results))
+    return 0 if results["check_ok"] else 1
+
+
+def render(r: dict[str, Any]) -> str:
+    def f(v: Any, fmt: str = ",.0f") -> str:
+        return "n/a" if v is None or v != v else format(v, fmt)
+
+    rows = [
+        ("commands (mix)", f"{r['commands']:,} ({r['mix']})"),
+        ("raw produce / consume, records/s",
+         f"{f(r['raw_produce_per_s'])} / {f(r['raw_consume_per_s'])}"),
+        ("backlog, commands/s", f"{f(r['backlog_commands_per_s'])} "
+         f"({f(r['backlog_vs_raw_produce'], '.2f')} of raw produce)"),
+        ("end to end, commands/s", f(r["e2e_commands_per_s"])),
+        (f"latency at {f(r['latency_rate_per_s'])}/s, ms p50/p99/p999",
+         f"{f(r['latency_ms_p50'], '.1f')} / {f(r['latency_ms_p99'], '.1f')} / "
+         f"{f(r['latency_ms_p999'], '.1f')}"),
+        ("replay, events/s", f(r["replay_events_per_s"])),
+        ("as-of, ms p50/p99", f"{f(r['as_of_ms_p50'], '.2f')} / {f(r['as_of_ms_p99'], '.2f')}"),
+        ("GET /accounts/{id}, ms p50/p99",
+         f"{f(r['get_ms_p50'], '.2f')} / {f(r['get_ms_p99'], '.2f')}"),
+        ("worker peak RSS, MB", f(r["worker_rss_mb_peak"])),
+        ("check (verify + balances = fold)", "ok" if r["check_ok"] else "FAILED"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
