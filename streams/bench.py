@@ -245,6 +245,18 @@ def latency(s: Settings, accounts: list[str], rate: float, seconds: float) -> li
     return results
 
 
+def wait_quiet(worker: WorkerProcess, timeout_s: float) -> None:
+    """Until the worker has no input waiting (transfer legs included), twice in a row."""
+    deadline = time.monotonic() + timeout_s
+    quiet = 0
+    while quiet < 2:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"worker still has input waiting after {timeout_s}s")
+        status, doc = worker.get("/health/ready")
+        quiet = quiet + 1 if status == 200 and not doc.get("lag") else 0
+        time.sleep(1.0)
+
+
 def http_latency(url: str, paths: list[str]) -> list[float]:
     out = []
     for path in paths:
@@ -343,6 +355,8 @@ def run_bench(commands: int = 200_000, mix: str = "full", seed: int = 1,
                                              / results["raw_produce_per_s"])
         watch.close()
         say(f"  backlog: {results['backlog_commands_per_s']:,.0f} commands/s")
+        say("waiting for the last transfer legs")
+        wait_quiet(worker, 600)
 
         # -- latency at 20% of the backlog rate, single submits, open loop
         rate = min(0.2 * results["backlog_commands_per_s"], 5_000.0)
@@ -359,6 +373,7 @@ def run_bench(commands: int = 200_000, mix: str = "full", seed: int = 1,
         got = http_latency(worker.url, [f"/accounts/{a}" for a in sample])
         results["get_ms_p50"], results["get_ms_p99"] = percentile(got, .5), percentile(got, .99)
 
+        wait_quiet(worker, 120)
         say("checking: verify, and the worker's balances against the fold of the events")
         report = verify(s)
         mismatches = 0

@@ -284,6 +284,25 @@ def cmd_project(args: argparse.Namespace) -> int:
             return 0
 
 
+def cmd_rebuild(args: argparse.Namespace) -> int:
+    from streams.projection import GroupActive
+    from streams.rebuild import rebuild
+
+    s = Settings()
+    try:
+        r = rebuild(s, progress=None if args.json else (lambda msg: print(f"==> {msg}")))
+    except GroupActive as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return 2
+    doc = {"accounts": r.accounts, "outcomes": r.outcomes, "records": r.records,
+           "seconds": round(r.seconds, 2),
+           "checkpoints": {p: [c.commands, c.transfers] for p, c in r.checkpoints.items()}}
+    _print(args, doc, f"wrote {r.records:,} records ({r.accounts:,} accounts, {r.outcomes:,} "
+                      f"command outcomes) to {s.changelog_topic} in {r.seconds:.1f}s; start "
+                      "workers with empty data directories to restore from it")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from streams.bench import run_bench
 
@@ -382,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     ao.add_argument("--path")
     ao.add_argument("--timeout", type=float, default=120.0)
     ao.set_defaults(fn=cmd_as_of)
+
+    sub.add_parser("rebuild", help="re-derive the worker's state from the events alone, "
+                                   "into its changelog").set_defaults(fn=cmd_rebuild)
 
     pj = sub.add_parser("project", help="run the balances projection (read model)")
     pj.add_argument("--group")
