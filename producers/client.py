@@ -213,7 +213,12 @@ class LedgerClient:
     def _outcome_loop(self) -> None:
         assert self._consumer is not None
         while not self._closed.is_set():
-            for m in self._consumer.consume(1000, timeout=0.1):
+            # consume(n, timeout) waits for n records or the whole timeout: take the
+            # first record as soon as it lands, then whatever else is already here.
+            first = self._consumer.poll(0.1)
+            if first is None:
+                continue
+            for m in [first, *self._consumer.consume(1000, timeout=0)]:
                 if m.error() is not None or not (self._waiting or self._settling):
                     continue
                 try:

@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     # Bounds of one unit of work in the worker (records taken from Faust per batch,
     # and how long to wait for a batch to fill).
     batch_max_records: int = Field(default=2000, ge=1, le=100_000)
-    batch_within_ms: int = Field(default=5, ge=1, le=10_000)
+    batch_within_ms: int = Field(default=2, ge=1, le=10_000)
     # A command record bigger than this is dead-lettered unread.
     max_record_bytes: int = Field(default=1_000_000, ge=1024)
     # How fast the group notices a dead worker (its partitions move after this).
