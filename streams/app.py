@@ -11,6 +11,7 @@ Run it with ``ledger worker`` (see ``streams.cli``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -76,9 +77,20 @@ def create_app(s: Settings) -> faust.App:
     @app.agent(channel)
     async def ledger(stream: Any) -> None:
         async for events in stream.take_events(s.batch_max_records, s.batch_within_ms / 1000):
+            batch = asyncio.ensure_future(_handle(events))
             try:
-                await _handle(events)
-            except BaseException as exc:
+                await asyncio.shield(batch)
+            except asyncio.CancelledError:
+                # Stopping (SIGTERM): finish the batch in hand, so that the acks Faust
+                # sends on the way out cover only inputs whose outputs and state are
+                # written; if it cannot finish, exit before anything is acked.
+                try:
+                    await asyncio.wait_for(batch, timeout=s.flush_timeout_s)
+                except BaseException as exc:
+                    die(f"stopping: the batch in hand did not finish: {exc!r}")
+                log.info("stopping: batch in hand finished")
+                raise
+            except BaseException as exc:  # any failure here must stop the worker
                 log.exception("batch failed")
                 die(f"batch failed: {type(exc).__name__}: {exc}")
 
