@@ -22,6 +22,7 @@ import faust
 from faust.types import EventT
 
 from schemas.models import ExpireHold
+from streams import metrics
 from streams.engine import Engine, PartitionInput, Record
 from streams.processor import parse_expiry_key
 from streams.settings import Settings
@@ -103,6 +104,7 @@ def create_app(s: Settings) -> faust.App:
                 Record(m.key, m.value, m.offset))
         report = await engine.process(inputs)
         health["progress_at"] = time.monotonic()
+        metrics.record_batch(report, int(time.time() * 1000))
         totals["commands"] += report.stats.commands
         totals["batches"] += 1
         log.debug("batch", extra={"records": len(events), "commands": report.stats.commands,
@@ -138,15 +140,19 @@ def create_app(s: Settings) -> faust.App:
             return
         highwaters = await app.consumer.highwaters(*tps)
         lag = {}
+        by_tp = {}
         for tp in tps:
             ck = PartitionView(accounts.data._db_for_partition(tp.partition)).checkpoint  # type: ignore[attr-defined]
             done = ck.commands if tp.topic == s.commands_topic else ck.transfers
-            if highwaters.get(tp, 0) - done - 1 > 0:
-                lag[f"{tp.topic}[{tp.partition}]"] = highwaters[tp] - done - 1
+            by_tp[(tp.topic, tp.partition)] = max(0, highwaters.get(tp, 0) - done - 1)
+            if by_tp[(tp.topic, tp.partition)]:
+                lag[f"{tp.topic}[{tp.partition}]"] = by_tp[(tp.topic, tp.partition)]
         health["lag"] = lag
+        metrics.record_lag(by_tp)
         if not lag:
             health["progress_at"] = time.monotonic()
         health["stalled_s"] = time.monotonic() - health["progress_at"]
+        metrics.STALLED.set(health["stalled_s"])
         if health["stalled_s"] > 2 * s.stall_timeout_s:
             die(f"stalled: no batch for {health['stalled_s']:.0f}s with input waiting "
                 f"({sum(lag.values())} records on {len(lag)} partitions); hot path: "

@@ -266,6 +266,7 @@ class Engine:
 def _merge(into: Stats, s: Stats) -> None:
     for name in ("commands", "events", "rejections", "legs", "dead_letters", "replays"):
         setattr(into, name, getattr(into, name) + getattr(s, name))
+    into.issued_at.extend(s.issued_at)
     for d_into, d in ((into.reasons, s.reasons), (into.types, s.types)):
         for k, v in d.items():
             d_into[k] = d_into.get(k, 0) + v

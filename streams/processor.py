@@ -122,6 +122,7 @@ class Stats:
     replays: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
     types: dict[str, int] = field(default_factory=dict)
+    issued_at: list[int] = field(default_factory=list)
 
 
 class BatchProcessor:
@@ -187,6 +188,7 @@ class BatchProcessor:
                 self._invalid(item, exc)
                 continue
             self.stats.types[command.type] = self.stats.types.get(command.type, 0) + 1
+            self.stats.issued_at.append(command.issued_at)
             self._command(command)
 
     def _invalid(self, item: tuple[str, dict[str, object]], exc: ValidationError) -> None:

@@ -10,6 +10,7 @@ from faust.web import Request, Response, View
 from schemas.codec import CODEC
 from schemas.models import AccountState
 from schemas.money import format_amount
+from streams import metrics
 from streams.processor import account_key, partition_for
 from streams.settings import Settings
 from streams.state import PartitionView
@@ -50,6 +51,12 @@ def register(app: faust.App, s: Settings) -> None:
                                  status=404)
             state = AccountState.from_avro(CODEC.decode(raw, expect=AccountState.avro_name)[1])
             return self.json(account_json(state))
+
+    @app.page("/metrics")
+    class Metrics(View):
+        async def get(self, request: Request) -> Response:
+            return self.bytes(metrics.exposition(),
+                              content_type="text/plain; version=0.0.4")
 
     @app.page("/health/live")
     class Live(View):

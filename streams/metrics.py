@@ -1,0 +1,62 @@
+"""Prometheus metrics of a worker, served at ``GET /metrics``."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from streams.engine import BatchReport
+
+REGISTRY = CollectorRegistry()
+COMMANDS = Counter("ledger_commands", "Commands decided, by type", ["type"],
+                   registry=REGISTRY)
+REJECTIONS = Counter("ledger_rejections", "Commands refused, by reason", ["reason"],
+                     registry=REGISTRY)
+EVENTS = Counter("ledger_events", "Events written", registry=REGISTRY)
+LEGS = Counter("ledger_transfer_legs", "Transfer legs sent", registry=REGISTRY)
+DEAD_LETTERS = Counter("ledger_dead_letters", "Input records sent to the DLQ",
+                       registry=REGISTRY)
+REPLAYS = Counter("ledger_idempotent_replays",
+                  "Retried commands answered with their first outcome", registry=REGISTRY)
+BATCH = Histogram("ledger_batch_commands", "Commands per batch", registry=REGISTRY,
+                  buckets=(1, 10, 100, 1_000, 10_000, 100_000))
+DECIDE = Histogram("ledger_decide_seconds", "Deciding one batch", registry=REGISTRY)
+FLUSH = Histogram("ledger_flush_seconds", "Making one batch durable (three flushes)",
+                  registry=REGISTRY)
+LATENCY = Histogram("ledger_command_latency_seconds",
+                    "From a command's issued_at to its outcome being durable",
+                    registry=REGISTRY,
+                    buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+LAG = Gauge("ledger_consumer_lag", "Input records waiting, per partition",
+            ["topic", "partition"], registry=REGISTRY)
+STALLED = Gauge("ledger_stalled_seconds", "Seconds without a batch while input waits",
+                registry=REGISTRY)
+RESUMED = Counter("ledger_unfinished_batches_resumed",
+                  "Batches a crashed worker left pending, decided again", registry=REGISTRY)
+
+
+def record_batch(report: BatchReport, now_ms: int) -> None:
+    st = report.stats
+    for kind, n in st.types.items():
+        COMMANDS.labels(kind).inc(n)
+    for reason, n in st.reasons.items():
+        REJECTIONS.labels(reason).inc(n)
+    EVENTS.inc(st.events)
+    LEGS.inc(st.legs)
+    DEAD_LETTERS.inc(st.dead_letters)
+    REPLAYS.inc(st.replays)
+    RESUMED.inc(report.resolved_pending)
+    BATCH.observe(st.commands)
+    DECIDE.observe(report.decide_ms / 1000)
+    FLUSH.observe(report.flush_ms / 1000)
+    for issued_at in st.issued_at:
+        LATENCY.observe(max(0, now_ms - issued_at) / 1000)
+
+
+def record_lag(lag: dict[tuple[str, int], int]) -> None:
+    LAG.clear()
+    for (topic, partition), n in lag.items():
+        LAG.labels(topic, str(partition)).set(n)
+
+
+def exposition() -> bytes:
+    return generate_latest(REGISTRY)
