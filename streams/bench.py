@@ -38,6 +38,7 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 
 from producers.client import LedgerClient
 from schemas import models as m
+from streams.kafka_local import broker_for_job
 from streams.procs import WorkerProcess, free_port
 from streams.settings import Settings
 from streams.topics import ensure_topics
@@ -310,26 +311,13 @@ def run_bench(commands: int = 200_000, mix: str = "full", seed: int = 1,
     results: dict[str, Any] = {"commands": commands, "mix": mix}
     with ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ledger-bench-")))
-        bootstrap = os.environ.get("LEDGER_BOOTSTRAP_SERVERS")
-        if not bootstrap:
-            from streams.kafka_local import LocalBroker, ensure_jars
-
-            say("starting a local broker")
-            ensure_jars()
-            broker = stack.enter_context(LocalBroker(data_dir=work / "kafka"))
-            bootstrap = broker.bootstrap_servers
+        bootstrap = broker_for_job(stack, work / "kafka", say)
         run = f"bench-{uuid.uuid4().hex[:6]}"
         base = Settings(bootstrap_servers=bootstrap, app_id=run, data_dir=work / "w",
                         web_port=free_port())
 
         def ledger(name: str) -> Settings:
-            return base.model_copy(update={
-                "app_id": f"{run}-{name}", "commands_topic": f"{run}-{name}.commands",
-                "transfers_topic": f"{run}-{name}.transfers",
-                "events_topic": f"{run}-{name}.events",
-                "rejections_topic": f"{run}-{name}.rejections",
-                "dlq_topic": f"{run}-{name}.dlq", "data_dir": work / name,
-                "web_port": free_port()})
+            return base.isolated(f"{run}-{name}", data_dir=work / name, web_port=free_port())
 
         say(f"raw confluent-kafka rates over {commands} records")
         results["raw_produce_per_s"], results["raw_consume_per_s"] = raw_rates(base, commands)

@@ -9,7 +9,6 @@ prints every outcome, the balances (from the worker's HTTP API) and the events
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 import uuid
@@ -22,6 +21,7 @@ from schemas import models as m
 from schemas.codec import CODEC
 from schemas.money import format_amount, parse_amount
 from streams.eventlog import read_all
+from streams.kafka_local import broker_for_job
 from streams.procs import WorkerProcess, free_port
 from streams.settings import Settings
 from streams.topics import ensure_topics
@@ -73,19 +73,10 @@ def describe(outcome: Any) -> str:
 def run_demo(json_out: bool = False) -> int:
     with ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ledger-demo-")))
-        bootstrap = os.environ.get("LEDGER_BOOTSTRAP_SERVERS")
-        if not bootstrap:
-            from streams.kafka_local import LocalBroker, ensure_jars
-
-            step("fetching Apache Kafka jars (first run only) and starting a local broker")
-            ensure_jars()
-            broker = stack.enter_context(LocalBroker(data_dir=work / "kafka"))
-            bootstrap = broker.bootstrap_servers
+        bootstrap = broker_for_job(stack, work / "kafka", step)
         run = f"demo-{uuid.uuid4().hex[:6]}"
-        s = Settings(bootstrap_servers=bootstrap, app_id=run, data_dir=work / "worker",
-                     web_port=free_port(), commands_topic=f"{run}.commands",
-                     transfers_topic=f"{run}.transfers", events_topic=f"{run}.events",
-                     rejections_topic=f"{run}.rejections", dlq_topic=f"{run}.dlq")
+        s = Settings(bootstrap_servers=bootstrap).isolated(run, data_dir=work / "worker",
+                                                           web_port=free_port())
         step(f"broker {bootstrap}; creating topics {run}.*")
         ensure_topics(s)
         step("starting a worker")

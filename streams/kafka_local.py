@@ -41,6 +41,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO
@@ -641,6 +642,16 @@ def default_data_dir() -> Path:
     if override:
         return Path(override).expanduser()
     return Path.home() / ".local" / "share" / "ledger" / "kafka"
+
+
+def broker_for_job(stack: ExitStack, data_dir: Path, say: Callable[[str], None]) -> str:
+    """``LEDGER_BOOTSTRAP_SERVERS`` if set, else a local broker that ``stack`` stops."""
+    external = os.environ.get("LEDGER_BOOTSTRAP_SERVERS")
+    if external:
+        return external
+    say("fetching the Apache Kafka jars (first run only) and starting a local broker")
+    ensure_jars()
+    return stack.enter_context(LocalBroker(data_dir=data_dir)).bootstrap_servers
 
 
 def run_foreground(port: int | None) -> None:

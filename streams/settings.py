@@ -64,6 +64,14 @@ class Settings(BaseSettings):
         """Faust's name for the accounts table changelog."""
         return f"{self.app_id}-accounts-changelog"
 
+    def isolated(self, prefix: str, **updates: Any) -> Settings:
+        """A ledger of its own on the same broker: app id and every topic under ``prefix``."""
+        return self.model_copy(update={
+            "app_id": prefix, "commands_topic": f"{prefix}.commands",
+            "transfers_topic": f"{prefix}.transfers", "events_topic": f"{prefix}.events",
+            "rejections_topic": f"{prefix}.rejections", "dlq_topic": f"{prefix}.dlq",
+            **updates})
+
     def kafka_config(self) -> dict[str, Any]:
         """Connection and security options shared by every confluent-kafka client."""
         conf: dict[str, Any] = {

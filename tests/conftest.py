@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
 from producers.client import LedgerClient
 from streams.kafka_local import BrokerError, LocalBroker, ensure_jars
@@ -106,13 +107,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> 
 def ledger_settings(kafka_bootstrap: str, unique_name: Callable[..., str],
                     tmp_path: Path) -> Settings:
     """A ledger of its own: unique topic names and app id, topics created."""
-    prefix = unique_name()
-    s = Settings(
-        bootstrap_servers=kafka_bootstrap, app_id=prefix, data_dir=tmp_path / "data",
-        commands_topic=f"{prefix}.commands", transfers_topic=f"{prefix}.transfers",
-        events_topic=f"{prefix}.events", rejections_topic=f"{prefix}.rejections",
-        dlq_topic=f"{prefix}.dlq", leg_secret="test-leg-secret",  # type: ignore[arg-type]
-    )
+    s = Settings(bootstrap_servers=kafka_bootstrap).isolated(
+        unique_name(), data_dir=tmp_path / "data", leg_secret=SecretStr("test-leg-secret"))
     ensure_topics(s)
     return s
 

@@ -31,6 +31,7 @@ from streams.projection import (
     reset_offsets,
     state_checksum,
 )
+from streams.projection import _long_bytes as _long  # the Avro long encoding
 from streams.verify import verify
 
 pytestmark = pytest.mark.kafka
@@ -366,16 +367,6 @@ def test_confluent_framed_events_fold_like_single_object_ones(ledger_settings, t
 
 
 # ---------------------------------------------------------------- throughput
-
-
-def _long(n: int) -> bytes:
-    n = (n << 1) ^ (n >> 63)
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def _string(text: str) -> bytes:
