@@ -36,6 +36,7 @@ from confluent_kafka import (
 
 from schemas.codec import CODEC, DecodeError
 from schemas.models import CommandBase, LedgerEvent, Rejection, Transfer, encode_batch
+from streams.acl import check_login
 from streams.domain import Refused, check_command
 from streams.processor import partition_for
 from streams.settings import Settings
@@ -92,6 +93,7 @@ class LedgerClient:
                  max_batch_commands: int = 1000, max_batch_bytes: int = 512 * 1024,
                  wait_outcomes: bool = True) -> None:
         self.s = settings
+        check_login(settings)  # a wrong password raises AuthenticationFailed here, not a hang
         if settings.schema_registry_url:
             CODEC.use_registry(settings.schema_registry_url)
         self.linger_s = linger_ms / 1000

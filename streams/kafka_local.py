@@ -13,6 +13,10 @@ with the ``java`` found on ``PATH``, on free 127.0.0.1 ports::
         print(broker.bootstrap_servers)  # "127.0.0.1:<port>"
         broker.restart()                 # same ports and data
 
+    # SASL/SCRAM + ACLs: only the given users may log in, ``admin`` is the super user
+    with LocalBroker(users={"admin": "...", "worker": "...", "client": "..."}) as broker:
+        broker.client_config("worker")   # confluent-kafka options to log in as worker
+
 For people, ``run_foreground()`` (the future ``ledger kafka up``) keeps a
 broker running on a persistent data dir until Ctrl-C::
 
@@ -31,6 +35,7 @@ import fcntl
 import importlib.resources
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -40,7 +45,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -55,6 +60,7 @@ __all__ = [
     "cache_dir",
     "ensure_jars",
     "run_foreground",
+    "users_from_env",
 ]
 
 KAFKA_VERSION = "4.1.1"
@@ -70,6 +76,8 @@ _LOG_TAIL_LINES = 40
 _HOST = "127.0.0.1"
 _PORT_ATTEMPTS = 3
 _HEAP = "-Xmx512m"
+_USER_NAME = re.compile(r"[A-Za-z0-9_-]+")
+_PASSWORD = re.compile(r"[A-Za-z0-9._~+-]+")
 
 
 class BrokerError(RuntimeError):
@@ -226,6 +234,9 @@ def _read_properties(path: Path) -> dict[str, str]:
 
 def _write_properties(path: Path, props: dict[str, str]) -> None:
     body = "".join(f"{key}={value}\n" for key, value in props.items())
+    # Owner-only before anything is written: a secured broker's file holds a password.
+    path.touch(mode=0o600)
+    path.chmod(0o600)
     path.write_text("# Written by streams.kafka_local; rewritten on every start.\n" + body)
 
 
@@ -305,6 +316,14 @@ class LocalBroker:
     exit; a given one is kept. ``port`` is the client (PLAINTEXT) port; free
     ones are picked when it is None, and once chosen the ports stay fixed for
     ``restart()``. ``extra_properties`` override or add server properties.
+
+    ``users`` (name -> password, ``admin`` among them) makes a secured broker:
+    one SASL_PLAINTEXT listener with SCRAM-SHA-512, the users created when the
+    storage is formatted (a data dir keeps its first users), ``admin`` the only
+    super user, and the StandardAuthorizer denying whatever no ACL allows
+    (``streams.acl`` grants the ledger's). The broker's own links log in as
+    ``admin`` (SCRAM between brokers, PLAIN to the controller). Passwords may
+    use letters, digits and ``._~+-`` only.
     """
 
     def __init__(
@@ -312,7 +331,16 @@ class LocalBroker:
         data_dir: Path | None = None,
         port: int | None = None,
         extra_properties: dict[str, str] | None = None,
+        users: Mapping[str, str] | None = None,
     ) -> None:
+        if users is not None:
+            if "admin" not in users:
+                raise BrokerError("a secured broker needs an `admin` user")
+            for name, password in users.items():
+                if not (_USER_NAME.fullmatch(name) and _PASSWORD.fullmatch(password)):
+                    raise BrokerError(f"user {name!r}: name or password has characters the "
+                                      "broker configuration cannot quote")
+        self._users = dict(users) if users is not None else None
         self._owns_data_dir = data_dir is None
         if data_dir is None:
             data_dir = Path(tempfile.mkdtemp(prefix="ledger-kafka-"))
@@ -350,6 +378,23 @@ class LocalBroker:
     @property
     def bootstrap_servers(self) -> str:
         return f"{_HOST}:{self.port}"
+
+    @property
+    def secured(self) -> bool:
+        return self._users is not None
+
+    @property
+    def security_protocol(self) -> str:
+        return "SASL_PLAINTEXT" if self.secured else "PLAINTEXT"
+
+    def client_config(self, user: str = "admin") -> dict[str, str]:
+        """confluent-kafka connection options, logged in as ``user`` when secured."""
+        conf = {"bootstrap.servers": self.bootstrap_servers,
+                "security.protocol": self.security_protocol}
+        if self._users is not None:
+            conf |= {"sasl.mechanism": "SCRAM-SHA-512", "sasl.username": user,
+                     "sasl.password": self._users[user]}
+        return conf
 
     @property
     def pid(self) -> int | None:
@@ -483,8 +528,9 @@ class LocalBroker:
             name, _, address = listener.partition("://")
             with contextlib.suppress(ValueError):
                 ports[name.strip()] = int(address.rpartition(":")[2])
-        if "PLAINTEXT" in ports and "CONTROLLER" in ports:
-            return ports["PLAINTEXT"], ports["CONTROLLER"]
+        client = ports.get("PLAINTEXT", ports.get("SASL_PLAINTEXT"))
+        if client is not None and "CONTROLLER" in ports:
+            return client, ports["CONTROLLER"]
         return None
 
     def _write_config(self) -> Path:
@@ -515,11 +561,41 @@ class LocalBroker:
             "broker.heartbeat.interval.ms": "1000",
             "broker.session.timeout.ms": "4000",
         }
+        if self._users is not None:
+            props |= self._security_properties()
         props.update(self._extra_properties)
         config = self._data_dir / "server.properties"
         _write_properties(config, props)
         (self._data_dir / "log4j2.properties").write_text(_LOG4J2_TEMPLATE.format(log_dir=log_dir))
         return config
+
+    def _security_properties(self) -> dict[str, str]:
+        assert self._users is not None
+        port, controller = self.port, self.controller_port
+        admin = self._users["admin"]
+        scram = "org.apache.kafka.common.security.scram.ScramLoginModule"
+        plain = "org.apache.kafka.common.security.plain.PlainLoginModule"
+        return {
+            "listeners": f"SASL_PLAINTEXT://{_HOST}:{port},CONTROLLER://{_HOST}:{controller}",
+            "advertised.listeners": f"SASL_PLAINTEXT://{_HOST}:{port}",
+            "inter.broker.listener.name": "SASL_PLAINTEXT",
+            "listener.security.protocol.map":
+                "CONTROLLER:SASL_PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT",
+            # Clients and broker-to-broker: SCRAM, users kept in the metadata log.
+            "sasl.mechanism.inter.broker.protocol": "SCRAM-SHA-512",
+            "listener.name.sasl_plaintext.sasl.enabled.mechanisms": "SCRAM-SHA-512",
+            "listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config":
+                f'{scram} required username="admin" password="{admin}";',
+            # Broker to controller: PLAIN with a static user, since SCRAM users only
+            # exist once the metadata log (served by the controller) is read.
+            "sasl.mechanism.controller.protocol": "PLAIN",
+            "listener.name.controller.sasl.enabled.mechanisms": "PLAIN",
+            "listener.name.controller.plain.sasl.jaas.config":
+                f'{plain} required username="admin" password="{admin}" user_admin="{admin}";',
+            "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "super.users": "User:admin",
+            "allow.everyone.if.no.acl.found": "false",
+        }
 
     def _java(self, java: str, lib: Path, *args: str, heap: str | None = None) -> list[str]:
         return [
@@ -540,6 +616,8 @@ class LocalBroker:
             java, lib, "kafka.tools.StorageTool", "format",
             # "=" form: a base64 id may start with "-" and read as an option
             f"--cluster-id={_random_cluster_id()}", "-c", str(config), "--standalone",
+            *(f"--add-scram=SCRAM-SHA-512=[name={name},password={password}]"
+              for name, password in (self._users or {}).items()),
         )  # fmt: skip
         log.info("formatting Kafka storage in %s", ", ".join(log_dirs))
         try:
@@ -585,7 +663,7 @@ class LocalBroker:
     def _wait_until_ready(self, deadline: float) -> None:
         admin = AdminClient(
             {
-                "bootstrap.servers": self.bootstrap_servers,
+                **self.client_config(),
                 # librdkafka reports every refused connection while the JVM boots.
                 "log_level": 2,
                 "socket.connection.setup.timeout.ms": 1000,
@@ -636,12 +714,25 @@ class LocalBroker:
 # --------------------------------------------------------------------- foreground
 
 
-def default_data_dir() -> Path:
-    """Data dir of ``run_foreground``: ``$LEDGER_KAFKA_DATA`` or ``~/.local/share/ledger/kafka``."""
+def default_data_dir(secured: bool = False) -> Path:
+    """Data dir of ``run_foreground``: ``$LEDGER_KAFKA_DATA`` or ``~/.local/share/ledger/kafka``
+    (``kafka-secure`` for a secured broker)."""
     override = os.environ.get("LEDGER_KAFKA_DATA")
     if override:
         return Path(override).expanduser()
-    return Path.home() / ".local" / "share" / "ledger" / "kafka"
+    return Path.home() / ".local" / "share" / "ledger" / ("kafka-secure" if secured else "kafka")
+
+
+SECURE_USERS = ("admin", "worker", "client")
+
+
+def users_from_env() -> dict[str, str]:
+    """Passwords of a secured broker's users, from ``LEDGER_KAFKA_<USER>_PASSWORD``."""
+    names = {user: f"LEDGER_KAFKA_{user.upper()}_PASSWORD" for user in SECURE_USERS}
+    missing = [var for var in names.values() if not os.environ.get(var)]
+    if missing:
+        raise BrokerError(f"a secured broker needs {', '.join(missing)} set")
+    return {user: os.environ[var] for user, var in names.items()}
 
 
 def broker_for_job(stack: ExitStack, data_dir: Path, say: Callable[[str], None]) -> str:
@@ -654,11 +745,13 @@ def broker_for_job(stack: ExitStack, data_dir: Path, say: Callable[[str], None])
     return stack.enter_context(LocalBroker(data_dir=data_dir)).bootstrap_servers
 
 
-def run_foreground(port: int | None) -> None:
+def run_foreground(port: int | None, users: Mapping[str, str] | None = None) -> None:
     """Run a broker on the persistent data dir until Ctrl-C or SIGTERM, then stop it cleanly.
 
     Prints ``LEDGER_BOOTSTRAP_SERVERS=127.0.0.1:<port>`` once the broker is
     ready. With ``port=None`` the ports of the previous run are reused if free.
+    With ``users`` the broker is secured (see ``LocalBroker``); its data dir
+    keeps the users it was first started with.
     """
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -671,7 +764,7 @@ def run_foreground(port: int | None) -> None:
     # While starting, either signal interrupts the wait (KeyboardInterrupt);
     # once up, they only ask the loop below to stop.
     previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in signals}
-    broker = LocalBroker(data_dir=default_data_dir(), port=port)
+    broker = LocalBroker(data_dir=default_data_dir(users is not None), port=port, users=users)
     try:
         try:
             broker.start()
@@ -681,6 +774,8 @@ def run_foreground(port: int | None) -> None:
         for sig in signals:
             signal.signal(sig, request_stop)
         print(f"LEDGER_BOOTSTRAP_SERVERS={broker.bootstrap_servers}", flush=True)
+        if broker.secured:
+            print(f"LEDGER_SECURITY_PROTOCOL={broker.security_protocol}", flush=True)
         while not stop_requested.wait(timeout=1.0):
             if not broker.is_running():
                 raise BrokerError(

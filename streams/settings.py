@@ -8,20 +8,24 @@ printed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_LEG_SECRET = "dev-only-leg-secret-change-me"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LEDGER_", frozen=True, extra="ignore")
+    # hide_input_in_errors: a validation error must not echo the password it was given.
+    model_config = SettingsConfigDict(env_prefix="LEDGER_", frozen=True, extra="ignore",
+                                      hide_input_in_errors=True)
 
     bootstrap_servers: str = "127.0.0.1:9092"
-    security_protocol: str = "PLAINTEXT"
-    sasl_mechanism: str = "SCRAM-SHA-512"
+    # PLAINTEXT, or SASL_PLAINTEXT with a user (every client of a process logs in
+    # as the same one: the worker's Faust consumers and confluent-kafka clients alike).
+    security_protocol: Literal["PLAINTEXT", "SASL_PLAINTEXT"] = "PLAINTEXT"
+    sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] = "SCRAM-SHA-512"
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
 
@@ -59,6 +63,14 @@ class Settings(BaseSettings):
     # How long a flush to the broker may take before the worker gives up and exits.
     flush_timeout_s: float = Field(default=60.0, gt=0)
 
+    @model_validator(mode="after")
+    def _sasl_needs_a_user(self) -> Settings:
+        if self.security_protocol == "SASL_PLAINTEXT" and not (
+                self.sasl_username and self.sasl_password):
+            raise ValueError("security_protocol SASL_PLAINTEXT needs LEDGER_SASL_USERNAME "
+                             "and LEDGER_SASL_PASSWORD")
+        return self
+
     @property
     def changelog_topic(self) -> str:
         """Faust's name for the accounts table changelog."""
@@ -78,12 +90,21 @@ class Settings(BaseSettings):
             "bootstrap.servers": self.bootstrap_servers,
             "security.protocol": self.security_protocol,
         }
-        if self.sasl_username:
+        if self.security_protocol == "SASL_PLAINTEXT" and self.sasl_password is not None:
             conf["sasl.mechanism"] = self.sasl_mechanism
             conf["sasl.username"] = self.sasl_username
-            secret = self.sasl_password
-            conf["sasl.password"] = secret.get_secret_value() if secret else ""
+            conf["sasl.password"] = self.sasl_password.get_secret_value()
         return conf
+
+    def faust_credentials(self) -> Any:
+        """``broker_credentials`` for ``faust.App`` (aiokafka): the same login, or None."""
+        if self.security_protocol != "SASL_PLAINTEXT" or self.sasl_password is None:
+            return None
+        import faust  # here: importing faust is slow and sets up its event loop
+
+        return faust.SASLCredentials(username=self.sasl_username,
+                                     password=self.sasl_password.get_secret_value(),
+                                     mechanism=self.sasl_mechanism)
 
     def producer_config(self, **overrides: Any) -> dict[str, Any]:
         return {

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
+from streams.acl import LoginWatch
 from streams.settings import Settings
 
 log = logging.getLogger("ledger.topics")
@@ -42,7 +43,9 @@ def specs(s: Settings) -> list[TopicSpec]:
 
 def wait_for_broker(s: Settings, timeout_s: float, max_delay_s: float = 10.0) -> None:
     """Block until the cluster answers, retrying with backoff and saying so each time."""
+    login = LoginWatch(s)  # a refused login is final: fail at once instead of retrying
     admin = AdminClient({**s.kafka_config(), "log.connection.close": False,
+                         "error_cb": login,  # type: ignore[dict-item]
                          "logger": logging.getLogger("ledger.librdkafka")})  # type: ignore[dict-item]
     deadline = time.monotonic() + timeout_s
     delay, attempt = 0.5, 0
@@ -55,6 +58,8 @@ def wait_for_broker(s: Settings, timeout_s: float, max_delay_s: float = 10.0) ->
                                                     "attempts": attempt})
             return
         except KafkaException as exc:
+            admin.poll(0.2)
+            login.raise_if_refused()
             left = deadline - time.monotonic()
             if left <= 0:
                 raise RuntimeError(f"no Kafka broker answered at {s.bootstrap_servers} "

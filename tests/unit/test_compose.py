@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -43,3 +44,45 @@ def test_dockerfile_runs_the_worker_and_readme_shows_compose():
     for package in ("schemas", "streams", "producers"):
         assert f"COPY {package} " in dockerfile
     assert "docker compose up" in (ROOT / "README.md").read_text()
+
+
+def test_secure_compose_makes_users_and_acls_and_logs_each_service_in():
+    doc = yaml.safe_load((ROOT / "docker-compose.secure.yml").read_text())
+    services = doc["services"]
+    assert set(services) == {"kafka", "setup", "worker"}
+    raw = (ROOT / "docker-compose.secure.yml").read_text()
+    # every password comes from the environment, none is written in the file
+    values = re.findall(r'(?:password|user_admin)="?([^"\],;]*)', raw)
+    assert len(values) >= 7 and all(v.startswith("$$") for v in values), values
+
+    kafka = services["kafka"]
+    assert kafka["image"] == yaml.safe_load((ROOT / "docker-compose.yml").read_text())[
+        "services"]["kafka"]["image"]
+    script = kafka["command"][0]
+    props = dict(line.split("=", 1) for line in script.splitlines()
+                 if "=" in line and line[:1].islower() and "." in line.split("=", 1)[0])
+    assert props["authorizer.class.name"].endswith("StandardAuthorizer")
+    assert props["allow.everyone.if.no.acl.found"] == "false"
+    assert props["super.users"] == "User:admin"
+    # no listener without SASL: every client must log in
+    assert set(props["listener.security.protocol.map"].split(",")) == {
+        "INTERNAL:SASL_PLAINTEXT", "EXTERNAL:SASL_PLAINTEXT", "CONTROLLER:SASL_PLAINTEXT"}
+    for user in ("admin", "worker", "client"):
+        assert f"--add-scram=\"SCRAM-SHA-512=[name={user},password=$${user.upper()}_PASSWORD]\"" \
+            in script
+        assert kafka["environment"][f"{user.upper()}_PASSWORD"].startswith(
+            f"${{LEDGER_KAFKA_{user.upper()}_PASSWORD:?")
+    assert "--command-config /tmp/admin.properties" in kafka["healthcheck"]["test"][1]
+
+    setup, worker = services["setup"], services["worker"]
+    assert setup["command"] == ["ledger topics && ledger acl"]
+    assert setup["depends_on"]["kafka"]["condition"] == "service_healthy"
+    assert setup["environment"]["LEDGER_SASL_USERNAME"] == "admin"
+    assert worker["depends_on"]["setup"]["condition"] == "service_completed_successfully"
+    for svc, user in ((setup, "admin"), (worker, "worker")):
+        env = svc["environment"]
+        assert env["LEDGER_BOOTSTRAP_SERVERS"] == "kafka:19092"
+        assert env["LEDGER_SECURITY_PROTOCOL"] == "SASL_PLAINTEXT"
+        assert env["LEDGER_SASL_USERNAME"] == user
+        assert env["LEDGER_SASL_PASSWORD"].startswith(f"${{LEDGER_KAFKA_{user.upper()}_PASSWORD")
+    assert worker["command"] == ["ledger", "worker"]
