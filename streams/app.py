@@ -19,7 +19,10 @@ from collections import defaultdict
 from typing import Any
 
 import faust
-from faust.types import EventT
+from aiokafka import codec as codecs
+from confluent_kafka import TopicPartition
+from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
+from faust.types import TP, EventT
 
 from schemas.models import ExpireHold
 from streams import metrics
@@ -41,10 +44,23 @@ def die(reason: str) -> None:
     os._exit(EXIT_INTERNAL_FAILURE)
 
 
+def crash_reason(app: faust.App) -> str | None:
+    """Which of the worker's internal services crashed, and why (None: none did)."""
+    recovery = getattr(app.tables, "recovery", None)
+    agents = list(app.agents.values())
+    for name, svc in (("fetcher", app._fetcher), ("consumer", app.consumer),
+                      ("table recovery", recovery), *(("agent", a) for a in agents),
+                      ("producer", app.producer)):
+        if getattr(svc, "crashed", False):
+            return f"{name} crashed: {getattr(svc, 'crash_reason', None)!r}"
+    return None
+
+
 def create_app(s: Settings) -> faust.App:
     app = faust.App(
         s.app_id,
         broker=f"kafka://{s.bootstrap_servers}",
+        broker_credentials=s.faust_credentials(),
         store="rocksdb://",
         datadir=str(s.data_dir),
         topic_partitions=s.partitions,
@@ -95,14 +111,30 @@ def create_app(s: Settings) -> faust.App:
                 log.exception("batch failed")
                 die(f"batch failed: {type(exc).__name__}: {exc}")
 
+    deciding: dict[str, asyncio.Future[Any] | None] = {"batch": None}
+
     async def _handle(events: list[EventT[Any]]) -> None:
+        # A batch taken just before a rebalance is decided after it: against the state
+        # recovered for the new assignment, and only for partitions this worker owns.
+        # Records of a partition it lost are left to the new owner, which reads them
+        # again from its own checkpoint.
+        while app.rebalancing and not app.should_stop:
+            await asyncio.sleep(0.05)
+        owned = {tp.partition for tp in app.assignor.assigned_actives()
+                 if tp.topic in (s.commands_topic, s.transfers_topic)}
         inputs: dict[int, PartitionInput] = defaultdict(PartitionInput)
         for ev in events:
             m = ev.message
+            if m.partition not in owned:
+                continue
             part = inputs[m.partition]
             (part.legs if m.topic == s.transfers_topic else part.commands).append(
                 Record(m.key, m.value, m.offset))
-        report = await engine.process(inputs)
+        batch = deciding["batch"] = asyncio.ensure_future(engine.process(inputs))
+        try:
+            report = await batch
+        finally:
+            deciding["batch"] = None
         health["progress_at"] = time.monotonic()
         metrics.record_batch(report, int(time.time() * 1000))
         totals["commands"] += report.stats.commands
@@ -118,13 +150,26 @@ def create_app(s: Settings) -> faust.App:
                                         "commands_per_s": round(rate, 1)})
             totals["logged"] = now
 
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+    async def finish_batch_in_hand(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
+        # Faust does not wait for an agent's batch before it gives partitions away
+        # (stream_wait_empty=False, see DESIGN.md). The rebalance cannot complete
+        # while this receiver runs, so no new owner starts on a partition whose
+        # outputs and state are still being written here.
+        batch = deciding["batch"]
+        if batch is not None and not batch.done():
+            log.info("rebalance: finishing the batch in hand first")
+            try:
+                await asyncio.wait_for(asyncio.shield(batch), timeout=s.flush_timeout_s)
+            except BaseException as exc:
+                die(f"rebalance: the batch in hand did not finish: {exc!r}")
+
     @app.timer(1.0)  # type: ignore[untyped-decorator]
     async def watchdog() -> None:
         # Faust's fetcher or consumer can crash and leave the worker alive but idle.
-        for name, svc in (("fetcher", app._fetcher), ("consumer", app.consumer),
-                          ("agent", ledger)):
-            if getattr(svc, "crashed", False):
-                die(f"{name} crashed: {getattr(svc, 'crash_reason', None)!r}")
+        reason = crash_reason(app)
+        if reason:
+            die(reason)
 
     @app.timer(2.0)  # type: ignore[untyped-decorator]
     async def stall_watchdog() -> None:
@@ -134,29 +179,57 @@ def create_app(s: Settings) -> faust.App:
         tps = [tp for tp in app.assignor.assigned_actives()
                if tp.topic in (s.commands_topic, s.transfers_topic)]
         recovery = app.tables.recovery  # type: ignore[attr-defined]
+        metrics.RECOVERY.set(recovery.active_remaining_total() if recovery.in_recovery else 0)
         if not tps or app.rebalancing or recovery.in_recovery:
             health["progress_at"] = time.monotonic()
             health["lag"], health["stalled_s"] = {}, 0.0
             return
-        highwaters = await app.consumer.highwaters(*tps)
-        lag = {}
-        by_tp = {}
-        for tp in tps:
-            ck = PartitionView(accounts.data._db_for_partition(tp.partition)).checkpoint  # type: ignore[attr-defined]
-            done = ck.commands if tp.topic == s.commands_topic else ck.transfers
-            by_tp[(tp.topic, tp.partition)] = max(0, highwaters.get(tp, 0) - done - 1)
-            if by_tp[(tp.topic, tp.partition)]:
-                lag[f"{tp.topic}[{tp.partition}]"] = by_tp[(tp.topic, tp.partition)]
+        # The broker's end offsets, not the consumer's: a fetch that keeps failing
+        # (say, on records it cannot decompress) leaves the consumer's view stale.
+        highwaters = await asyncio.get_running_loop().run_in_executor(None, end_offsets, tps)
+        checkpoints = {p: PartitionView(accounts.data._db_for_partition(p)).checkpoint  # type: ignore[attr-defined]
+                       for p in {tp.partition for tp in tps}}
+        done = {tp: (checkpoints[tp.partition].commands if tp.topic == s.commands_topic
+                     else checkpoints[tp.partition].transfers) for tp in tps}
+        by_tp = {(tp.topic, tp.partition): max(0, highwaters.get(tp, 0) - done[tp] - 1)
+                 for tp in tps}
+        lag = {f"{t}[{p}]": n for (t, p), n in by_tp.items() if n}
         health["lag"] = lag
         metrics.record_lag(by_tp)
         if not lag:
             health["progress_at"] = time.monotonic()
         health["stalled_s"] = time.monotonic() - health["progress_at"]
         metrics.STALLED.set(health["stalled_s"])
+        if health["stalled_s"] > s.stall_timeout_s and not health.get("sought"):
+            # Our checkpoint, not the group's committed offset, says where a partition
+            # stands: Faust can commit past records it skipped, and after a restart
+            # nothing would deliver them until new input arrived. Fetch from ours.
+            health["sought"] = True
+            for tp in tps:
+                if by_tp[(tp.topic, tp.partition)]:
+                    log.warning("stalled: fetching from the checkpoint",
+                                extra={"topic": tp.topic, "partition": tp.partition,
+                                       "offset": done[tp] + 1})
+                    await app.consumer.seek(tp, done[tp] + 1)
+        if not lag:
+            health["sought"] = False
         if health["stalled_s"] > 2 * s.stall_timeout_s:
+            missing = [name for name, ok in (("snappy", codecs.has_snappy()),
+                                             ("lz4", codecs.has_lz4()),
+                                             ("zstd", codecs.has_zstd())) if not ok]
+            hint = (f"; the consumer cannot decompress {', '.join(missing)} records "
+                    "(is cramjam installed?)" if missing else "")
             die(f"stalled: no batch for {health['stalled_s']:.0f}s with input waiting "
                 f"({sum(lag.values())} records on {len(lag)} partitions); hot path: "
-                f"{engine.phase}")
+                f"{engine.phase}{hint}")
+
+    admin = AdminClient(s.kafka_config())
+
+    def end_offsets(tps: list[TP]) -> dict[TP, int]:
+        latest = OffsetSpec.latest()  # type: ignore[no-untyped-call]
+        futures = admin.list_offsets({TopicPartition(tp.topic, tp.partition): latest
+                                      for tp in tps}, request_timeout=10)
+        return {TP(k.topic, k.partition): f.result().offset for k, f in futures.items()}
 
     expiry_sent: dict[bytes, float] = {}
 
@@ -165,6 +238,8 @@ def create_app(s: Settings) -> faust.App:
         # A hold's expiry acts through the log, as an ExpireHold command keyed by its
         # account, so a replay meets it in the same order; its content is fixed by
         # the hold (issued_at = expires_at), so a re-send is an idempotent retry.
+        if app.rebalancing:
+            return
         now = time.time()
         for tp in app.assignor.assigned_actives():
             if tp.topic == s.commands_topic:

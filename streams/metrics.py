@@ -30,8 +30,15 @@ LAG = Gauge("ledger_consumer_lag", "Input records waiting, per partition",
             ["topic", "partition"], registry=REGISTRY)
 STALLED = Gauge("ledger_stalled_seconds", "Seconds without a batch while input waits",
                 registry=REGISTRY)
+RECOVERY = Gauge("ledger_recovery_records_remaining",
+                  "Changelog records left to restore before the worker decides again",
+                  registry=REGISTRY)
 RESUMED = Counter("ledger_unfinished_batches_resumed",
                   "Batches a crashed worker left pending, decided again", registry=REGISTRY)
+
+GAPS = Counter("ledger_input_gaps_filled",
+               "Holes in the records Faust handed over, read from the log directly",
+               registry=REGISTRY)
 
 
 def record_batch(report: BatchReport, now_ms: int) -> None:
@@ -45,6 +52,7 @@ def record_batch(report: BatchReport, now_ms: int) -> None:
     DEAD_LETTERS.inc(st.dead_letters)
     REPLAYS.inc(st.replays)
     RESUMED.inc(report.resolved_pending)
+    GAPS.inc(report.gaps_filled)
     BATCH.observe(st.commands)
     DECIDE.observe(report.decide_ms / 1000)
     FLUSH.observe(report.flush_ms / 1000)

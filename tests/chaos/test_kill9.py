@@ -148,10 +148,6 @@ def check_ledger(s: Settings, commands: list[CommandBase], supervisor: Superviso
     return report
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "open bug, probably the same as the two-worker one: passed in 4 of 5 full runs; in "
-    "the 5th every command had exactly one outcome and verify was green, but 201 "
-    "transfers stayed in flight (credit legs never applied) after the restarts"))
 def test_kill9_worker_five_times_and_restart_broker(ledger_settings, start_worker,
                                                     local_broker):
     rng = random.Random(2024)
@@ -182,12 +178,6 @@ def test_kill9_worker_five_times_and_restart_broker(ledger_settings, start_worke
     check_ledger(s, commands, Supervisor(start_worker, worker))
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "open bug: after the kill, the surviving worker resolves the dead worker's pending "
-    "batches and then advances those partitions' checkpoints past command records "
-    "without their outcomes on the events/rejections topics (seen as 500-1,700 missing "
-    "outcomes on the moved partitions, at offsets just after the pending range); it "
-    "passes alone most of the time and fails in most full-suite runs"))
 def test_two_workers_one_killed_the_other_takes_over(ledger_settings, start_worker):
     rng = random.Random(7)
     s = ledger_settings.model_copy(update={"session_timeout_s": 6.0})

@@ -15,9 +15,6 @@ from streams.verify import verify
 pytestmark = pytest.mark.kafka
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "flaky, cause not found: passed in 4 of 5 full runs; once the rebuild found 88 "
-    "distinct outcome records where 85 were expected"))
 def test_rebuild_from_events_after_losing_changelog_and_disk(ledger_settings, start_worker,
                                                              client):
     s = ledger_settings
