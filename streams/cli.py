@@ -1,10 +1,14 @@
 """``ledger``: the command line of the ledger.
 
     ledger kafka up                 a local Apache Kafka broker (no Docker), foreground
+    ledger kafka up --secure        the same with SASL/SCRAM users and ACLs
+    ledger acl                      grant the worker and client users their ACLs
     ledger topics                   create the ledger's topics
     ledger worker                   run a Faust worker (the ledger agent + HTTP)
     ledger submit deposit ACCT "12.34 USD"   submit a command and print its outcome
     ledger balance ACCT             an account's balance, from a worker
+    ledger history ACCT             an account's events, paged, from a worker
+    ledger status                   workers, partition owners, lag and rates
     ledger demo                     broker + worker + a scripted scenario, end to end
 
 Connection settings come from ``LEDGER_*`` variables (see ``streams.settings``);
@@ -38,9 +42,28 @@ def _print(args: argparse.Namespace, doc: Any, human: str) -> None:
 
 
 def cmd_kafka(args: argparse.Namespace) -> int:
-    from streams.kafka_local import run_foreground
+    from streams.kafka_local import BrokerError, run_foreground, users_from_env
 
-    run_foreground(args.port)
+    try:
+        users = users_from_env() if args.secure else None
+    except BrokerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    run_foreground(args.port, users)
+    return 0
+
+
+def cmd_acl(args: argparse.Namespace) -> int:
+    from streams.acl import apply_acls, ledger_acls
+    from streams.acl import rows as acl_rows
+
+    s = Settings()
+    acls = ledger_acls(s, args.worker_user, args.client_user, args.client_group_prefix)
+    created = apply_acls(s, acls)
+    rows = acl_rows(acls)
+    _print(args, {"acls": rows, "created": created},
+           "\n".join(f"{r['principal']} {r['operation']} {r['resource']} {r['pattern']} "
+                     f"{r['name']}" for r in rows) + f"\n({created} new)")
     return 0
 
 
@@ -76,11 +99,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return 69  # EX_UNAVAILABLE
     import faust
 
-    from streams.app import create_app
+    from streams.app import EXIT_INTERNAL_FAILURE, crash_reason, create_app
 
     app = create_app(s)
     worker = faust.Worker(app, loglevel=args.loglevel, override_logging=False)
-    worker.execute_from_commandline()
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        if not exc.code:
+            raise
+        # Faust stopped itself after a crash: make the cause the last line.
+        reason = crash_reason(app) or f"{worker.crash_reason!r}"
+        logging.getLogger("ledger.worker").critical("worker exiting: %s", reason)
+        return EXIT_INTERNAL_FAILURE
     return 0
 
 
@@ -182,6 +213,49 @@ def cmd_balance(args: argparse.Namespace) -> int:
         return 1
     _print(args, doc, f"{doc['account_id']}: balance {doc['balance']}, available "
                       f"{doc['available']}, version {doc['version']}, {doc['status']}")
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    base = f"{args.url.rstrip('/')}/accounts/{urllib.parse.quote(args.account, safe='')}/events"
+    events: list[dict[str, Any]] = []
+    version: int | None = args.from_version
+    while version is not None and (args.limit is None or len(events) < args.limit):
+        page_size = min(1000, args.limit - len(events)) if args.limit else 1000
+        url = f"{base}?from_version={version}&limit={page_size}"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                page = json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            doc = json.loads(exc.read()) | {"status": exc.code}
+            _print(args, doc, f"{args.account}: {doc.get('error')} ({doc.get('detail')})")
+            return 1
+        except OSError as exc:
+            print(f"error: no answer from {args.url}: {exc}", file=sys.stderr)
+            return 2
+        events += page["events"]
+        version = page["next_from_version"]
+    lines = [f"v{e['version']:<5} {_iso(e['occurred_at'])}  {e['type']:<16} "
+             + (f"{format_amount(e['amount_minor'], e['currency']):>16}"
+                if "amount_minor" in e else " " * 16)
+             + f"  balance {format_amount(e['balance_after_minor'], e['currency'])}, available "
+             f"{format_amount(e['available_after_minor'], e['currency'])}  "
+             f"[{e['command_id']} by {e['actor']}]" for e in events]
+    _print(args, {"account_id": args.account, "events": events},
+           "\n".join(lines) or f"{args.account}: no events from version {args.from_version}")
+    return 0
+
+
+def _iso(epoch_ms: int) -> str:
+    when = datetime.datetime.fromtimestamp(epoch_ms / 1000, datetime.UTC)
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from streams.status import render, status
+
+    doc = status(Settings(), sample_s=args.sample)
+    _print(args, doc, render(doc))
     return 0
 
 
@@ -327,9 +401,19 @@ def main(argv: list[str] | None = None) -> int:
     k = sub.add_parser("kafka", help="a local Kafka broker")
     k.add_argument("action", choices=["up"])
     k.add_argument("--port", type=int, default=9092)
+    k.add_argument("--secure", action="store_true",
+                   help="SASL/SCRAM and ACLs; passwords from LEDGER_KAFKA_{ADMIN,WORKER,"
+                        "CLIENT}_PASSWORD")
     k.set_defaults(fn=cmd_kafka)
 
     sub.add_parser("topics", help="create the ledger's topics").set_defaults(fn=cmd_topics)
+
+    ac = sub.add_parser("acl", help="grant the worker and client users their ACLs (as admin)")
+    ac.add_argument("--worker-user", default="worker")
+    ac.add_argument("--client-user", default="client")
+    ac.add_argument("--client-group-prefix", default="ledger-client",
+                    help="consumer groups the client user may use")
+    ac.set_defaults(fn=cmd_acl)
 
     w = sub.add_parser("worker", help="run a ledger worker")
     w.add_argument("--data-dir")
@@ -377,6 +461,19 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--url", default=os.environ.get("LEDGER_URL", "http://127.0.0.1:6066"))
     b.set_defaults(fn=cmd_balance)
 
+    hi = sub.add_parser("history", help="an account's events, oldest first, read through a "
+                                        "worker's HTTP API (GET /accounts/ID/events)")
+    hi.add_argument("account")
+    hi.add_argument("--from-version", type=int, default=1)
+    hi.add_argument("--limit", type=int, help="at most this many events (default: all)")
+    hi.add_argument("--url", default=os.environ.get("LEDGER_URL", "http://127.0.0.1:6066"),
+                    help="any worker: it forwards to the account's owner")
+    hi.set_defaults(fn=cmd_history)
+
+    st = sub.add_parser("status", help="workers, partition owners, lag and rates at a glance")
+    st.add_argument("--sample", type=float, default=2.0, help="seconds to measure rates over")
+    st.set_defaults(fn=cmd_status)
+
     sub.add_parser("demo", help="run the whole pipeline on a scripted scenario").set_defaults(
         fn=cmd_demo)
 
@@ -417,7 +514,15 @@ def main(argv: list[str] | None = None) -> int:
     bn.set_defaults(fn=cmd_bench)
 
     args = parser.parse_args(argv)
-    return int(args.fn(args))
+    from streams.acl import EXIT_AUTHENTICATION, AuthenticationFailed, check_login
+
+    try:
+        if args.cmd not in ("kafka", "worker", "balance", "demo", "bench"):
+            check_login(Settings())  # a wrong password: a clear error now, not a timeout later
+        return int(args.fn(args))
+    except AuthenticationFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_AUTHENTICATION
 
 
 if __name__ == "__main__":

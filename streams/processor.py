@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ from schemas.models import (
 from streams.domain import Outcome, Reason, decide, decide_leg, reject
 
 EVENTS, REJECTIONS, TRANSFERS, DLQ = "events", "rejections", "transfers", "dlq"
+
+log = logging.getLogger("ledger.processor")
 
 
 @lru_cache(maxsize=1 << 16)
@@ -161,6 +164,9 @@ class BatchProcessor:
     def dead_letter(self, key: bytes | None, value: bytes | None, topic: str, offset: int,
                     error: str, code: str) -> None:
         self.stats.dead_letters += 1
+        log.warning("dead letter", extra={"source_topic": topic, "source_partition": self.partition,
+                                          "source_offset": offset, "error_code": code,
+                                          "error": error[:200]})
         self.outputs.append(Output(DLQ, key, value or b"", [
             ("source_topic", topic.encode()), ("source_partition", str(self.partition).encode()),
             ("source_offset", str(offset).encode()), ("error_code", code.encode()),
@@ -269,6 +275,12 @@ class BatchProcessor:
 
     def _apply(self, account_id: str, okey: bytes, digest: bytes, outcome: Outcome) -> None:
         records: list[bytes]
+        if outcome.events and log.isEnabledFor(logging.DEBUG):  # per command: never INFO
+            e = outcome.events[0]
+            log.debug("accepted", extra={"command_id": e.command_id, "account_id": account_id,
+                                         "correlation_id": e.correlation_id,
+                                         "events": len(outcome.events),
+                                         "legs": len(outcome.legs)})
         if outcome.rejection is not None:
             records = [self._emit_rejection(outcome.rejection)]
         else:
@@ -299,6 +311,11 @@ class BatchProcessor:
     def _emit_rejection(self, rejection: Rejection) -> bytes:
         self.stats.rejections += 1
         self.stats.reasons[rejection.reason] = self.stats.reasons.get(rejection.reason, 0) + 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("rejected", extra={"command_id": rejection.command_id,
+                                         "account_id": rejection.account_id,
+                                         "correlation_id": rejection.correlation_id,
+                                         "reason": rejection.reason})
         value = encode(rejection)
         self.outputs.append(Output(REJECTIONS, rejection.account_id.encode(), value))
         return value

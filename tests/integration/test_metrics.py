@@ -52,6 +52,8 @@ def test_metrics_count_what_was_submitted_and_lag_drains(ledger_settings, start_
     assert total(samples, "ledger_rejections_total", reason="insufficient_funds") == 20
     assert total(samples, "ledger_events_total") == 180
     assert total(samples, "ledger_dead_letters_total") == 0
+    assert ("ledger_recovery_records_remaining", ()) in samples
+    assert total(samples, "ledger_recovery_records_remaining") == 0
     assert total(samples, "ledger_command_latency_seconds_count") == 200
     assert total(samples, "ledger_batch_commands_sum") == 200
     assert len(lag) == 2 * ledger_settings.partitions  # commands and transfers, all at 0

@@ -555,3 +555,25 @@ def test_rejection_model_matches_what_the_processor_writes(part):
     rejection = Rejection.from_avro(rejections_of(bp)[0])
 
     assert encode(rejection) == bp.outputs[0].value
+
+
+def test_every_log_line_about_a_command_carries_its_correlation_id(part, caplog):
+    part.batch([encode_batch([open_account(A)])])
+    ok = deposit(10, A).model_copy(update={"correlation_id": "corr-ok"})
+    refused = withdraw(10_000, A).model_copy(update={"correlation_id": "corr-refused"})
+
+    with caplog.at_level("DEBUG", logger="ledger.processor"):
+        part.batch([encode_batch([ok, refused])])
+
+    lines = {r.msg: r for r in caplog.records}
+    assert lines["accepted"].correlation_id == "corr-ok"
+    assert lines["accepted"].command_id == ok.command_id
+    assert lines["rejected"].correlation_id == "corr-refused"
+    assert lines["rejected"].reason == "insufficient_funds"
+
+
+def test_nothing_per_command_is_logged_at_info(part, caplog):
+    with caplog.at_level("INFO", logger="ledger.processor"):
+        part.batch([encode_batch([open_account(A), deposit(10, A), withdraw(10_000, A)])])
+
+    assert caplog.records == []
