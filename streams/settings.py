@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     web_host: str = "127.0.0.1"
     web_port: int = 6066
     leg_secret: SecretStr = SecretStr(DEV_LEG_SECRET)
+    # When set, ``POST /commands`` answers 401 unless the request carries
+    # ``Authorization: Bearer <token>``; reads stay open.
+    api_token: SecretStr | None = None
     # When set, records are written in the Confluent wire format with schemas registered
     # here (RecordNameStrategy); both framings are always read.
     schema_registry_url: str | None = None

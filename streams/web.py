@@ -1,19 +1,135 @@
-"""HTTP on the worker's web server: account state and health."""
+"""HTTP on the worker's web server: accounts, their events, commands, health, metrics.
+
+The API is described in ``streams/openapi.yaml`` (served at ``GET /openapi.yaml``).
+Any worker answers for any account: a read of an account whose partition another
+worker owns is forwarded to that worker's web server (its URL comes from Faust's
+partition assignor, by partition number) and its answer relayed as it is. Every
+error is JSON, ``{"error": <code>, "detail": <text>, ...}``, with a status that
+says what happened: 400 unreadable body, 404 no such account (or path), 409 the
+command conflicts with the ledger's state, 422 invalid input or a command the
+rules refuse, 503 not ready (partition moving, history catching up).
+
+The same server hands out a web page for people (``GET /``, its files under
+``/static/``, from ``streams/static``) and a server-sent events stream of an
+account's new events (``GET /accounts/{id}/stream``) that the page follows.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import datetime
+import hmac
+import http
+import json
+import logging
+import re
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, NoReturn
 
+import aiohttp
 import faust
+from aiohttp import web as aioweb
+from confluent_kafka import KafkaException
 from faust.web import Request, Response, View
+from faust.web.exceptions import WebError
+from pydantic import ValidationError
+from yarl import URL
 
+from producers.client import CommandRefused, DeliveryError, LedgerClient
 from schemas.codec import CODEC
-from schemas.models import AccountState
+from schemas.models import COMMAND_TYPES, AccountState, CommandBase, ExpireHold, LedgerEvent
 from schemas.money import format_amount
 from streams import metrics
+from streams.history import History
 from streams.processor import account_key, partition_for
 from streams.settings import Settings
 from streams.state import PartitionView
+
+log = logging.getLogger("ledger.web")
+
+OPENAPI_PATH = Path(__file__).with_name("openapi.yaml")
+STATIC_DIR = Path(__file__).with_name("static")
+STATIC_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
+_STATIC_NAME = re.compile(r"^[a-z0-9_-]{1,64}\.[a-z]{1,8}$")
+PAGE_HEADERS = {
+    "Cache-Control": "no-cache",
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'self'; object-src 'none'; base-uri 'none'; "
+                               "frame-ancestors 'none'; form-action 'self'",
+}
+# GET /accounts/{id}/stream: the history index polled for versions above the last sent.
+STREAM_POLL_S = 0.25
+STREAM_HEARTBEAT_S = 10.0  # a comment line when idle: a client that left is noticed
+STREAM_MAX_S = 300.0  # then the stream ends; EventSource reconnects with Last-Event-ID
+STREAM_BATCH = 100  # events read from the index (and sent) per poll
+MAX_STREAMS = 64  # open streams per worker; more are refused with 503
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+               "X-Accel-Buffering": "no", "X-Content-Type-Options": "nosniff"}
+ROUTED_HEADER = "X-Ledger-Routed"  # set on a forwarded request: it is never forwarded again
+FORWARD_TIMEOUT_S = 10.0
+WAIT_OUTCOME_S = 10.0  # POST /commands?wait=true answers 202 "pending" after this
+MAX_PAGE = 1000
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Commands a client may send (expiring a hold is the worker's own business).
+PUBLIC_COMMANDS = {n: c for n, c in COMMAND_TYPES.items() if c is not ExpireHold}
+# Rejections that say "the ledger's state differs from what you assumed": 409.
+CONFLICT_REASONS = frozenset({"version_conflict", "idempotency_key_reused",
+                              "account_already_exists", "hold_already_exists"})
+_ID = re.compile(r"^[^\x00-\x1f\x7f]{1,200}$")
+_DIGITS = re.compile(r"^[0-9]{1,19}$")
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+
+
+class ApiError(Exception):
+    """An answer other than success: ``status`` and a JSON body with ``error`` and ``detail``."""
+
+    def __init__(self, status: int, error: str, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.doc = {"error": error, "detail": detail, **extra}
+
+
+def _error_code(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    except ValueError:
+        return "error"
+
+
+@aioweb.middleware
+async def json_errors(request: aioweb.Request,
+                      handler: Callable[[aioweb.Request], Awaitable[aioweb.StreamResponse]]
+                      ) -> aioweb.StreamResponse:
+    """ApiError, aiohttp's own errors (unknown path, body too large) and bugs, as JSON."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        return aioweb.json_response(exc.doc, status=exc.status, headers=headers)
+    except aioweb.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return aioweb.json_response({"error": _error_code(exc.status), "detail": exc.reason},
+                                    status=exc.status)
+    except Exception:
+        log.exception("request failed", extra={"method": request.method,
+                                                "path": request.path})
+        return aioweb.json_response({"error": "internal_error",
+                                     "detail": "the worker failed to answer; see its log"},
+                                    status=500)
+
+
+class JsonView(View):
+    """A view whose framework errors (such as 405) have the API's error shape."""
+
+    async def on_request_error(self, request: Request, exc: WebError) -> Response:
+        return self.json({"error": _error_code(exc.code), "detail": str(exc.detail)},
+                         status=exc.code)
+
+
+# ---------------------------------------------------------------- documents
 
 
 def account_json(state: AccountState) -> dict[str, Any]:
@@ -33,40 +149,466 @@ def account_json(state: AccountState) -> dict[str, Any]:
     }
 
 
+def event_json(e: LedgerEvent) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "version": e.version, "type": e.type, "account_id": e.account_id,
+        "currency": e.currency, "balance_after_minor": e.balance_after_minor,
+        "available_after_minor": e.available_after_minor, "occurred_at": e.occurred_at,
+        "actor": e.actor, "command_id": e.command_id, "causation_id": e.causation_id,
+        "correlation_id": e.correlation_id, "event_id": e.event_id,
+        "payload": e.payload.model_dump(),
+    }
+    amount = getattr(e.payload, "amount_minor", None)
+    if amount is not None:
+        doc["amount_minor"] = amount
+    return doc
+
+
+def as_of_json(e: LedgerEvent, at_ms: int) -> dict[str, Any]:
+    """The account right after event ``e``, the last one by ``at_ms``."""
+    return {
+        "account_id": e.account_id, "as_of": at_ms, "currency": e.currency,
+        "status": "closed" if e.type == "AccountClosed" else "open", "version": e.version,
+        "balance_minor": e.balance_after_minor, "available_minor": e.available_after_minor,
+        "balance": format_amount(e.balance_after_minor, e.currency),
+        "available": format_amount(e.available_after_minor, e.currency),
+        "updated_at": e.occurred_at,
+    }
+
+
+def sse_event(e: LedgerEvent) -> bytes:
+    """One server-sent event: id = version, data = the event's JSON on one line."""
+    data = json.dumps(event_json(e), separators=(",", ":"))
+    return f"id: {e.version}\nevent: ledger-event\ndata: {data}\n\n".encode()
+
+
+# ---------------------------------------------------------------- input
+
+
+def parse_instant(text: str) -> int:
+    """Epoch milliseconds, or an ISO 8601 date-time (UTC unless it says otherwise)."""
+    if _DIGITS.match(text):
+        return int(text)
+    try:
+        when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.UTC)
+        return (when - _EPOCH) // datetime.timedelta(milliseconds=1)  # exact, no float
+    except (ValueError, OverflowError):
+        raise ApiError(422, "invalid_parameter", "as_of must be epoch milliseconds or an "
+                       f"ISO 8601 date-time, not {text[:100]!r}", parameter="as_of") from None
+
+
+def query_int(request: Request, name: str, default: int, low: int, high: int) -> int:
+    text = request.query.get(name)
+    if text is None:
+        return default
+    value = int(text) if _DIGITS.match(text) else None
+    if value is None or not low <= value <= high:
+        raise ApiError(422, "invalid_parameter",
+                       f"{name} must be an integer from {low} to {high}", parameter=name)
+    return value
+
+
+def query_bool(request: Request, name: str) -> bool:
+    text = request.query.get(name, "false").lower()
+    if text not in ("true", "false", "1", "0"):
+        raise ApiError(422, "invalid_parameter", f"{name} must be true or false",
+                       parameter=name)
+    return text in ("true", "1")
+
+
+def stream_from(request: Request) -> int:
+    """The first version a stream sends: ``from_version``, or after ``Last-Event-ID``."""
+    version = query_int(request, "from_version", 1, 1, INT64_MAX)
+    last = request.headers.get("Last-Event-ID", "").strip()
+    if _DIGITS.match(last) and int(last) < INT64_MAX:
+        version = max(version, int(last) + 1)
+    return version
+
+
+def static_file(name: str) -> tuple[bytes, str]:
+    """A file of the web page (bytes, content type); ApiError 404 for any other name."""
+    path = STATIC_DIR / name
+    ctype = STATIC_TYPES.get(path.suffix)
+    if not _STATIC_NAME.match(name) or ctype is None or not path.is_file():
+        raise ApiError(404, "not_found", "no such file")
+    return path.read_bytes(), ctype
+
+
+def _invalid(errors: list[dict[str, Any]]) -> NoReturn:
+    raise ApiError(422, "invalid_command", "the command does not match its schema",
+                   errors=errors)
+
+
+def parse_command(body: Any) -> CommandBase:
+    """A command from its JSON form (the model's fields plus ``type``); ApiError 422 if not."""
+    if not isinstance(body, dict):
+        _invalid([{"loc": [], "msg": "expected a JSON object", "type": "object_type"}])
+    kind = body.get("type")
+    cls = PUBLIC_COMMANDS.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        _invalid([{"loc": ["type"], "type": "literal_error",
+                   "msg": f"type must be one of {', '.join(PUBLIC_COMMANDS)}"}])
+    try:
+        command = cls.model_validate({k: v for k, v in body.items() if k != "type"},
+                                     strict=True)  # no "12" or 12.0 for an integer
+    except ValidationError as exc:
+        _invalid([dict(e) for e in exc.errors(include_url=False, include_context=False,
+                                              include_input=False)])
+    errors = []
+    for name, value in command.__dict__.items():
+        if isinstance(value, int) and not INT64_MIN <= value <= INT64_MAX:
+            errors.append({"loc": [name], "type": "int64_range",
+                           "msg": "must fit in a signed 64-bit integer"})
+        elif isinstance(value, str) and not value.isascii():
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                errors.append({"loc": [name], "type": "string_unicode",
+                               "msg": "not valid Unicode text"})
+    if errors:
+        _invalid(errors)
+    return command
+
+
+def outcome_response(view: View, outcome: Any) -> Response:
+    if outcome.rejection is None:
+        return view.json({"command_id": outcome.command_id, "accepted": True,
+                          "events": [event_json(e) for e in outcome.events]})
+    r = outcome.rejection
+    return view.json({"error": r.reason, "detail": r.detail, "command_id": r.command_id,
+                      "accepted": False, "reason": r.reason},
+                     status=409 if r.reason in CONFLICT_REASONS else 422)
+
+
+# ---------------------------------------------------------------- the worker's side
+
+
+def advertised_url(s: Settings) -> str:
+    """Where the other workers reach this one's web server."""
+    host = s.web_host if s.web_host not in ("", "0.0.0.0", "::") else socket.gethostname()
+    return f"http://{host}:{s.web_port}"
+
+
+class Api:
+    """The worker-wide objects behind the views: history index, command client, routing."""
+
+    def __init__(self, app: faust.App, s: Settings) -> None:
+        self.app = app
+        self.s = s
+        self.url = advertised_url(s)
+        self.history: History | None = None
+        self._client: LedgerClient | None = None
+        self._client_lock = asyncio.Lock()
+        self.streams = 0  # open event streams
+        self.closing = False  # the web server is shutting down: streams end
+
+    def owned_partitions(self) -> set[int]:
+        return {tp.partition for tp in self.app.assignor.assigned_actives()
+                if tp.topic == self.s.commands_topic}
+
+    def owner_url(self, partition: int) -> str | None:
+        for url, topics in self.app.assignor.tables_metadata().items():
+            if partition in topics.get(self.s.changelog_topic, ()):
+                return str(url)
+        return None
+
+    async def forward(self, view: View, request: Request, partition: int) -> Response:
+        """Relay the request to the worker that owns ``partition``."""
+        url = self.owner_url(partition)
+        if request.headers.get(ROUTED_HEADER) or url is None or url == self.url:
+            raise ApiError(503, "not_owner", f"partition {partition} is moving between "
+                           "workers; try again", partition=partition)
+        target = URL(url.rstrip("/") + request.rel_url.raw_path_qs, encoded=True)
+        session: aiohttp.ClientSession = self.app.http_client
+        try:
+            async with session.get(target, headers={ROUTED_HEADER: self.url},
+                                   timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT_S)
+                                   ) as resp:
+                body = await resp.read()
+                return view.bytes(body, content_type=resp.content_type, status=resp.status)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.debug("forward failed", extra={"owner": url, "error": repr(exc)})
+            raise ApiError(503, "owner_unreachable", f"the worker that owns partition "
+                           f"{partition} did not answer; try again",
+                           partition=partition) from None
+
+    async def forward_stream(self, request: Request, partition: int) -> aioweb.StreamResponse:
+        """Relay an event stream from the worker that owns ``partition``, as it comes."""
+        url = self.owner_url(partition)
+        if request.headers.get(ROUTED_HEADER) or url is None or url == self.url:
+            raise ApiError(503, "not_owner", f"partition {partition} is moving between "
+                           "workers; try again", partition=partition)
+        target = URL(url.rstrip("/") + request.rel_url.raw_path_qs, encoded=True)
+        headers = {ROUTED_HEADER: self.url}
+        if "Last-Event-ID" in request.headers:
+            headers["Last-Event-ID"] = request.headers["Last-Event-ID"]
+        session: aiohttp.ClientSession = self.app.http_client
+        out = aioweb.StreamResponse(headers=SSE_HEADERS)
+        timeout = aiohttp.ClientTimeout(total=STREAM_MAX_S + FORWARD_TIMEOUT_S,
+                                        connect=FORWARD_TIMEOUT_S,
+                                        sock_read=STREAM_HEARTBEAT_S + FORWARD_TIMEOUT_S)
+        try:
+            async with session.get(target, headers=headers, timeout=timeout) as resp:
+                if resp.status != 200 or resp.content_type != "text/event-stream":
+                    return aioweb.Response(body=await resp.read(), status=resp.status,
+                                           content_type=resp.content_type)
+                await out.prepare(aioweb_request(request))
+                async for chunk in resp.content.iter_any():
+                    if self.closing:
+                        break
+                    await out.write(chunk)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            if not out.prepared:
+                log.debug("forward failed", extra={"owner": url, "error": repr(exc)})
+                raise ApiError(503, "owner_unreachable", f"the worker that owns partition "
+                               f"{partition} did not answer; try again",
+                               partition=partition) from None
+        except ConnectionResetError:
+            pass  # the client went away
+        return out
+
+    async def stream(self, request: Request, account_id: str, partition: int,
+                     version: int) -> aioweb.StreamResponse:
+        """The account's events from ``version`` on, then each new one as it is indexed.
+
+        Ends when the client disconnects, after ``STREAM_MAX_S``, when the worker stops
+        or when the partition leaves this worker (the client reconnects and is routed)."""
+        resp = aioweb.StreamResponse(headers=SSE_HEADERS)
+        loop = asyncio.get_running_loop()
+        self.streams += 1
+        try:
+            raw = aioweb_request(request)
+            await resp.prepare(raw)
+            await resp.write(b"retry: 2000\n\n")
+            start = last_write = loop.time()
+            while not self.closing and loop.time() - start < STREAM_MAX_S:
+                if raw.transport is None or raw.transport.is_closing():
+                    break
+                history = self.history
+                if history is None or not history.caught_up(partition) \
+                        or partition not in self.owned_partitions():
+                    break
+                events = history.events(account_id, version, STREAM_BATCH)
+                if events:
+                    await resp.write(b"".join(sse_event(e) for e in events))
+                    version = events[-1].version + 1
+                    last_write = loop.time()
+                elif loop.time() - last_write >= STREAM_HEARTBEAT_S:
+                    await resp.write(b": idle\n\n")
+                    last_write = loop.time()
+                if len(events) < STREAM_BATCH:
+                    await asyncio.sleep(STREAM_POLL_S)
+        except ConnectionResetError:
+            pass  # the client went away
+        finally:
+            self.streams -= 1
+        return resp
+
+    def history_of(self, partition: int) -> History:
+        """The history index, if it holds all of ``partition``'s events so far."""
+        h = self.history
+        if h is None or not h.caught_up(partition):
+            raise ApiError(503, "history_catching_up", f"this worker is still reading the "
+                           f"events of partition {partition}; try again", partition=partition)
+        return h
+
+    async def client(self) -> LedgerClient:
+        async with self._client_lock:
+            if self._client is None:
+                # Its constructor waits for the broker (reading the outcome topics' ends).
+                loop = asyncio.get_running_loop()
+                try:
+                    self._client = await loop.run_in_executor(None, LedgerClient, self.s)
+                except (KafkaException, RuntimeError) as exc:  # DeliveryError, login refused
+                    raise ApiError(503, "broker_unavailable",
+                                   f"cannot reach the broker: {exc}") from None
+            return self._client
+
+    def start(self) -> None:
+        self.history = History(self.s)
+        self.history.start()
+
+    def stop(self) -> None:
+        self.closing = True
+        history, self.history = self.history, None  # reads answer 503 from now on
+        # Commands answered 202 may still be queued in the client: flush them.
+        if self._client is not None:
+            self._client.close()
+        if history is not None:
+            history.stop()
+
+
+def aioweb_request(request: Request) -> aioweb.Request:
+    """The aiohttp request under Faust's request type (the web driver is aiohttp)."""
+    assert isinstance(request, aioweb.Request)
+    return request
+
+
+def _account_id(account_id: str) -> str:
+    """The id if an account could have it; else no such account (404)."""
+    if not _ID.match(account_id):
+        raise ApiError(404, "account_not_found", "no account has this id",
+                       account_id=account_id[:200])
+    return account_id
+
+
 def register(app: faust.App, s: Settings) -> None:
+    api = Api(app, s)
+    app.ledger_api = api  # type: ignore[attr-defined]
+    # The URL the assignor hands to the other workers: Faust's default is the host name.
+    app.conf.canonical_url = URL(api.url)
+    app.web.web_app.middlewares.append(json_errors)  # type: ignore[attr-defined]
+
+    async def end_streams(_: aioweb.Application) -> None:
+        api.closing = True  # before aiohttp waits for open requests to finish
+
+    app.web.web_app.on_shutdown.append(end_streams)  # type: ignore[attr-defined]
+
     def owned(partition: int) -> bool:
-        return any(tp.topic == s.commands_topic and tp.partition == partition
-                   for tp in app.assignor.assigned_actives())
+        return partition in api.owned_partitions()
+
+    @app.task  # type: ignore[untyped-decorator]
+    async def start_history() -> None:
+        api.start()
+
+    @app.timer(0.5)  # type: ignore[untyped-decorator]
+    async def follow_assignment() -> None:
+        if api.history is not None and not app.rebalancing:
+            api.history.follow(api.owned_partitions())
+
+    @app.on_before_shutdown.connect  # type: ignore[arg-type]
+    async def stop_api(sender: Any, *args: Any, **kwargs: Any) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, api.stop)
 
     @app.page("/accounts/{account_id}")
-    class AccountView(View):
+    class AccountView(JsonView):
         async def get(self, request: Request, account_id: str) -> Response:
             p = partition_for(account_id, s.partitions)
             if not owned(p):
-                return self.json({"error": "not_owner", "partition": p}, status=503)
+                return await api.forward(self, request, p)
+            as_of = request.query.get("as_of")
+            if as_of is not None:
+                at_ms = parse_instant(as_of)
+                event = api.history_of(p).as_of(_account_id(account_id), at_ms)
+                if event is None:
+                    raise ApiError(404, "account_not_found", f"account {account_id!r} had "
+                                   f"no event at or before {at_ms}", account_id=account_id)
+                return self.json(as_of_json(event, at_ms))
             db = app.accounts_table.data._db_for_partition(p)  # type: ignore[attr-defined]
             raw = PartitionView(db).get(account_key(account_id))
             if raw is None:
-                return self.json({"error": "account_not_found", "account_id": account_id},
-                                 status=404)
+                raise ApiError(404, "account_not_found", "no account has this id",
+                               account_id=account_id[:200])
             state = AccountState.from_avro(CODEC.decode(raw, expect=AccountState.avro_name)[1])
             return self.json(account_json(state))
 
+    @app.page("/accounts/{account_id}/events")
+    class EventsView(JsonView):
+        async def get(self, request: Request, account_id: str) -> Response:
+            p = partition_for(account_id, s.partitions)
+            if not owned(p):
+                return await api.forward(self, request, p)
+            from_version = query_int(request, "from_version", 1, 1, INT64_MAX)
+            limit = query_int(request, "limit", 100, 1, MAX_PAGE)
+            history = api.history_of(p)
+            events = history.events(_account_id(account_id), from_version, limit + 1)
+            if not events and not history.exists(account_id):
+                raise ApiError(404, "account_not_found", "no account has this id",
+                               account_id=account_id)
+            more = len(events) > limit
+            return self.json({
+                "account_id": account_id,
+                "events": [event_json(e) for e in events[:limit]],
+                "next_from_version": events[limit - 1].version + 1 if more else None,
+            })
+
+    @app.page("/accounts/{account_id}/stream")
+    class StreamView(JsonView):
+        async def get(self, request: Request, account_id: str) -> aioweb.StreamResponse:
+            p = partition_for(account_id, s.partitions)
+            if not owned(p):
+                return await api.forward_stream(request, p)
+            version = stream_from(request)
+            history = api.history_of(p)
+            if not history.exists(_account_id(account_id)):
+                raise ApiError(404, "account_not_found", "no account has this id",
+                               account_id=account_id)
+            if api.streams >= MAX_STREAMS:
+                raise ApiError(503, "too_many_streams", f"this worker already serves "
+                               f"{MAX_STREAMS} event streams; try again later")
+            return await api.stream(request, account_id, p, version)
+
+    @app.page("/")
+    class Page(JsonView):
+        async def get(self, request: Request) -> Response:
+            body, ctype = static_file("index.html")
+            return self.bytes(body, headers={**PAGE_HEADERS,
+                                             "Content-Type": f"{ctype}; charset=utf-8"})
+
+    @app.page("/static/{name}")
+    class Static(JsonView):
+        async def get(self, request: Request, name: str) -> Response:
+            body, ctype = static_file(name)
+            return self.bytes(body, headers={**PAGE_HEADERS,
+                                             "Content-Type": f"{ctype}; charset=utf-8"})
+
+    @app.page("/commands")
+    class CommandsView(JsonView):
+        async def post(self, request: Request) -> Response:
+            if s.api_token is not None:
+                given = request.headers.get("Authorization", "")
+                expected = f"Bearer {s.api_token.get_secret_value()}"
+                if not hmac.compare_digest(given.encode(), expected.encode()):
+                    raise ApiError(401, "unauthorized",
+                                   "submitting needs an Authorization: Bearer token")
+            wait = query_bool(request, "wait")
+            try:
+                body = json.loads(await request.read())
+            except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+                raise ApiError(400, "malformed_json", f"the body is not JSON: {exc}") from None
+            command = parse_command(body)
+            client = await api.client()
+            try:
+                fut = client.submit(command)
+            except CommandRefused as exc:
+                raise ApiError(422, exc.reason, exc.detail, command_id=command.command_id,
+                               accepted=False, reason=exc.reason) from None
+            except RuntimeError:  # the client is closed: the worker is stopping
+                raise ApiError(503, "stopping", "the worker is stopping") from None
+            if wait:
+                try:
+                    outcome = await asyncio.wait_for(asyncio.wrap_future(fut), WAIT_OUTCOME_S)
+                    return outcome_response(self, outcome)
+                except TimeoutError:
+                    pass
+                except DeliveryError as exc:
+                    raise ApiError(503, "not_delivered", str(exc),
+                                   command_id=command.command_id) from None
+            return self.json({"command_id": command.command_id,
+                              "status": "pending" if wait else "submitted"}, status=202)
+
+    @app.page("/openapi.yaml")
+    class OpenApi(JsonView):
+        async def get(self, request: Request) -> Response:
+            return self.bytes(OPENAPI_PATH.read_bytes(), content_type="application/yaml")
+
     @app.page("/metrics")
-    class Metrics(View):
+    class Metrics(JsonView):
         async def get(self, request: Request) -> Response:
             return self.bytes(metrics.exposition(),
                               content_type="text/plain; version=0.0.4")
 
     @app.page("/health/live")
-    class Live(View):
+    class Live(JsonView):
         async def get(self, request: Request) -> Response:
             return self.json({"live": True})
 
 
 def register_health(app: faust.App, s: Settings) -> None:
     @app.page("/health/ready")
-    class Ready(View):
+    class Ready(JsonView):
         """Ready once table recovery is done and this worker consumes its partitions."""
 
         async def get(self, request: Request) -> Response:

@@ -1,0 +1,263 @@
+"""Each account's events, indexed on the worker that owns its partition.
+
+The worker's HTTP API pages through an account's events and answers "the account
+as of an instant" from here. It is derived and local: a thread with a plain
+confluent-kafka consumer, *assigned* (no group, no commits) the partitions of
+``ledger.events`` whose numbers match the worker's command partitions, copies
+each event record into a RocksDB at ``<data_dir>/history``. It never touches the
+accounts table or its changelog, and the hot path knows nothing of it.
+
+Store keys (bytes):
+
+- ``<account_id> \\0 <version: 8 bytes BE>`` -> the event record as it was on the
+  topic (ids have no control characters, so the NUL ends the id and an account's
+  keys sort by version); a duplicate of an event on the topic is the same key
+  with the same bytes, so it is kept once;
+- ``\\0next\\0 <partition: 4 bytes BE>`` -> the next offset to read, written in the
+  same WriteBatch as the events before it: a restart resumes there.
+
+``occurred_at`` never decreases along an account's versions, so ``as_of`` is a
+binary search over versions.
+
+    history = History(settings); history.start()
+    history.follow({0, 3, 7})          # the partitions this worker owns, on each change
+    history.events("alice", 1, 100)    # -> up to 100 LedgerEvents from version 1
+    history.as_of("alice", at_ms)      # -> LedgerEvent | None
+    history.stop()
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+import threading
+from pathlib import Path
+
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
+from rocksdict import Options, Rdict, WriteBatch
+
+from schemas.codec import CODEC, HEADER_LEN, MAGIC, DecodeError
+from schemas.models import LedgerEvent
+from streams.settings import Settings
+
+log = logging.getLogger("ledger.history")
+
+_VERSION = struct.Struct(">Q")
+_OFFSET = struct.Struct(">q")
+_NEXT_PREFIX = b"\0next\0"
+_EVENT_HEADER = MAGIC + CODEC.current[LedgerEvent.avro_name].fingerprint
+_BATCH_RECORDS = 2000  # records taken from the consumer per WriteBatch
+_MAX_VERSION = (1 << 63) - 1
+
+
+def _long(buf: bytes, i: int) -> tuple[int, int]:
+    """An Avro long (zigzag varint) at ``buf[i]``: (value, index after it)."""
+    n = shift = 0
+    while True:
+        b = buf[i]
+        i += 1
+        n |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return (n >> 1) ^ -(n & 1), i
+
+
+def event_key(account_id: str, version: int) -> bytes:
+    return account_id.encode() + b"\0" + _VERSION.pack(version)
+
+
+def _next_key(partition: int) -> bytes:
+    return _NEXT_PREFIX + struct.pack(">I", partition)
+
+
+def _key_of(raw: bytes) -> bytes | None:
+    """The store key of an event record, or None if it is not one."""
+    if raw.startswith(_EVENT_HEADER):
+        # Every version of LedgerEvent starts with event_id, account_id, version.
+        try:
+            n, i = _long(raw, HEADER_LEN)
+            n, i = _long(raw, i + n)
+            account = raw[i:i + n]
+            version, _ = _long(raw, i + n)
+        except IndexError:
+            return None
+        return account + b"\0" + _VERSION.pack(version) if 0 <= version <= _MAX_VERSION \
+            else None
+    try:  # an older schema version, or the registry's framing
+        _, d = CODEC.decode(raw, expect=LedgerEvent.avro_name)
+    except DecodeError:
+        return None
+    return event_key(str(d["account_id"]), int(d["version"]))
+
+
+def _decode(raw: bytes) -> LedgerEvent:
+    return LedgerEvent.from_avro(CODEC.decode(raw, expect=LedgerEvent.avro_name)[1])
+
+
+class History:
+    """The events of the partitions this worker follows, by account and version."""
+
+    def __init__(self, settings: Settings, path: Path | None = None) -> None:
+        self.s = settings
+        self.path = path if path is not None else settings.data_dir / "history"
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._db = Rdict(str(self.path), Options(raw_mode=True))
+        self._wanted: frozenset[int] = frozenset()
+        self._caught_up: set[int] = set()  # followed partitions read to their end once
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ledger-history", daemon=True)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+        self._db.close()
+
+    def follow(self, partitions: set[int]) -> None:
+        """Read these partitions of the events topic (and no others) from now on."""
+        self._wanted = frozenset(partitions)
+
+    def caught_up(self, partition: int) -> bool:
+        """Whether the index holds the partition's events up to its end, as of some moment
+        since it was last assigned here."""
+        return partition in self._caught_up
+
+    # ------------------------------------------------------------ reading
+
+    def events(self, account_id: str, from_version: int, limit: int) -> list[LedgerEvent]:
+        """Up to ``limit`` events of the account from ``from_version`` on, in version order."""
+        prefix = account_id.encode() + b"\0"
+        out: list[LedgerEvent] = []
+        it = self._db.iter()
+        it.seek(prefix + _VERSION.pack(from_version))
+        while it.valid() and len(out) < limit:
+            key: bytes = it.key()
+            if len(key) != len(prefix) + _VERSION.size or not key.startswith(prefix):
+                break
+            out.append(_decode(it.value()))
+            it.next()
+        return out
+
+    def exists(self, account_id: str) -> bool:
+        return bool(self.events(account_id, 0, 1))
+
+    def as_of(self, account_id: str, at_ms: int) -> LedgerEvent | None:
+        """The account's last event with ``occurred_at <= at_ms`` (None: none by then)."""
+        prefix = account_id.encode() + b"\0"
+        it = self._db.iter()
+
+        def first_from(version: int) -> LedgerEvent | None:
+            it.seek(prefix + _VERSION.pack(version))
+            if not it.valid():
+                return None
+            key: bytes = it.key()
+            if len(key) != len(prefix) + _VERSION.size or not key.startswith(prefix):
+                return None
+            return _decode(it.value())
+
+        it.seek_for_prev(prefix + b"\xff" * _VERSION.size)
+        if not it.valid() or not it.key().startswith(prefix):
+            return None
+        # Largest version whose event happened by at_ms: occurred_at never decreases
+        # along versions, and a missing version is read as the next one stored.
+        lo, hi = 0, _VERSION.unpack_from(it.key(), len(prefix))[0]
+        best: LedgerEvent | None = None
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            ev = first_from(mid)
+            if ev is not None and ev.occurred_at <= at_ms:
+                lo, best = ev.version, ev
+            else:
+                hi = mid - 1
+        return best
+
+    # ------------------------------------------------------------ indexing (the thread)
+
+    def _next_offset(self, partition: int) -> int:
+        raw = self._db.get(_next_key(partition))
+        return OFFSET_BEGINNING if raw is None else int(_OFFSET.unpack(raw)[0])
+
+    def _run(self) -> None:
+        # A failure here costs the history endpoints (503 until it is back), never the
+        # worker: log it and start over from the stored offsets.
+        while not self._stop.is_set():
+            try:
+                self._follow()
+            except Exception:
+                log.exception("history indexing failed; restarting in 5 s")
+                self._caught_up.clear()
+                self._stop.wait(5)
+
+    def _follow(self) -> None:
+        consumer = Consumer({
+            **self.s.kafka_config(),
+            "group.id": f"{self.s.app_id}-history-unused",  # assigned, never joins
+            "client.id": f"ledger-history-{socket.gethostname()}-{os.getpid()}",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "enable.partition.eof": True,
+            "auto.offset.reset": "earliest",
+        })
+        topic = self.s.events_topic
+        assigned: frozenset[int] = frozenset()
+        try:
+            while not self._stop.is_set():
+                wanted = self._wanted
+                if wanted != assigned:
+                    gone, new = assigned - wanted, wanted - assigned
+                    if gone:
+                        consumer.incremental_unassign([TopicPartition(topic, p) for p in gone])
+                        self._caught_up.difference_update(gone)
+                    if new:
+                        consumer.incremental_assign(
+                            [TopicPartition(topic, p, self._next_offset(p)) for p in new])
+                    assigned = wanted
+                    log.info("history follows", extra={"topic": topic,
+                                                        "partitions": sorted(assigned)})
+                if not assigned:
+                    self._stop.wait(0.2)
+                    continue
+                self._index(consumer.consume(_BATCH_RECORDS, timeout=0.2), assigned)
+        finally:
+            consumer.close()
+
+    def _index(self, messages: list[Message], assigned: frozenset[int]) -> None:
+        batch = WriteBatch(raw_mode=True)
+        next_offsets: dict[int, int] = {}
+        for m in messages:
+            p = m.partition()
+            err = m.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    if p in assigned:
+                        self._caught_up.add(p)
+                elif err.fatal():
+                    raise KafkaException(err)
+                else:
+                    log.warning("history consumer error", extra={"error": err.str()})
+                continue
+            if p not in assigned:
+                continue
+            raw: bytes = m.value() or b""
+            key = _key_of(raw)
+            if key is not None:
+                batch.put(key, raw)
+            next_offsets[p] = (m.offset() or 0) + 1
+        for p, offset in next_offsets.items():
+            batch.put(_next_key(p), _OFFSET.pack(offset))
+        if next_offsets:
+            self._db.write(batch)

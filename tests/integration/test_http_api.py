@@ -1,0 +1,330 @@
+"""The worker's HTTP API on the real broker: reads, history, as-of, commands, routing."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import pytest
+from confluent_kafka import Producer
+
+from schemas.models import Deposit, OpenAccount, PlaceHold, Withdraw, encode
+from streams.cli import main
+from streams.processor import partition_for
+
+pytestmark = pytest.mark.kafka
+
+T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+
+
+def call(url: str, path: str, body: Any = None, method: str | None = None,
+         raw: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(url + path, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            status, text, ctype = resp.status, resp.read(), resp.headers.get_content_type()
+    except urllib.error.HTTPError as exc:
+        status, text, ctype = exc.code, exc.read(), exc.headers.get_content_type()
+    assert ctype == "application/json", (status, ctype, text[:200])
+    return status, json.loads(text)
+
+
+def until(fn, timeout_s: float = 30.0):
+    """fn() until it returns something truthy (bounded)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = fn()
+        if result or time.monotonic() > deadline:
+            assert result, f"not true within {timeout_s}s: {result!r}"
+            return result
+        time.sleep(0.1)
+
+
+def answer(url: str, path: str, status: int = 200, timeout_s: float = 30.0) -> Any:
+    """The body of GET path once it answers ``status`` (history and routing lag behind)."""
+    seen: list[tuple[int, Any]] = []
+
+    def attempt() -> Any:
+        got = call(url, path)
+        seen.append(got)
+        return got[1] if got[0] == status else None
+
+    try:
+        return until(attempt, timeout_s)
+    except AssertionError:
+        raise AssertionError(f"GET {path}: wanted {status}, last answers {seen[-3:]}") from None
+
+
+def command(kind: str, command_id: str, account_id: str, issued_at: int, **fields: Any) -> dict:
+    return {"type": kind, "command_id": command_id, "account_id": account_id,
+            "actor": "test", "issued_at": issued_at, **fields}
+
+
+def scripted_history(client, account: str) -> None:
+    """v1..v5 at T0, T0+1s, ..., T0+4s."""
+    for c in (
+        OpenAccount(command_id="o", account_id=account, actor="t", issued_at=T0, currency="USD"),
+        Deposit(command_id="d1", account_id=account, actor="t", issued_at=T0 + 1000,
+                amount_minor=1000, currency="USD"),
+        Withdraw(command_id="w1", account_id=account, actor="t", issued_at=T0 + 2000,
+                 amount_minor=300, currency="USD", correlation_id="corr-1"),
+        PlaceHold(command_id="h1", account_id=account, actor="t", issued_at=T0 + 3000,
+                  hold_id="hold-1", amount_minor=200, currency="USD",
+                  expires_at=T0 + 10 * 365 * 86_400_000),
+        Deposit(command_id="d2", account_id=account, actor="t", issued_at=T0 + 4000,
+                amount_minor=5, currency="USD"),
+    ):
+        outcome = client.submit(c).result(timeout=60)
+        assert outcome.accepted, outcome.rejection
+
+
+def test_account_events_paging_and_as_of(ledger_settings, start_worker, client, capsys):
+    w = start_worker()
+    scripted_history(client, "alice")
+
+    now = until(lambda: (d := call(w.url, "/accounts/alice")[1]).get("version") == 5 and d)
+    assert (now["balance_minor"], now["available_minor"], now["balance"]) == (705, 505, "7.05 USD")
+    assert now["holds"] == {"hold-1": {"amount_minor": 200,
+                                       "expires_at": T0 + 10 * 365 * 86_400_000}}
+
+    # events, a page at a time
+    page = answer(w.url, "/accounts/alice/events?limit=2")
+    assert [e["version"] for e in page["events"]] == [1, 2]
+    assert page["next_from_version"] == 3
+    opened, deposited = page["events"]
+    assert opened["type"] == "AccountOpened" and "amount_minor" not in opened
+    assert deposited == {**deposited, "type": "Deposited", "amount_minor": 1000,
+                         "balance_after_minor": 1000, "available_after_minor": 1000,
+                         "occurred_at": T0 + 1000, "actor": "t", "command_id": "d1",
+                         "causation_id": "d1", "correlation_id": None}
+    page = answer(w.url, "/accounts/alice/events?from_version=3&limit=2")
+    assert [(e["version"], e["type"]) for e in page["events"]] == [(3, "Withdrawn"),
+                                                                   (4, "HoldPlaced")]
+    assert page["events"][0]["correlation_id"] == "corr-1"
+    assert page["events"][1]["available_after_minor"] == 500
+    assert page["next_from_version"] == 5
+    last = answer(w.url, "/accounts/alice/events?from_version=5&limit=2")
+    assert [e["version"] for e in last["events"]] == [5]
+    assert last["next_from_version"] is None
+    everything = answer(w.url, "/accounts/alice/events")
+    assert [e["version"] for e in everything["events"]] == [1, 2, 3, 4, 5]
+    assert [e.get("amount_minor") for e in everything["events"]] == [None, 1000, 300, 200, 5]
+
+    # as of an instant: after the last event at or before it
+    for as_of, version, balance, available in (
+        (str(T0), 1, 0, 0),
+        (str(T0 + 999), 1, 0, 0),
+        (str(T0 + 1000), 2, 1000, 1000),
+        ("2026-01-01T00:00:02Z", 3, 700, 700),
+        ("2026-01-01T01:00:03.500+01:00", 4, 700, 500),  # T0 + 3.5s in UTC
+        ("2030-01-01T00:00:00", 5, 705, 505),
+    ):
+        doc = answer(w.url, f"/accounts/alice?as_of={urllib.request.quote(as_of)}")
+        assert (doc["version"], doc["balance_minor"], doc["available_minor"]) == \
+            (version, balance, available), as_of
+        assert doc["status"] == "open"
+    status, doc = call(w.url, f"/accounts/alice?as_of={T0 - 1}")
+    assert (status, doc["error"]) == (404, "account_not_found")
+
+    # errors: JSON with a code, the right status
+    assert call(w.url, "/accounts/nobody")[0] == 404
+    status, doc = call(w.url, "/accounts/nobody/events")
+    assert (status, doc["error"]) == (404, "account_not_found")
+    for path in ("/accounts/alice/events?limit=0", "/accounts/alice/events?limit=1001",
+                 "/accounts/alice/events?from_version=x", "/accounts/alice?as_of=yesterday"):
+        status, doc = call(w.url, path)
+        assert (status, doc["error"]) == (422, "invalid_parameter"), path
+    status, doc = call(w.url, "/no/such/path")
+    assert (status, doc["error"]) == (404, "not_found")
+    status, doc = call(w.url, "/accounts/alice", body={}, method="PUT")
+    assert (status, doc["error"]) == (405, "method_not_allowed")
+
+    # the CLI reads the same pages
+    capsys.readouterr()
+    assert main(["history", "alice", "--url", w.url, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [e["version"] for e in doc["events"]] == [1, 2, 3, 4, 5]
+    assert main(["history", "alice", "--url", w.url, "--from-version", "2", "--limit", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("v2     2026-01-01T00:00:01.000Z  Deposited")
+    assert "10.00 USD  balance 10.00 USD, available 10.00 USD  [d1 by t]" in lines[0]
+    assert "3.00 USD  balance 7.00 USD" in lines[1]
+    assert main(["history", "nobody", "--url", w.url]) == 1
+    assert "account_not_found" in capsys.readouterr().out
+
+
+def test_duplicate_event_records_appear_once(ledger_settings, start_worker, client):
+    s = ledger_settings
+    w = start_worker()
+    first = client.submit(OpenAccount(command_id="o", account_id="dup", actor="t",
+                                      issued_at=T0, currency="EUR")).result(timeout=60)
+    # The same record again on the topic, as a worker that crashed mid-batch sends it.
+    producer = Producer(s.producer_config())
+    producer.produce(s.events_topic, encode(first.events[0]), b"dup",
+                     partition=partition_for("dup", s.partitions))
+    assert producer.flush(30) == 0
+    client.submit(Deposit(command_id="d", account_id="dup", actor="t", issued_at=T0 + 1,
+                          amount_minor=7, currency="EUR")).result(timeout=60)
+    page = until(lambda: (p := call(w.url, "/accounts/dup/events")[1]).get("events")
+                 and p["events"][-1]["version"] == 2 and p)
+    assert [e["version"] for e in page["events"]] == [1, 2]
+
+
+def test_history_resumes_after_restart(ledger_settings, start_worker, client):
+    w = start_worker()
+    scripted_history(client, "carol")
+    answer(w.url, "/accounts/carol/events?from_version=5")
+    assert w.stop() == 0
+    w2 = start_worker(data_dir=w.settings.data_dir)  # same data dir: history kept
+    client.submit(Deposit(command_id="d3", account_id="carol", actor="t", issued_at=T0 + 5000,
+                          amount_minor=1, currency="USD")).result(timeout=60)
+    page = until(lambda: (p := call(w2.url, "/accounts/carol/events")[1]).get("events")
+                 and len(p["events"]) == 6 and p)
+    assert [e["version"] for e in page["events"]] == [1, 2, 3, 4, 5, 6]
+
+
+def test_post_commands(ledger_settings, start_worker):
+    w = start_worker()
+    url = w.url
+
+    status, doc = call(url, "/commands?wait=true",
+                       command("OpenAccount", "o1", "bob", T0, currency="USD"))
+    assert status == 200 and doc["accepted"] is True
+    assert [(e["type"], e["version"]) for e in doc["events"]] == [("AccountOpened", 1)]
+
+    status, doc = call(url, "/commands?wait=true",
+                       command("Deposit", "d1", "bob", T0 + 1, amount_minor=1234,
+                               currency="USD"))
+    assert status == 200
+    assert (doc["events"][0]["balance_after_minor"], doc["events"][0]["amount_minor"]) == \
+        (1234, 1234)
+
+    # the same command again: the same outcome, applied once
+    status, again = call(url, "/commands?wait=true",
+                         command("Deposit", "d1", "bob", T0 + 1, amount_minor=1234,
+                                 currency="USD"))
+    assert (status, again["events"]) == (200, doc["events"])
+
+    # without wait: 202 now, the event shortly
+    status, doc = call(url, "/commands", command("Withdraw", "w1", "bob", T0 + 2,
+                                                 amount_minor=34, currency="USD"))
+    assert (status, doc) == (202, {"command_id": "w1", "status": "submitted"})
+    until(lambda: call(url, "/accounts/bob")[1].get("balance_minor") == 1200)
+
+    # refused by the rules: 409 for a conflict with the state, 422 otherwise
+    refusals = [
+        (command("OpenAccount", "o2", "bob", T0 + 3, currency="USD"), 409,
+         "account_already_exists"),
+        (command("Deposit", "d2", "bob", T0 + 3, amount_minor=1, currency="USD",
+                 expected_version=1), 409, "version_conflict"),
+        (command("Deposit", "d1", "bob", T0 + 3, amount_minor=999, currency="USD"), 409,
+         "idempotency_key_reused"),
+        (command("Withdraw", "w2", "bob", T0 + 3, amount_minor=100_000, currency="USD"), 422,
+         "insufficient_funds"),
+        (command("Deposit", "d3", "nobody", T0 + 3, amount_minor=1, currency="USD"), 422,
+         "account_not_found"),
+        (command("Deposit", "d4", "bob", T0 + 3, amount_minor=0, currency="USD"), 422,
+         "invalid_amount"),  # refused before it is sent
+    ]
+    for body, want_status, reason in refusals:
+        status, doc = call(url, "/commands?wait=true", body)
+        assert (status, doc["error"], doc["accepted"], doc["reason"]) == \
+            (want_status, reason, False, reason), body
+
+    # invalid: 422 with the validation errors, nothing sent
+    invalid = [
+        ({"type": "Deposit", "command_id": "x"}, {"account_id", "actor", "issued_at",
+                                                  "amount_minor", "currency"}),
+        (command("Deposit", "x", "bob", T0, amount_minor="12", currency="USD"),
+         {"amount_minor"}),
+        (command("Deposit", "x", "bob", T0, amount_minor=12.5, currency="USD"),
+         {"amount_minor"}),
+        (command("Deposit", "x", "bob", T0, amount_minor=1, currency="USD", color="red"),
+         {"color"}),
+        (command("Deposit", "x", "bob", T0, amount_minor=2**64, currency="USD"),
+         {"amount_minor"}),
+        (command("Deposit", "x\n", "bob", T0, amount_minor=1, currency="USD"), {"command_id"}),
+        (command("ExpireHold", "x", "bob", T0, hold_id="h"), {"type"}),
+        (command("Teleport", "x", "bob", T0), {"type"}),
+        ([1, 2], set()),
+    ]
+    for body, fields in invalid:
+        status, doc = call(url, "/commands?wait=true", body)
+        assert (status, doc["error"]) == (422, "invalid_command"), body
+        assert {str(e["loc"][0]) for e in doc["errors"] if e["loc"]} == fields, doc
+    status, doc = call(url, "/commands", raw=b"{not json")
+    assert (status, doc["error"]) == (400, "malformed_json")
+    status, doc = call(url, "/commands?wait=maybe", command("CloseAccount", "c", "bob", T0))
+    assert (status, doc["error"]) == (422, "invalid_parameter")
+    status, _ = call(url, "/commands", method="GET")
+    assert status == 405
+
+    final = call(url, "/accounts/bob")[1]
+    assert (final["version"], final["balance_minor"]) == (3, 1200)
+
+
+def test_submitting_needs_the_token_when_one_is_set(ledger_settings, start_worker):
+    w = start_worker(api_token="t0ken-for-this-test")
+    open_bob = command("OpenAccount", "o1", "bob", T0, currency="USD")
+
+    for headers in ({}, {"Authorization": "Bearer wrong"},
+                    {"Authorization": "t0ken-for-this-test"}):
+        status, doc = call(w.url, "/commands?wait=true", open_bob, headers=headers)
+        assert (status, doc["error"]) == (401, "unauthorized"), headers
+        assert "t0ken" not in json.dumps(doc)
+    assert answer(w.url, "/accounts/bob", status=404)["error"] == "account_not_found"
+
+    status, doc = call(w.url, "/commands?wait=true", open_bob,
+                       headers={"Authorization": "Bearer t0ken-for-this-test"})
+    assert status == 200 and doc["accepted"] is True
+    assert answer(w.url, "/accounts/bob")["version"] == 1  # reads need no token
+    assert "t0ken-for-this-test" not in w.log_path.read_text()
+
+
+def test_any_worker_answers_for_any_account(ledger_settings, start_worker, client):
+    w1 = start_worker("w1")
+    w2 = start_worker("w2")
+
+    def split() -> dict[str, list[int]] | None:
+        parts = {w.url: call(w.url, "/health/ready")[1].get("partitions", []) for w in (w1, w2)}
+        ok = all(parts.values()) and sum(map(len, parts.values())) == ledger_settings.partitions
+        return parts if ok else None
+
+    parts = until(split, 90)
+    # one account on a partition of each worker
+    accounts = {}
+    for i in range(200):
+        p = partition_for(f"acct-{i}", ledger_settings.partitions)
+        owner = w1 if p in parts[w1.url] else w2
+        accounts.setdefault(owner.url, f"acct-{i}")
+    assert len(accounts) == 2
+    for n, account in enumerate(accounts.values()):
+        scripted_history(client, account)
+        client.submit(Deposit(command_id="extra", account_id=account, actor="t",
+                              issued_at=T0 + 5000, amount_minor=n + 1,
+                              currency="USD")).result(timeout=60)
+
+    for n, (owner_url, account) in enumerate(accounts.items()):
+        other = w2 if owner_url == w1.url else w1
+        for w in (other, w1 if other is w2 else w2):  # the non-owner first
+            doc = until(lambda w=w, account=account: (
+                d := call(w.url, f"/accounts/{account}")[1]).get("version") == 6 and d)
+            assert (doc["account_id"], doc["balance_minor"]) == (account, 705 + n + 1)
+            page = answer(w.url, f"/accounts/{account}/events?from_version=6")
+            assert [e["amount_minor"] for e in page["events"]] == [n + 1]
+            then = answer(w.url, f"/accounts/{account}?as_of={T0 + 2000}")
+            assert (then["version"], then["balance_minor"]) == (3, 700)
+    # a missing account on the other worker's partition: its 404, relayed
+    for owner_url, account in accounts.items():
+        other = w2 if owner_url == w1.url else w1
+        missing = next(f"{account}-missing-{i}" for i in range(1000)
+                       if partition_for(f"{account}-missing-{i}", ledger_settings.partitions)
+                       in parts[owner_url])
+        status, doc = call(other.url, f"/accounts/{missing}")
+        assert (status, doc["error"], doc["account_id"]) == (404, "account_not_found", missing)

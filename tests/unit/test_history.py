@@ -1,0 +1,79 @@
+"""The history index without Kafka: records fed to it as its consumer would."""
+
+from __future__ import annotations
+
+import pytest
+from confluent_kafka import KafkaError
+
+from schemas.models import AccountOpened, Deposited, LedgerEvent, encode
+from streams.history import History, _key_of, event_key
+from streams.settings import Settings
+
+
+class Msg:
+    def __init__(self, partition: int, offset: int, value: bytes | None = None,
+                 eof: bool = False) -> None:
+        self._p, self._o, self._v, self._eof = partition, offset, value, eof
+
+    def partition(self) -> int:
+        return self._p
+
+    def offset(self) -> int:
+        return self._o
+
+    def value(self) -> bytes | None:
+        return self._v
+
+    def error(self):
+        return KafkaError(KafkaError._PARTITION_EOF) if self._eof else None
+
+
+def event(account: str, version: int, occurred_at: int, amount: int = 10) -> bytes:
+    payload = AccountOpened(overdraft_limit_minor=0) if version == 1 else \
+        Deposited(amount_minor=amount)
+    return encode(LedgerEvent(
+        event_id=f"{account}-{version}", account_id=account, version=version, currency="USD",
+        balance_after_minor=amount * (version - 1), available_after_minor=amount * (version - 1),
+        occurred_at=occurred_at, command_id=f"c{version}", causation_id=f"c{version}",
+        correlation_id=None, actor="t", payload=payload))
+
+
+@pytest.fixture
+def history(tmp_path):
+    h = History(Settings(data_dir=tmp_path))
+    yield h
+    h.stop()
+
+
+def test_key_of_reads_account_and_version():
+    assert _key_of(event("alice", 7, 1)) == event_key("alice", 7) == \
+        b"alice\0" + (7).to_bytes(8, "big")
+    assert _key_of(b"not an event") is None
+
+
+def test_paging_duplicates_and_offsets(history):
+    records = [event("a", v, 100 * v) for v in range(1, 6)]
+    msgs = [Msg(0, i, r) for i, r in enumerate(records)]
+    msgs += [Msg(0, 5, records[2]), Msg(0, 6, event("ab", 1, 1)), Msg(0, 7, eof=True)]
+    assert not history.caught_up(0)
+    history._index(msgs, frozenset({0}))
+    assert history.caught_up(0)
+    assert [e.version for e in history.events("a", 1, 100)] == [1, 2, 3, 4, 5]  # once each
+    assert [e.version for e in history.events("a", 2, 2)] == [2, 3]
+    assert history.events("a", 6, 10) == []
+    assert [e.account_id for e in history.events("ab", 0, 10)] == ["ab"]  # "a" is no prefix
+    assert history._next_offset(0) == 7
+    assert not history.exists("b")
+
+
+def test_as_of_is_the_last_event_by_then(history):
+    # versions 1..9; 4, 5 and 6 at the same instant; version 8 missing (a gap)
+    times = {1: 100, 2: 200, 3: 300, 4: 400, 5: 400, 6: 400, 7: 700, 9: 900}
+    history._index([Msg(1, i, event("acct", v, t)) for i, (v, t) in enumerate(times.items())],
+                   frozenset({1}))
+    answers = {t: history.as_of("acct", t) for t in (99, 100, 150, 399, 400, 699, 700, 899,
+                                                      900, 10**15)}
+    assert {t: e and e.version for t, e in answers.items()} == {
+        99: None, 100: 1, 150: 1, 399: 3, 400: 6, 699: 6, 700: 7, 899: 7, 900: 9, 10**15: 9}
+    assert history.as_of("nobody", 10**15) is None
+    assert history.as_of("acc", 10**15) is None
