@@ -120,6 +120,8 @@ def create_app(s: Settings) -> faust.App:
         # again from its own checkpoint.
         while app.rebalancing and not app.should_stop:
             await asyncio.sleep(0.05)
+        if app.rebalancing:  # stopping mid-rebalance: what it holds may be another's now
+            return
         owned = {tp.partition for tp in app.assignor.assigned_actives()
                  if tp.topic in (s.commands_topic, s.transfers_topic)}
         inputs: dict[int, PartitionInput] = defaultdict(PartitionInput)
@@ -195,6 +197,8 @@ def create_app(s: Settings) -> faust.App:
             log.warning("stall check skipped: %s", exc)
             health["progress_at"] = time.monotonic()
             return
+        if app.rebalancing or recovery.in_recovery:  # began while we asked the broker
+            return
         checkpoints = {p: PartitionView(accounts.data._db_for_partition(p)).checkpoint  # type: ignore[attr-defined]
                        for p in {tp.partition for tp in tps}}
         done = {tp: (checkpoints[tp.partition].commands if tp.topic == s.commands_topic
@@ -208,19 +212,32 @@ def create_app(s: Settings) -> faust.App:
             health["progress_at"] = time.monotonic()
         health["stalled_s"] = time.monotonic() - health["progress_at"]
         metrics.STALLED.set(health["stalled_s"])
-        if health["stalled_s"] > s.stall_timeout_s and not health.get("sought"):
-            # Our checkpoint, not the group's committed offset, says where a partition
-            # stands: Faust can commit past records it skipped, and after a restart
-            # nothing would deliver them until new input arrived. Fetch from ours.
-            health["sought"] = True
-            for tp in tps:
-                if by_tp[(tp.topic, tp.partition)]:
-                    log.warning("stalled: fetching from the checkpoint",
-                                extra={"topic": tp.topic, "partition": tp.partition,
-                                       "offset": done[tp] + 1})
-                    await app.consumer.seek(tp, done[tp] + 1)
-        if not lag:
-            health["sought"] = False
+        # Our checkpoint, not the group's committed offset, says where a partition
+        # stands: Faust can commit past records it skipped, and after a restart nothing
+        # would deliver them until new input arrived on that partition. A partition with
+        # input waiting and a checkpoint that has not moved for stall_timeout_s is
+        # fetched again from its checkpoint (whatever the other partitions are doing).
+        now = time.monotonic()
+        stuck = []
+        for tp in tps:
+            last, since = still.get(tp, (None, now))
+            if not by_tp[(tp.topic, tp.partition)] or done[tp] != last:
+                still[tp] = (done[tp], now)
+            elif now - since > s.stall_timeout_s:
+                stuck.append(tp)
+                still[tp] = (done[tp], now)  # once per stall_timeout_s
+        assigned = app.consumer.assignment()
+        offsets = {tp: done[tp] + 1 for tp in stuck if tp in assigned}
+        if offsets:
+            log.warning("stalled partitions: fetching from the checkpoint",
+                        extra={"offsets": {f"{tp.topic}[{tp.partition}]": o
+                                           for tp, o in offsets.items()}})
+            try:
+                await app.consumer.seek_wait(offsets)
+                health["progress_at"] = time.monotonic()  # give it time to deliver
+                return
+            except Exception as exc:  # a rebalance moved them meanwhile: nothing to do
+                log.warning("seek skipped: %r", exc)
         if health["stalled_s"] > 2 * s.stall_timeout_s:
             missing = [name for name, ok in (("snappy", codecs.has_snappy()),
                                              ("lz4", codecs.has_lz4()),
@@ -239,6 +256,7 @@ def create_app(s: Settings) -> faust.App:
                                       for tp in tps}, request_timeout=10)
         return {TP(k.topic, k.partition): f.result().offset for k, f in futures.items()}
 
+    still: dict[TP, tuple[int, float]] = {}  # per input partition: checkpoint, since when
     expiry_sent: dict[bytes, float] = {}
 
     @app.timer(1.0)  # type: ignore[untyped-decorator]

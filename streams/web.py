@@ -563,6 +563,12 @@ def register(app: faust.App, s: Settings) -> None:
                 if not hmac.compare_digest(given.encode(), expected.encode()):
                     raise ApiError(401, "unauthorized",
                                    "submitting needs an Authorization: Bearer token")
+            media = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+            if media != "application/json":
+                # also what keeps another site's page from posting here: a cross-site
+                # application/json request needs a CORS preflight, which is never allowed
+                raise ApiError(415, "unsupported_media_type",
+                               "send the command as Content-Type: application/json")
             wait = query_bool(request, "wait")
             try:
                 body = json.loads(await request.read())

@@ -258,6 +258,10 @@ def test_post_commands(ledger_settings, start_worker):
         status, doc = call(url, "/commands?wait=true", body)
         assert (status, doc["error"]) == (422, "invalid_command"), body
         assert {str(e["loc"][0]) for e in doc["errors"] if e["loc"]} == fields, doc
+    status, doc = call(url, "/commands", command("Deposit", "d-plain", "bob", T0 + 9,
+                                                  amount_minor=1, currency="USD"),
+                       headers={"Content-Type": "text/plain"})  # what a cross-site form sends
+    assert (status, doc["error"]) == (415, "unsupported_media_type")
     status, doc = call(url, "/commands", raw=b"{not json")
     assert (status, doc["error"]) == (400, "malformed_json")
     status, doc = call(url, "/commands?wait=maybe", command("CloseAccount", "c", "bob", T0))
