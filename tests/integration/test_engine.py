@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from confluent_kafka import Producer
@@ -18,6 +19,13 @@ from streams.state import PartitionView
 from streams.topics import ensure_topics
 
 pytestmark = pytest.mark.kafka
+
+
+def run(coro):
+    """asyncio.run on a thread of its own: the browser tests' Playwright keeps a loop
+    running on the main thread for the session."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 def test_a_hole_in_the_given_records_is_read_from_the_log(ledger_settings, tmp_path):
@@ -43,14 +51,14 @@ def test_a_hole_in_the_given_records_is_read_from_the_log(ledger_settings, tmp_p
     try:
         engine = Engine(s, lambda _: db)
         given = records[:4] + records[11:]  # offsets 4..10 never handed over
-        report = asyncio.run(engine.process({p: PartitionInput(commands=given)}))
+        report = run(engine.process({p: PartitionInput(commands=given)}))
         engine.close()
         assert report.gaps_filled == 1
         assert report.stats.commands == 21
         assert PartitionView(db).checkpoint.commands == records[-1].offset
 
         # Given again (a redelivery), nothing is decided twice.
-        report = asyncio.run(engine.process({p: PartitionInput(commands=records)}))
+        report = run(engine.process({p: PartitionInput(commands=records)}))
         assert report.stats.commands == 0 and report.gaps_filled == 0
     finally:
         db.close()
