@@ -96,7 +96,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
         ensure_topics(s)
     except (RuntimeError, KafkaException) as exc:
         logging.getLogger("ledger.worker").critical("worker exiting: %s", exc)
-        return 69  # EX_UNAVAILABLE
+        from streams.acl import EXIT_AUTHENTICATION, AuthenticationFailed
+
+        # a wrong login is not an outage: a supervisor restarting it will not help
+        return EXIT_AUTHENTICATION if isinstance(exc, AuthenticationFailed) else 69
     import faust
 
     from streams.app import EXIT_INTERNAL_FAILURE, crash_reason, create_app

@@ -298,7 +298,7 @@ def test_worker_with_a_wrong_password_exits_with_a_clear_error(ledger: Secured) 
     finally:
         w.stop()
     assert time.monotonic() - started < 30
-    assert rc != 0
+    assert rc == 77  # EX_NOPERM, as the CLI; 69 would say "broker unreachable"
     last = json.loads(w.log_path.read_text().splitlines()[-1])
     assert last["level"] == "critical"
     assert last["msg"].startswith("worker exiting: authentication failed") and "'worker'" in \
