@@ -51,6 +51,20 @@ class WrongSchema(DecodeError):
     code = "wrong_schema"
 
 
+def read_long(buf: bytes, i: int) -> tuple[int, int]:
+    """An Avro long (zigzag varint) at ``buf[i]``: (value, index after it)."""
+    b = buf[i]
+    n = b & 0x7F
+    shift = 7
+    i += 1
+    while b & 0x80:
+        b = buf[i]
+        i += 1
+        n |= (b & 0x7F) << shift
+        shift += 7
+    return (n >> 1) ^ -(n & 1), i
+
+
 def _keep_timestamps_as_ints() -> None:
     # The domain compares and orders instants as integers; converting every
     # timestamp to a datetime on read and back on write would cost time on the

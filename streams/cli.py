@@ -200,13 +200,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0 if outcome.accepted else 1
 
 
-def fetch_account(base_url: str, account_id: str, timeout_s: float = 5.0) -> dict[str, Any]:
-    url = f"{base_url.rstrip('/')}/accounts/{urllib.parse.quote(account_id, safe='')}"
+def get_json(base_url: str, path: str, timeout_s: float = 5.0) -> dict[str, Any]:
+    """GET a worker's JSON; an HTTP error's body comes back with its ``status``."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+        with urllib.request.urlopen(f"{base_url.rstrip('/')}{path}", timeout=timeout_s) as resp:
             return json.loads(resp.read())  # type: ignore[no-any-return]
     except urllib.error.HTTPError as exc:
         return json.loads(exc.read()) | {"status": exc.code}  # type: ignore[no-any-return]
+
+
+def fetch_account(base_url: str, account_id: str, timeout_s: float = 5.0) -> dict[str, Any]:
+    return get_json(base_url, f"/accounts/{urllib.parse.quote(account_id, safe='')}",
+                    timeout_s)
 
 
 def cmd_balance(args: argparse.Namespace) -> int:
@@ -220,22 +225,19 @@ def cmd_balance(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    base = f"{args.url.rstrip('/')}/accounts/{urllib.parse.quote(args.account, safe='')}/events"
+    path = f"/accounts/{urllib.parse.quote(args.account, safe='')}/events"
     events: list[dict[str, Any]] = []
     version: int | None = args.from_version
     while version is not None and (args.limit is None or len(events) < args.limit):
         page_size = min(1000, args.limit - len(events)) if args.limit else 1000
-        url = f"{base}?from_version={version}&limit={page_size}"
         try:
-            with urllib.request.urlopen(url, timeout=10) as resp:
-                page = json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            doc = json.loads(exc.read()) | {"status": exc.code}
-            _print(args, doc, f"{args.account}: {doc.get('error')} ({doc.get('detail')})")
-            return 1
+            page = get_json(args.url, f"{path}?from_version={version}&limit={page_size}", 10)
         except OSError as exc:
             print(f"error: no answer from {args.url}: {exc}", file=sys.stderr)
             return 2
+        if "error" in page:
+            _print(args, page, f"{args.account}: {page.get('error')} ({page.get('detail')})")
+            return 1
         events += page["events"]
         version = page["next_from_version"]
     lines = [f"v{e['version']:<5} {_iso(e['occurred_at'])}  {e['type']:<16} "

@@ -184,9 +184,7 @@ class Engine:
                            "given": len(rs)})
         self.phase = f"fill a gap in {topic}[{p}]"
         report.gaps_filled += 1
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, self._fetch, topic, p, after + 1,
-                                          rs[-1].offset)
+        return await self._read(topic, p, after + 1, rs[-1].offset)
 
     def _decide(self, p: int, view: PartitionView, inp: PartitionInput) -> _Work | None:
         """Decide one partition's inputs, each list contiguous and after the checkpoint."""
@@ -244,13 +242,10 @@ class Engine:
         last_cmd, last_leg = ck.pending
         log.warning("partition %d: resuming an unfinished batch (commands %d..%d, legs %d..%d)",
                     p, ck.commands + 1, last_cmd, ck.transfers + 1, last_leg)
-        loop = asyncio.get_running_loop()
         self.phase = f"resolve pending batch of partition {p}"
         inp = PartitionInput(
-            commands=await loop.run_in_executor(
-                None, self._fetch, self.s.commands_topic, p, ck.commands + 1, last_cmd),
-            legs=await loop.run_in_executor(
-                None, self._fetch, self.s.transfers_topic, p, ck.transfers + 1, last_leg),
+            commands=await self._read(self.s.commands_topic, p, ck.commands + 1, last_cmd),
+            legs=await self._read(self.s.transfers_topic, p, ck.transfers + 1, last_leg),
         )
         committed = PartitionView(view.db)
         committed.checkpoint = replace(ck, pending=None)
@@ -260,6 +255,10 @@ class Engine:
         w.tag = ck.pending
         await self._commit([w])
         report.resolved_pending += 1
+
+    async def _read(self, topic: str, partition: int, first: int, last: int) -> list[Record]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self._fetch, topic, partition, first, last)
 
     def _fetch(self, topic: str, partition: int, first: int, last: int) -> list[Record]:
         """Read offsets first..last of one partition directly (no group, no commits)."""

@@ -45,7 +45,7 @@ from confluent_kafka import (
 )
 from rocksdict import Options, Rdict, WriteBatch
 
-from schemas.codec import CODEC, HEADER_LEN, MAGIC, DecodeError
+from schemas.codec import CODEC, HEADER_LEN, MAGIC, DecodeError, read_long
 from schemas.models import LedgerEvent
 from streams.settings import Settings
 
@@ -57,18 +57,6 @@ _NEXT_PREFIX = b"\0next\0"
 _EVENT_HEADER = MAGIC + CODEC.current[LedgerEvent.avro_name].fingerprint
 _BATCH_RECORDS = 2000  # records taken from the consumer per WriteBatch
 _MAX_VERSION = (1 << 63) - 1
-
-
-def _long(buf: bytes, i: int) -> tuple[int, int]:
-    """An Avro long (zigzag varint) at ``buf[i]``: (value, index after it)."""
-    n = shift = 0
-    while True:
-        b = buf[i]
-        i += 1
-        n |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return (n >> 1) ^ -(n & 1), i
 
 
 def event_key(account_id: str, version: int) -> bytes:
@@ -84,10 +72,10 @@ def _key_of(raw: bytes) -> bytes | None:
     if raw.startswith(_EVENT_HEADER):
         # Every version of LedgerEvent starts with event_id, account_id, version.
         try:
-            n, i = _long(raw, HEADER_LEN)
-            n, i = _long(raw, i + n)
+            n, i = read_long(raw, HEADER_LEN)
+            n, i = read_long(raw, i + n)
             account = raw[i:i + n]
-            version, _ = _long(raw, i + n)
+            version, _ = read_long(raw, i + n)
         except IndexError:
             return None
         return account + b"\0" + _VERSION.pack(version) if 0 <= version <= _MAX_VERSION \

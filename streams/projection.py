@@ -62,6 +62,7 @@ from schemas.codec import (
     HEADER_LEN,
     MAGIC,
     DecodeError,
+    read_long,
 )
 from schemas.models import AccountState, LedgerEvent
 from streams.settings import Settings
@@ -100,20 +101,6 @@ _GROUP_ACTIVE_CODES = frozenset({
 })
 
 
-def _read_long(buf: bytes, i: int) -> tuple[int, int]:
-    """An Avro long (zigzag varint) at ``buf[i]``: (value, index after it)."""
-    b = buf[i]
-    n = b & 0x7F
-    shift = 7
-    i += 1
-    while b & 0x80:
-        b = buf[i]
-        i += 1
-        n |= (b & 0x7F) << shift
-        shift += 7
-    return (n >> 1) ^ -(n & 1), i
-
-
 def _long_bytes(value: int) -> bytes:
     """Encode an Avro long (zigzag varint)."""
     n = (value << 1) ^ (value >> 63)
@@ -126,7 +113,7 @@ def _long_bytes(value: int) -> bytes:
 
 
 def _skip_string(buf: bytes, i: int) -> int:
-    n, i = _read_long(buf, i)
+    n, i = read_long(buf, i)
     return i + n
 
 
@@ -134,11 +121,11 @@ def _payload_index(raw: bytes, i: int) -> int:
     """The payload's union branch of a current-schema event; ``i`` is just after occurred_at."""
     i = _skip_string(raw, i)  # command_id
     i = _skip_string(raw, i)  # causation_id
-    branch, i = _read_long(raw, i)  # correlation_id: null | string
+    branch, i = read_long(raw, i)  # correlation_id: null | string
     if branch == 1:
         i = _skip_string(raw, i)
     i = _skip_string(raw, i)  # actor
-    index, _ = _read_long(raw, i)
+    index, _ = read_long(raw, i)
     return index
 
 
@@ -151,12 +138,12 @@ def _fields(version: int, currency: str, balance: int, available: int, occurred_
 
 def _read_fields(raw: bytes) -> tuple[int, str, int, int, int]:
     """version, currency, balance, available, occurred_at from ``_fields`` bytes."""
-    version, i = _read_long(raw, 0)
-    n, i = _read_long(raw, i)
+    version, i = read_long(raw, 0)
+    n, i = read_long(raw, i)
     currency = raw[i:i + n].decode()
-    balance, i = _read_long(raw, i + n)
-    available, i = _read_long(raw, i)
-    occurred_at, _ = _read_long(raw, i)
+    balance, i = read_long(raw, i + n)
+    available, i = read_long(raw, i)
+    occurred_at, _ = read_long(raw, i)
     return version, currency, balance, available, occurred_at
 
 
@@ -334,7 +321,7 @@ class Projection:
                                 fields = raw[j:e]
                                 v = raw[j]
                                 version = ((v >> 1) ^ -(v & 1) if v < 0x80
-                                           else _read_long(raw, j)[0])
+                                           else read_long(raw, j)[0])
                                 b0, b1, b2, b3, b4, b5 = raw[e - 6:e]
                                 o = ((b0 & 0x7F) | (b1 & 0x7F) << 7 | (b2 & 0x7F) << 14
                                      | (b3 & 0x7F) << 21 | (b4 & 0x7F) << 28 | b5 << 35)

@@ -13,9 +13,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
-from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
+from confluent_kafka.admin import AdminClient
 
 from streams.settings import Settings
+from streams.topics import end_offsets
 
 
 @dataclass
@@ -44,9 +45,7 @@ def _owners(admin: AdminClient, group: str, timeout_s: float) -> tuple[str, dict
 
 def _positions(admin: AdminClient, group: str, tps: list[TopicPartition],
                timeout_s: float) -> tuple[dict[TPKey, int], dict[TPKey, int]]:
-    latest = OffsetSpec.latest()  # type: ignore[no-untyped-call]
-    futures = admin.list_offsets({tp: latest for tp in tps}, request_timeout=timeout_s)
-    ends = {(tp.topic, tp.partition): f.result().offset for tp, f in futures.items()}
+    ends = end_offsets(admin, ((tp.topic, tp.partition) for tp in tps), timeout_s)
     done = admin.list_consumer_group_offsets(
         [ConsumerGroupTopicPartitions(group, tps)], request_timeout=timeout_s)[group].result()
     committed = {(tp.topic, tp.partition): tp.offset for tp in done.topic_partitions

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from confluent_kafka import KafkaException, TopicPartition
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AdminClient,
+    NewTopic,
+    OffsetSpec,
+)
 
 from streams.acl import LoginWatch
 from streams.settings import Settings
@@ -112,3 +117,12 @@ def _wait_for_leaders(admin: AdminClient, names: list[str], timeout_s: float) ->
         if time.monotonic() > deadline:
             raise TimeoutError(f"topics without leaders after {timeout_s}s: {missing}")
         time.sleep(0.1)
+
+
+def end_offsets(admin: AdminClient, tps: Iterable[tuple[str, int]],
+                timeout_s: float = 10.0) -> dict[tuple[str, int], int]:
+    """The broker's end offset of each (topic, partition), in one request."""
+    latest = OffsetSpec.latest()  # type: ignore[no-untyped-call]
+    futures = admin.list_offsets({TopicPartition(t, p): latest for t, p in tps},
+                                 request_timeout=timeout_s)
+    return {(tp.topic, tp.partition): f.result().offset for tp, f in futures.items()}
