@@ -14,14 +14,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections import defaultdict
 from typing import Any
 
 import faust
 from aiokafka import codec as codecs
-from confluent_kafka import KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
 from faust.types import TP, EventT
 
 from schemas.models import ExpireHold
@@ -30,6 +31,7 @@ from streams.engine import Engine, PartitionInput, Record
 from streams.processor import parse_expiry_key
 from streams.settings import Settings
 from streams.state import PartitionView
+from streams.topics import end_offsets
 
 log = logging.getLogger("ledger.worker")
 
@@ -166,13 +168,6 @@ def create_app(s: Settings) -> faust.App:
             except BaseException as exc:
                 die(f"rebalance: the batch in hand did not finish: {exc!r}")
 
-    @app.timer(1.0)  # type: ignore[untyped-decorator]
-    async def watchdog() -> None:
-        # Faust's fetcher or consumer can crash and leave the worker alive but idle.
-        reason = crash_reason(app)
-        if reason:
-            die(reason)
-
     @app.timer(2.0)  # type: ignore[untyped-decorator]
     async def stall_watchdog() -> None:
         # Faust can stop feeding an agent without crashing anything (a lost wake-up
@@ -189,8 +184,8 @@ def create_app(s: Settings) -> faust.App:
         # The broker's end offsets, not the consumer's: a fetch that keeps failing
         # (say, on records it cannot decompress) leaves the consumer's view stale.
         try:
-            highwaters = await asyncio.get_running_loop().run_in_executor(None, end_offsets,
-                                                                          tps)
+            highwaters = await asyncio.get_running_loop().run_in_executor(
+                None, end_offsets, admin, tps)
         except KafkaException as exc:
             # No broker, no input to wait for: an outage is not a stall (and the worker
             # rides it out; see tests/chaos).
@@ -250,12 +245,6 @@ def create_app(s: Settings) -> faust.App:
 
     admin = AdminClient(s.kafka_config())
 
-    def end_offsets(tps: list[TP]) -> dict[TP, int]:
-        latest = OffsetSpec.latest()  # type: ignore[no-untyped-call]
-        futures = admin.list_offsets({TopicPartition(tp.topic, tp.partition): latest
-                                      for tp in tps}, request_timeout=10)
-        return {TP(k.topic, k.partition): f.result().offset for k, f in futures.items()}
-
     still: dict[TP, tuple[int, float]] = {}  # per input partition: checkpoint, since when
     expiry_sent: dict[bytes, float] = {}
 
@@ -293,8 +282,24 @@ def create_app(s: Settings) -> faust.App:
                                   hold_id=hold_id))
         return due
 
+    def watch_for_crashes() -> None:
+        # Faust's fetcher or consumer can crash and leave the worker alive but idle, or
+        # start a shutdown that hangs (it stops the app's timers first): so this runs
+        # on a thread of its own, which nothing in Faust stops. A service that fails
+        # while a clean stop (SIGTERM) is under way is not a crash of the worker.
+        stopping_cleanly = False
+        while True:
+            time.sleep(1.0)
+            reason = crash_reason(app)
+            if reason and not stopping_cleanly:
+                die(reason)
+            if app.should_stop and crash_reason(app) is None:
+                stopping_cleanly = True
+
     @app.task  # type: ignore[untyped-decorator]
     async def announce() -> None:
+        threading.Thread(target=watch_for_crashes, name="ledger-crash-watch",
+                         daemon=True).start()
         log.info("worker started", extra={"bootstrap": s.bootstrap_servers,
                                           "partitions": s.partitions, "web_port": s.web_port})
 
