@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -165,6 +166,9 @@ class Codec:
         for path in sorted(schema_dir.glob("history/*.avsc")):
             s = _load(path, current=False)
             self.by_fingerprint.setdefault(s.fingerprint, s)
+        self._writers = {name: compile_writer(s.parsed) for name, s in self.current.items()}
+        self._single_object_headers = {name: MAGIC + s.fingerprint
+                                       for name, s in self.current.items()}
 
     def use_registry(self, url: str | None, client: RegistryClient | None = None) -> None:
         """Write the Confluent wire format with schemas registered at ``url`` (None: stop).
@@ -190,23 +194,11 @@ class Codec:
 
     def encode(self, name: str, datum: dict[str, Any]) -> bytes:
         if self._registry is not None:
-            return self._encode_framed(name, datum)
-        schema = self.current[name]
-        buf = io.BytesIO()
-        buf.write(MAGIC)
-        buf.write(schema.fingerprint)
-        fastavro.schemaless_writer(buf, schema.parsed, datum)
-        return buf.getvalue()
-
-    def _encode_framed(self, name: str, datum: dict[str, Any]) -> bytes:
-        schema = self.current[name]
-        header = self._headers.get(name)
-        if header is None:
-            header = self._register(schema)
-        buf = io.BytesIO()
-        buf.write(header)
-        fastavro.schemaless_writer(buf, schema.parsed, datum)
-        return buf.getvalue()
+            header = self._headers.get(name)
+            if header is None:
+                header = self._register(self.current[name])
+            return header + self.body(name, datum)
+        return self._single_object_headers[name] + self.body(name, datum)
 
     def _register(self, schema: Schema) -> bytes:
         """Register ``schema`` under its full name; errors of the registry propagate."""
@@ -223,9 +215,12 @@ class Codec:
 
     def body(self, name: str, datum: dict[str, Any]) -> bytes:
         """The Avro body alone (no header): a canonical form to hash."""
-        buf = io.BytesIO()
-        fastavro.schemaless_writer(buf, self.current[name].parsed, datum)
-        return buf.getvalue()
+        try:
+            return self._writers[name](datum)
+        except Exception:  # a datum the generated writer does not take: fastavro decides
+            buf = io.BytesIO()
+            fastavro.schemaless_writer(buf, self.current[name].parsed, datum)
+            return buf.getvalue()
 
     def decode(self, data: bytes, expect: str | None = None) -> tuple[str, dict[str, Any]]:
         """Return (schema name, datum); raise a DecodeError subclass on bad input."""
@@ -302,6 +297,115 @@ class Codec:
         if known is not None:
             return known  # a schema we ship: same object, so no resolution when current
         return Schema(name=name, parsed=parsed, fingerprint=fp, current=False)
+
+
+# ---------------------------------------------------------------- writing
+
+_SMALL_LONGS = [bytes([i]) for i in range(128)]
+
+
+def write_long(n: int) -> bytes:
+    """An Avro long: zigzag, then a little-endian base-128 varint."""
+    z = (n << 1) ^ (n >> 63)
+    if 0 <= z < 128:
+        return _SMALL_LONGS[z]
+    if z < 0 or z >> 64:
+        raise OverflowError(f"{n} does not fit an Avro long")
+    out = bytearray()
+    while z > 127:
+        out.append((z & 0x7F) | 0x80)
+        z >>= 7
+    out.append(z)
+    return bytes(out)
+
+
+def compile_writer(schema: Any) -> Callable[[Any], bytes]:
+    """A function that writes a datum of ``schema`` (parsed) as an Avro body.
+
+    fastavro's ``schemaless_writer`` costs ~15 µs a call on this project's machine,
+    most of it per-call set-up, and the worker writes several small records per
+    command: that set-up was a quarter of the hot path. This generates straight-line
+    Python for one schema instead (about twice as fast for an event, five times for
+    the stored outcome). It writes the same bytes as fastavro: the tests compare the
+    two for every schema. A datum it cannot write (a union branch given without its
+    name, a datetime for a timestamp) raises, and ``Codec.body`` hands that datum
+    to fastavro.
+    """
+    lines: list[str] = []
+    consts: dict[str, Any] = {"_long": write_long, "_len": _SMALL_LONGS[0:128:2]}
+    named: dict[str, Any] = {}
+    counter = iter(range(1 << 30))
+
+    def emit(sch: Any, var: str, ind: str) -> None:
+        if isinstance(sch, str):
+            if sch in named:
+                emit(named[sch], var, ind)
+            elif sch in ("long", "int"):
+                lines.append(f"{ind}a(_len[{var}] if 0 <= {var} < 64 else _long({var}))")
+            elif sch == "string":
+                lines.append(f"{ind}b = {var}.encode(); n = len(b)")
+                lines.append(f"{ind}a(_len[n] if n < 64 else _long(n)); a(b)")
+            elif sch == "bytes":
+                lines.append(f"{ind}a(_long(len({var}))); a(bytes({var}))")
+            elif sch == "boolean":
+                lines.append(f"{ind}a(b'\\x01' if {var} else b'\\x00')")
+            elif sch != "null":
+                raise ValueError(f"cannot compile Avro type {sch!r}")
+            return
+        if isinstance(sch, list):
+            if len(sch) == 2 and sch[0] == "null":
+                lines.append(f"{ind}if {var} is None:")
+                lines.append(f"{ind}    a(b'\\x00')")
+                lines.append(f"{ind}else:")
+                lines.append(f"{ind}    a(b'\\x02')")
+                emit(sch[1], var, ind + "    ")
+                return
+            # a union of named types: the datum is (full name, value), as fastavro reads it
+            n = next(counter)
+            lines.append(f"{ind}n{n}, v{n} = {var}")
+            for i, branch in enumerate(sch):
+                branch_name = branch["name"] if isinstance(branch, dict) else branch
+                if branch_name not in named and not isinstance(branch, dict):
+                    raise ValueError(f"cannot compile a union branch {branch!r}")
+                lines.append(f"{ind}{'if' if i == 0 else 'elif'} n{n} == {branch_name!r}:")
+                lines.append(f"{ind}    a({write_long(i)!r})")
+                emit(branch, f"v{n}", ind + "    ")
+            lines.append(f"{ind}else:")
+            lines.append(f"{ind}    raise ValueError(n{n})")
+            return
+        kind = sch["type"]
+        if kind == "record":
+            named[sch["name"]] = sch
+            for f in sch["fields"]:
+                n = next(counter)
+                lines.append(f"{ind}f{n} = {var}[{f['name']!r}]")
+                emit(f["type"], f"f{n}", ind)
+        elif kind == "enum":
+            named[sch["name"]] = sch
+            n = next(counter)
+            consts[f"E{n}"] = {sym: write_long(i) for i, sym in enumerate(sch["symbols"])}
+            lines.append(f"{ind}a(E{n}[{var}])")
+        elif kind in ("array", "map"):
+            n = next(counter)
+            lines.append(f"{ind}if {var}:")
+            lines.append(f"{ind}    a(_long(len({var})))")
+            if kind == "array":
+                lines.append(f"{ind}    for i{n} in {var}:")
+                emit(sch["items"], f"i{n}", ind + "        ")
+            else:
+                lines.append(f"{ind}    for k{n}, i{n} in {var}.items():")
+                emit("string", f"k{n}", ind + "        ")
+                emit(sch["values"], f"i{n}", ind + "        ")
+            lines.append(f"{ind}a(b'\\x00')")
+        else:  # a primitive written as {"type": ...}, logical types included
+            emit(kind, var, ind)
+
+    emit(schema, "d", "    ")
+    source = "def write(d):\n    out = []\n    a = out.append\n" + "\n".join(lines) \
+        + "\n    return b''.join(out)\n"
+    exec(compile(source, f"<avro writer {schema.get('name')}>", "exec"), consts)
+    writer: Callable[[Any], bytes] = consts["write"]
+    return writer
 
 
 CODEC = Codec()

@@ -8,7 +8,7 @@ Timestamps are epoch milliseconds (UTC) as integers; money is integer minor unit
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,6 +20,26 @@ Id = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x
 
 class Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @classmethod
+    def trusted(cls, **values: Any) -> Self:
+        """An instance of values that are already valid (decoded by the Avro schema, or
+        made by the rules from a validated command): no validation.
+
+        What ``model_construct`` does for a complete set of fields, at a third of its
+        cost; the hot path builds several models per command.
+        """
+        obj = cls.__new__(cls)
+        object.__setattr__(obj, "__dict__", values)
+        object.__setattr__(obj, "__pydantic_fields_set__", set(values))
+        object.__setattr__(obj, "__pydantic_extra__", None)
+        object.__setattr__(obj, "__pydantic_private__", None)
+        return obj
+
+    def replace(self, **changes: Any) -> Self:
+        """A copy with ``changes`` (trusted, as for ``trusted``): ``model_copy(update=...)``
+        at a quarter of its cost."""
+        return self.trusted(**{**self.__dict__, **changes})
 
 
 # ---------------------------------------------------------------- commands
@@ -190,8 +210,8 @@ class LedgerEvent(Model):
     @classmethod
     def from_avro(cls, d: dict[str, Any]) -> LedgerEvent:
         name, body = d["payload"]
-        d = dict(d, payload=PAYLOAD_TYPES[name.rsplit(".", 1)[-1]].model_construct(**body))
-        return cls.model_construct(**d)
+        d = dict(d, payload=PAYLOAD_TYPES[name.rsplit(".", 1)[-1]].trusted(**body))
+        return cls.trusted(**d)
 
 
 class Rejection(Model):
@@ -211,7 +231,7 @@ class Rejection(Model):
 
     @classmethod
     def from_avro(cls, d: dict[str, Any]) -> Rejection:
-        return cls.model_construct(**d)
+        return cls.trusted(**d)
 
 
 class TransferLeg(Model):
@@ -246,7 +266,7 @@ class TransferLeg(Model):
 
     @classmethod
     def from_avro(cls, d: dict[str, Any]) -> TransferLeg:
-        return cls.model_construct(**d)
+        return cls.trusted(**d)
 
 
 # ---------------------------------------------------------------- state
@@ -281,8 +301,8 @@ class AccountState(Model):
 
     @classmethod
     def from_avro(cls, d: dict[str, Any]) -> AccountState:
-        holds = {k: Hold.model_construct(**h) for k, h in d["holds"].items()}
-        return cls.model_construct(**dict(d, holds=holds))
+        holds = {k: Hold.trusted(**h) for k, h in d["holds"].items()}
+        return cls.trusted(**dict(d, holds=holds))
 
 
 class CommandOutcome(Model):
@@ -299,7 +319,7 @@ class CommandOutcome(Model):
 
     @classmethod
     def from_avro(cls, d: dict[str, Any]) -> CommandOutcome:
-        return cls.model_construct(**d)
+        return cls.trusted(**d)
 
 
 # ---------------------------------------------------------------- wire helpers

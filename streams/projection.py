@@ -63,6 +63,7 @@ from schemas.codec import (
     MAGIC,
     DecodeError,
     read_long,
+    write_long,
 )
 from schemas.models import AccountState, LedgerEvent
 from streams.settings import Settings
@@ -101,17 +102,6 @@ _GROUP_ACTIVE_CODES = frozenset({
 })
 
 
-def _long_bytes(value: int) -> bytes:
-    """Encode an Avro long (zigzag varint)."""
-    n = (value << 1) ^ (value >> 63)
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def _skip_string(buf: bytes, i: int) -> int:
     n, i = read_long(buf, i)
     return i + n
@@ -132,8 +122,8 @@ def _payload_index(raw: bytes, i: int) -> int:
 def _fields(version: int, currency: str, balance: int, available: int, occurred_at: int) -> bytes:
     """A history value: these fields as Avro encodes them in an event (current schema)."""
     cur = currency.encode()
-    return b"".join((_long_bytes(version), _long_bytes(len(cur)), cur, _long_bytes(balance),
-                     _long_bytes(available), _long_bytes(occurred_at)))
+    return b"".join((write_long(version), write_long(len(cur)), cur, write_long(balance),
+                     write_long(available), write_long(occurred_at)))
 
 
 def _read_fields(raw: bytes) -> tuple[int, str, int, int, int]:

@@ -6,9 +6,13 @@ through ``decide``/``decide_leg`` and checks the event or the rejection.
 
 from __future__ import annotations
 
+import hashlib
+import uuid
 from dataclasses import dataclass
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from schemas.models import (
     AccountClosed,
@@ -26,7 +30,7 @@ from schemas.models import (
     encode,
 )
 from schemas.money import MAX_AMOUNT_MINOR, MAX_BALANCE_MINOR, MAX_MINOR
-from streams.domain import Reason, decide, decide_leg, evolve, fold
+from streams.domain import _EVENT_ID_KEY, Reason, decide, decide_leg, event_id, evolve, fold
 from tests.unit.conftest import (
     ACTOR,
     T0,
@@ -704,3 +708,11 @@ def test_refund_applies_within_the_headroom_above_the_balance_cap(book):
 
     assert event.balance_after_minor == MAX_BALANCE_MINOR + 100
     encode(event)
+
+
+@given(causation=st.text(min_size=1, max_size=40), account=st.text(min_size=1, max_size=40))
+def test_event_id_is_the_uuid4_of_the_keyed_hash(causation, account):
+    digest = hashlib.blake2b(f"{causation}/{account}".encode(), digest_size=16,
+                             key=_EVENT_ID_KEY).digest()
+
+    assert event_id(causation, account) == str(uuid.UUID(bytes=digest, version=4))

@@ -300,3 +300,18 @@ def test_command_type_is_the_class_name():
     assert all(COMMAND_TYPES[name].__name__ == name for name in COMMAND_TYPES)
     assert issubclass(COMMAND_TYPES["Transfer"], CommandBase)
     assert transfer(1).type == "Transfer"
+
+
+def test_trusted_and_replace_make_what_validation_and_model_copy_make():
+    state = AccountState(account_id="A", currency="USD", status="open", overdraft_limit_minor=0,
+                         balance_minor=5, held_minor=0, version=1, updated_at=T0,
+                         holds={"h": Hold(amount_minor=1, expires_at=T0)})
+
+    trusted = AccountState.trusted(**dict(state.__dict__))
+    replaced = state.replace(balance_minor=7, version=2)
+    copied = state.model_copy(update={"balance_minor": 7, "version": 2})
+
+    assert trusted == state and trusted.model_dump() == state.model_dump()
+    assert replaced == copied and replaced.model_dump() == copied.model_dump()
+    assert state.balance_minor == 5  # the original is untouched
+    assert encode(replaced) == encode(copied)
