@@ -78,10 +78,9 @@ _NOT_CONTENT = frozenset({"issued_at", "correlation_id"})
 
 @cache
 def _content(cls: type[CommandBase]) -> Callable[[dict[str, object]], tuple[object, ...]]:
-    """The values of a command class's content fields, in the class's field order."""
-    names = [k for k in cls.model_fields if k not in _NOT_CONTENT]
-    get = operator.itemgetter(*names)
-    return get if len(names) > 1 else lambda d: (get(d),)
+    """The values of a command class's content fields, in the class's field order
+    (every command has several, so ``itemgetter`` always returns a tuple)."""
+    return operator.itemgetter(*(k for k in cls.model_fields if k not in _NOT_CONTENT))
 
 
 def command_digest(c: CommandBase) -> bytes:
