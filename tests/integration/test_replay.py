@@ -12,6 +12,7 @@ from confluent_kafka import ConsumerGroupTopicPartitions, Producer
 from confluent_kafka.admin import AdminClient
 
 from schemas.codec import CODEC, MAGIC
+from schemas.codec import write_long as _long  # the Avro long encoding
 from schemas.models import (
     AccountClosed,
     AccountOpened,
@@ -31,7 +32,6 @@ from streams.projection import (
     reset_offsets,
     state_checksum,
 )
-from streams.projection import _long_bytes as _long  # the Avro long encoding
 from streams.verify import verify
 
 pytestmark = pytest.mark.kafka
