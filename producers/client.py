@@ -12,6 +12,10 @@ ledger's static rules first, so an invalid one is refused before it is sent. The
 outcome (the event, or the rejection with its reason) is matched by ``command_id``
 on ``ledger.events`` / ``ledger.rejections``; a retry must reuse the same command,
 and gets the first outcome again.
+
+With ``wait_outcomes=False`` (bulk loading) the future resolves once the broker has
+acknowledged the command's record, to an ``Outcome`` with no events, or fails with
+``DeliveryError``: nothing is reported as sent that was not.
 """
 
 from __future__ import annotations
@@ -102,6 +106,7 @@ class LedgerClient:
         self.producer = Producer(settings.producer_config(**{"linger.ms": 1}))
         self._lock = threading.Lock()
         self._queued: dict[int, list[CommandBase]] = defaultdict(list)
+        self._in_hand = 0  # commands taken off the queue, not yet handed to librdkafka
         self._wake = threading.Event()
         self._waiting: dict[str, Future[Outcome]] = {}
         self._settling: dict[str, Future[Outcome]] = {}
@@ -134,14 +139,11 @@ class LedgerClient:
         with self._lock:
             if self._closed.is_set():
                 raise RuntimeError("client is closed")
-            if self._consumer is not None:
-                self._waiting[command.command_id] = fut
-                if isinstance(command, Transfer):
-                    settlement: Future[Outcome] = Future()
-                    fut.settlement = settlement  # type: ignore[attr-defined]
-                    self._settling[command.command_id] = settlement
-            else:
-                fut.set_result(Outcome(command.command_id))
+            self._waiting[command.command_id] = fut
+            if self._consumer is not None and isinstance(command, Transfer):
+                settlement: Future[Outcome] = Future()
+                fut.settlement = settlement  # type: ignore[attr-defined]
+                self._settling[command.command_id] = settlement
             self._queued[p].append(command)
         self._wake.set()
         return fut
@@ -153,9 +155,12 @@ class LedgerClient:
             time.sleep(self.linger_s)  # let concurrent submits join the batch
             with self._lock:
                 queued, self._queued = self._queued, defaultdict(list)
+                self._in_hand = sum(map(len, queued.values()))
             for p, commands in queued.items():
                 for chunk in self._chunks(commands):
                     self._produce(p, chunk)
+            with self._lock:
+                self._in_hand = 0
             self.producer.poll(0)
             if self._closed.is_set() and not self._queued:
                 break
@@ -179,6 +184,12 @@ class LedgerClient:
         def delivered(err: KafkaError | None, _msg: Message) -> None:
             if err is not None:
                 self._fail(ids, DeliveryError(f"command record not delivered: {err.str()}"))
+            elif self._consumer is None:  # nothing else will resolve these
+                with self._lock:
+                    futs = [(i, self._waiting.pop(i, None)) for i in ids]
+                for cid, f in futs:
+                    if f is not None and not f.done():
+                        f.set_result(Outcome(cid))
 
         while True:
             try:
@@ -252,7 +263,7 @@ class LedgerClient:
     def flush(self, timeout_s: float = 30.0) -> None:
         """Wait until every queued command is acknowledged by the broker."""
         deadline = time.monotonic() + timeout_s
-        while self._queued and time.monotonic() < deadline:
+        while (self._queued or self._in_hand) and time.monotonic() < deadline:
             self._wake.set()
             time.sleep(0.005)
         left = self.producer.flush(max(0.0, deadline - time.monotonic()))

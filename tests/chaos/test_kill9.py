@@ -55,11 +55,13 @@ def submit_paced(s: Settings, commands: list[CommandBase], seconds: float,
     def run() -> None:
         with LedgerClient(s, wait_outcomes=False) as client:
             chunk = max(1, len(commands) // int(seconds * 10))
+            sent = []
             for i in range(0, len(commands), chunk):
-                for c in commands[i:i + chunk]:
-                    client.submit(c)
+                sent += [client.submit(c) for c in commands[i:i + chunk]]
                 time.sleep(0.1)
             client.flush(120)
+            for f in sent:
+                f.result(timeout=0)  # raises DeliveryError for a record the broker refused
         done.set()
 
     thread = threading.Thread(target=run, name="chaos-producer", daemon=True)
@@ -79,6 +81,17 @@ def outcomes_by_command(s: Settings) -> tuple[dict[str, set[bytes]], int]:
             if d.get("causation_id", d["command_id"]) == d["command_id"]:
                 seen[d["command_id"]].add(m.value())
     return seen, records
+
+
+def where_on_the_log(s: Settings, command_ids: set[str]) -> dict[str, str]:
+    """partition@offset of each command's record on ``ledger.commands`` (or "absent")."""
+    found = dict.fromkeys(command_ids, "absent")
+    for m in read_all(s, s.commands_topic):
+        _, batch = CODEC.decode(m.value())
+        for _name, body in batch["commands"]:
+            if body["command_id"] in found:
+                found[body["command_id"]] = f"{m.partition()}@{m.offset()}"
+    return found
 
 
 class Supervisor:
@@ -115,7 +128,8 @@ def wait_for_outcomes(s: Settings, ids: set[str], timeout_s: float,
             return seen
         if time.monotonic() > deadline:
             raise AssertionError(f"{len(missing)} commands without an outcome, e.g. "
-                                 f"{sorted(missing)[:5]}")
+                                 f"{sorted(missing)[:5]}; where they are on the command "
+                                 f"log: {where_on_the_log(s, missing)}")
         time.sleep(1)
 
 
