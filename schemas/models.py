@@ -313,6 +313,7 @@ class CommandOutcome(Model):
     digest: bytes
     records: list[bytes]
     rejected: bool
+    expires_at: int = 0  # partition clock (ms) after which the id is forgotten; 0: never
 
     def to_avro(self) -> dict[str, Any]:
         return dict(self.__dict__)

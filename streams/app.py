@@ -133,7 +133,7 @@ def create_app(s: Settings) -> faust.App:
                 continue
             part = inputs[m.partition]
             (part.legs if m.topic == s.transfers_topic else part.commands).append(
-                Record(m.key, m.value, m.offset))
+                Record(m.key, m.value, m.offset, round((m.timestamp or 0) * 1000)))
         batch = deciding["batch"] = asyncio.ensure_future(engine.process(inputs))
         try:
             report = await batch

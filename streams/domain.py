@@ -312,8 +312,8 @@ def _event(state: AccountState | None, account_id: str, command_id: str, causati
     version = 1 if state is None else state.version + 1
     after = _after(state, payload, account_id, currency, version, occurred_at)
     event = LedgerEvent.trusted(
-        event_id=event_id(causation_id, account_id), account_id=account_id, version=version,
-        currency=currency, balance_after_minor=after.balance_minor,
+        event_id=event_id(causation_id, account_id, version), account_id=account_id,
+        version=version, currency=currency, balance_after_minor=after.balance_minor,
         available_after_minor=after.available_minor, occurred_at=occurred_at,
         command_id=command_id, causation_id=causation_id, correlation_id=correlation_id,
         actor=actor, payload=payload,
@@ -321,13 +321,15 @@ def _event(state: AccountState | None, account_id: str, command_id: str, causati
     return event, after
 
 
-def event_id(causation_id: str, account_id: str) -> str:
-    """Deterministic: the same command (or leg) on the same account, the same id.
+def event_id(causation_id: str, account_id: str, version: int) -> str:
+    """Deterministic: the same command (or leg) deciding the same version of the same
+    account, the same id. The version keeps ids unique when a command_id comes back
+    as a new command after the idempotency window.
 
     A version-4 UUID made of a keyed hash: ``str(uuid.UUID(bytes=digest, version=4))``,
     written out by hand because building a ``uuid.UUID`` took longer than the hash.
     """
-    b = bytearray(hashlib.blake2b(f"{causation_id}/{account_id}".encode(), digest_size=16,
+    b = bytearray(hashlib.blake2b(f"{causation_id}/{account_id}/{version}".encode(), digest_size=16,
                                   key=_EVENT_ID_KEY).digest())
     b[6] = b[6] & 0x0F | 0x40  # version 4
     b[8] = b[8] & 0x3F | 0x80  # RFC 4122 variant

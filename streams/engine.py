@@ -59,6 +59,7 @@ class Record:
     key: bytes | None
     value: bytes | None
     offset: int
+    timestamp: int  # epoch ms: the broker's append time on the input topics
 
 
 @dataclass
@@ -194,11 +195,13 @@ class Engine:
         legs, cmds = inp.legs, inp.commands
         if not legs and not cmds:
             return None
-        bp = BatchProcessor(view.get, p, self.s.partitions, self.signer, self.s.max_record_bytes)
+        bp = BatchProcessor(view.get, lambda start: view.db.keys(from_key=start), p,
+                            self.s.partitions, self.signer, window_ms=self.s.idempotency_window_ms,
+                            max_record_bytes=self.s.max_record_bytes)
         for r in legs:
-            bp.leg_record(r.key, r.value, self.s.transfers_topic, r.offset)
+            bp.leg_record(r.key, r.value, self.s.transfers_topic, r.offset, r.timestamp)
         for r in cmds:
-            bp.command_record(r.key, r.value, self.s.commands_topic, r.offset)
+            bp.command_record(r.key, r.value, self.s.commands_topic, r.offset, r.timestamp)
         tag = (cmds[-1].offset if cmds else ck.commands, legs[-1].offset if legs else ck.transfers)
         return _Work(p, view, bp, tag)
 
@@ -278,7 +281,7 @@ class Engine:
                     if m.error() is not None or offset is None:
                         continue
                     if first <= offset <= last:
-                        out.append(Record(m.key(), m.value(), offset))
+                        out.append(Record(m.key(), m.value(), offset, m.timestamp()[1]))
                     if offset >= last:
                         return out
             raise DeliveryFailed(f"{topic}[{partition}]: could not read {first}..{last}")

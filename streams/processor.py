@@ -10,7 +10,17 @@ one command give byte-identical outputs and the same state.
 Store keys (bytes):
     ``a<account>``                  AccountState
     ``i<account>\\0<command_id>``    CommandOutcome: a retry gets the same records again
+    ``e<expires_at:8>i<account>...`` retention index of those outcomes (value empty)
     ``x<expires_at:8>``...          hold expiry index: ``<account>\\0<hold_id>``
+    ``\\0clock``                    the partition clock (8 bytes, epoch ms)
+
+Idempotency is bounded: a command_id is remembered for ``window_ms`` of partition
+clock after its decision, then forgotten (a command with it is a new command) and its
+outcome record deleted. The partition clock is the largest broker timestamp of the
+input records seen so far (the input topics use append time), so it is the same
+however the records are cut into batches, and deciding a batch again gives the same
+answers. An outcome past its time is ignored when looked up, so when the deletion
+runs (a bounded number per batch, at its end) changes nothing but the disk used.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ import hmac
 import logging
 import operator
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
 
@@ -60,6 +70,17 @@ def account_key(account_id: str) -> bytes:
 
 def outcome_key(account_id: str, command_id: str) -> bytes:
     return b"i" + account_id.encode() + b"\0" + command_id.encode()
+
+
+CLOCK_KEY = b"\0clock"
+_MS = struct.Struct(">q")
+# Outcome records deleted at the end of one batch, at most: a backlog of expired ids
+# (after a pause) is worked off over the following batches.
+FORGET_PER_BATCH = 5000
+
+
+def retention_key(expires_at: int, okey: bytes) -> bytes:
+    return b"e" + _MS.pack(expires_at) + okey
 
 
 def expiry_key(expires_at: int, account_id: str, hold_id: str) -> bytes:
@@ -136,9 +157,16 @@ class Stats:
 
 
 class BatchProcessor:
-    def __init__(self, read: Callable[[bytes], bytes | None], partition: int, partitions: int,
-                 signer: LegSigner, max_record_bytes: int = 1_000_000) -> None:
+    """``read(key)``: a committed value of the partition's store; ``keys(start)``: its
+    keys from ``start`` on, in order; ``window_ms``: how long a command_id is kept."""
+
+    def __init__(self, read: Callable[[bytes], bytes | None],
+                 keys: Callable[[bytes], Iterable[bytes]], partition: int, partitions: int,
+                 signer: LegSigner, *, window_ms: int, max_record_bytes: int = 1_000_000) -> None:
         self._read = read
+        self._keys = keys
+        self.window_ms = window_ms
+        self._now: int | None = None  # the partition clock, once a record is seen
         self.partition = partition
         self.partitions = partitions
         self.signer = signer
@@ -148,6 +176,7 @@ class BatchProcessor:
         self._accounts: dict[str, AccountState | None] = {}
         self._dirty: set[str] = set()
         self._writes: dict[bytes, bytes | None] = {}
+        self._retained: list[tuple[int, bytes]] = []  # outcomes this batch stored
 
     # ------------------------------------------------------------ reads
 
@@ -166,6 +195,26 @@ class BatchProcessor:
             return self._writes[key]
         return self._read(key)
 
+    def _tick(self, timestamp: int) -> int:
+        """Advance the partition clock to a record's timestamp (it never goes back)."""
+        now = self._now
+        if now is None:
+            raw = self._read(CLOCK_KEY)
+            now = 0 if raw is None else _MS.unpack(raw)[0]
+        if timestamp > now:
+            now = timestamp
+        self._now = now
+        return now
+
+    def _prior(self, okey: bytes) -> CommandOutcome | None:
+        """The stored outcome of an id, unless it is past its time (then it is forgotten)."""
+        raw = self._get(okey)
+        if raw is None:
+            return None
+        prior = CommandOutcome.from_avro(CODEC.decode(raw, expect=CommandOutcome.avro_name)[1])
+        assert self._now is not None
+        return None if 0 < prior.expires_at < self._now else prior
+
     # ------------------------------------------------------------ inputs
 
     def dead_letter(self, key: bytes | None, value: bytes | None, topic: str, offset: int,
@@ -181,8 +230,9 @@ class BatchProcessor:
         ]))
 
     def command_record(self, key: bytes | None, value: bytes | None, topic: str,
-                       offset: int) -> None:
+                       offset: int, timestamp: int) -> None:
         """Decide every command of one ``ledger.commands`` record, in list order."""
+        self._tick(timestamp)
         if value is None or len(value) > self.max_record_bytes:
             size = 0 if value is None else len(value)
             self.dead_letter(key, value, topic, offset, f"record of {size} bytes", "oversize"
@@ -226,7 +276,7 @@ class BatchProcessor:
             return
         okey = outcome_key(c.account_id, c.command_id)
         digest = command_digest(c)
-        prior = self._get(okey)
+        prior = self._prior(okey)
         if prior is not None:
             if not self._replayed(okey, prior, digest):
                 self._emit_rejection(reject(c, Reason.IDEMPOTENCY_KEY_REUSED,
@@ -236,8 +286,9 @@ class BatchProcessor:
         self._apply(c.account_id, okey, digest, decide(self._account(c.account_id), c))
 
     def leg_record(self, key: bytes | None, value: bytes | None, topic: str,
-                   offset: int) -> None:
+                   offset: int, timestamp: int) -> None:
         """Apply one leg from ``ledger.transfers``; forged or misrouted legs are dead letters."""
+        self._tick(timestamp)
         try:
             _, datum = CODEC.decode(value or b"", expect=TransferLeg.avro_name)
             leg = TransferLeg.from_avro(datum)
@@ -254,7 +305,7 @@ class BatchProcessor:
             return
         okey = outcome_key(leg.account_id, leg.leg_id)
         digest = hashlib.sha256(value or b"").digest()[:16]
-        prior = self._get(okey)
+        prior = self._prior(okey)
         if prior is not None and self._replayed(okey, prior, digest):
             return
         state = self._account(leg.account_id)
@@ -266,10 +317,9 @@ class BatchProcessor:
 
     # ------------------------------------------------------------ outputs
 
-    def _replayed(self, okey: bytes, raw: bytes, digest: bytes) -> bool:
-        """A command_id seen before (``raw``, its stored outcome): if it asked for the same
-        thing, send its first outcome again."""
-        prior = CommandOutcome.from_avro(CODEC.decode(raw, expect=CommandOutcome.avro_name)[1])
+    def _replayed(self, okey: bytes, prior: CommandOutcome, digest: bytes) -> bool:
+        """A command_id seen before (``prior``, its stored outcome): if it asked for the
+        same thing, send its first outcome again."""
         # an empty digest: rebuilt from the log (streams.rebuild), content unknown
         if prior.digest != digest and prior.digest:
             return False
@@ -297,8 +347,13 @@ class BatchProcessor:
             self.stats.legs += 1
             signed = self.signer.sign(leg)
             self.outputs.append(Output(TRANSFERS, signed.account_id.encode(), encode(signed)))
+        assert self._now is not None
+        expires_at = self._now + self.window_ms
         self._writes[okey] = CODEC.encode(CommandOutcome.avro_name, {
-            "digest": digest, "records": records, "rejected": outcome.rejection is not None})
+            "digest": digest, "records": records, "rejected": outcome.rejection is not None,
+            "expires_at": expires_at})
+        self._writes[retention_key(expires_at, okey)] = b""
+        self._retained.append((expires_at, okey))
 
     def _emit_event(self, event: LedgerEvent) -> bytes:
         self.stats.events += 1
@@ -333,4 +388,35 @@ class BatchProcessor:
             assert state is not None
             self._writes[account_key(account_id)] = encode(state)
         self._dirty.clear()
+        if self._now is not None:
+            self._forget(self._now)
+            if self._writes:  # the clock matters only next to what is stored
+                self._writes[CLOCK_KEY] = _MS.pack(self._now)
         return self._writes
+
+    def _forget(self, now: int) -> None:
+        """Delete outcome records past their time (up to FORGET_PER_BATCH of them from
+        the store, and any this batch wrote itself: a batch can span a window)."""
+        for expires_at, okey in self._retained:
+            if expires_at < now:
+                del self._writes[retention_key(expires_at, okey)]
+                self._forget_outcome(okey, expires_at)
+        n = 0
+        for key in self._keys(b"e"):
+            if key[:1] != b"e" or n == FORGET_PER_BATCH:
+                return
+            expires_at = _MS.unpack_from(key, 1)[0]
+            if expires_at >= now:
+                return
+            if self._read(key) is None:  # not committed: a batch that never finished
+                continue
+            n += 1
+            self._writes[key] = None
+            self._forget_outcome(key[9:], expires_at)
+
+    def _forget_outcome(self, okey: bytes, expires_at: int) -> None:
+        raw = self._get(okey)
+        # the id may have been decided again since, as a new command: keep that one
+        if raw is not None and CommandOutcome.from_avro(CODEC.decode(
+                raw, expect=CommandOutcome.avro_name)[1]).expires_at == expires_at:
+            self._writes[okey] = None

@@ -3,7 +3,8 @@
 For when the accounts changelog (or the disk, and with it the changelog) is lost.
 With the worker group stopped, it folds ``ledger.events`` into every account's state,
 turns every event and every rejection back into the outcome record of the command
-(or transfer leg) that caused it, rebuilds the hold-expiry index, takes each
+(or transfer leg) that caused it (kept for the idempotency window from the time the
+event or rejection was written), rebuilds the hold-expiry index, takes each
 partition's checkpoint from the worker group's committed input offsets, and writes
 all of it to the changelog, checkpoint last. A worker started afterwards restores
 it through Faust's ordinary recovery and resumes at the group's committed offsets.
@@ -30,7 +31,13 @@ from schemas.codec import CODEC
 from schemas.models import AccountState, CommandOutcome, LedgerEvent, encode
 from streams.domain import evolve
 from streams.eventlog import read_all
-from streams.processor import account_key, expiry_key, outcome_key, partition_for
+from streams.processor import (
+    account_key,
+    expiry_key,
+    outcome_key,
+    partition_for,
+    retention_key,
+)
 from streams.projection import GroupActive, _members
 from streams.settings import Settings
 from streams.state import CHECKPOINT_KEY, Checkpoint, wrap
@@ -92,7 +99,8 @@ def rebuild(s: Settings, progress: Callable[[str], None] | None = None) -> Rebui
             continue  # a byte-identical duplicate of an event already folded
         states[event.account_id] = evolve(state, event)
         okey = outcome_key(event.account_id, event.causation_id)
-        outcomes[okey] = CommandOutcome(digest=UNKNOWN_DIGEST, records=[raw], rejected=False)
+        outcomes[okey] = CommandOutcome(digest=UNKNOWN_DIGEST, records=[raw], rejected=False,
+                                        expires_at=m.timestamp()[1] + s.idempotency_window_ms)
     say(f"reading {s.rejections_topic}")
     for m in read_all(s, s.rejections_topic):
         raw = m.value() or b""
@@ -100,8 +108,9 @@ def rebuild(s: Settings, progress: Callable[[str], None] | None = None) -> Rebui
         okey = outcome_key(d["account_id"], d["command_id"])
         if d["reason"] not in ("idempotency_key_reused", "wrong_partition", "invalid_command"):
             # those three are not a command's outcome: they are never stored
-            outcomes.setdefault(okey, CommandOutcome(digest=UNKNOWN_DIGEST, records=[raw],
-                                                     rejected=True))
+            outcomes.setdefault(okey, CommandOutcome(
+                digest=UNKNOWN_DIGEST, records=[raw], rejected=True,
+                expires_at=m.timestamp()[1] + s.idempotency_window_ms))
 
     checkpoints = committed_inputs(s)
     per_partition: dict[int, dict[bytes, bytes]] = {p: {} for p in range(s.partitions)}
@@ -114,7 +123,9 @@ def rebuild(s: Settings, progress: Callable[[str], None] | None = None) -> Rebui
             values[expiry_key(hold.expires_at, account, hold_id)] = b""
     for okey, outcome in outcomes.items():
         account = okey[1:].split(b"\0", 1)[0].decode()
-        per_partition[partition_for(account, s.partitions)][okey] = encode(outcome)
+        values = per_partition[partition_for(account, s.partitions)]
+        values[okey] = encode(outcome)
+        values[retention_key(outcome.expires_at, okey)] = b""
 
     producer = Producer(s.producer_config())
     records = 0

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     # and how long to wait for a batch to fill).
     batch_max_records: int = Field(default=2000, ge=1, le=100_000)
     batch_within_ms: int = Field(default=2, ge=1, le=10_000)
+    # How long a command_id is remembered after its decision (partition clock: broker
+    # append time). A retry within it gets the first outcome; after it, the id is new.
+    idempotency_window_s: int = Field(default=7 * 86_400, ge=1)
     # A command record bigger than this is dead-lettered unread.
     max_record_bytes: int = Field(default=1_000_000, ge=1024)
     # How fast the group notices a dead worker (its partitions move after this).
@@ -65,6 +68,10 @@ class Settings(BaseSettings):
     startup_timeout_s: float = Field(default=300.0, gt=0)
     # How long a flush to the broker may take before the worker gives up and exits.
     flush_timeout_s: float = Field(default=60.0, gt=0)
+
+    @property
+    def idempotency_window_ms(self) -> int:
+        return self.idempotency_window_s * 1000
 
     @model_validator(mode="after")
     def _sasl_needs_a_user(self) -> Settings:

@@ -35,9 +35,13 @@ class TopicSpec:
 def specs(s: Settings) -> list[TopicSpec]:
     keep = {"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1"}
     big = {"max.message.bytes": str(16 * 1024 * 1024)}
+    # The worker's partition clock (idempotency window) is the inputs' timestamps:
+    # the broker's, not whatever a producer put in.
+    stamped = {"message.timestamp.type": "LogAppendTime"}
     return [
-        TopicSpec(s.commands_topic, s.partitions, {"retention.ms": str(7 * 86_400_000), **big}),
-        TopicSpec(s.transfers_topic, s.partitions, {**keep}),
+        TopicSpec(s.commands_topic, s.partitions,
+                  {"retention.ms": str(7 * 86_400_000), **big, **stamped}),
+        TopicSpec(s.transfers_topic, s.partitions, {**keep, **stamped}),
         # The source of truth: kept forever, never compacted.
         TopicSpec(s.events_topic, s.partitions, {**keep}),
         TopicSpec(s.rejections_topic, s.partitions, {**keep}),

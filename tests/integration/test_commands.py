@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from confluent_kafka import TIMESTAMP_LOG_APPEND_TIME
 
 from schemas.codec import CODEC
 from schemas.models import (
@@ -97,3 +98,24 @@ def test_every_command_type_and_a_hold_that_expires(ledger_settings, start_worke
                                                         "amount_minor": 500,
                                                         "reason": "expired"})
     assert datum["actor"] == "ledger"
+
+
+def test_a_command_id_is_remembered_for_the_window_by_the_brokers_clock(
+        ledger_settings, start_worker, client):
+    start_worker(idempotency_window_s=3)
+    now = int(time.time() * 1000)
+    assert client.submit(OpenAccount(command_id="o", account_id="win", actor="t",
+                                     issued_at=now, currency="USD")).result(timeout=60).accepted
+    # a client clock far behind or ahead does not matter: the broker stamps the records
+    deposit = Deposit(command_id="d", account_id="win", actor="t", issued_at=now - 10**9,
+                      amount_minor=100, currency="USD")
+
+    first = client.submit(deposit).result(timeout=60).events[0]
+    retry = client.submit(deposit).result(timeout=60).events[0]
+    time.sleep(3.5)
+    later = client.submit(deposit).result(timeout=60).events[0]
+
+    assert retry == first and first.balance_after_minor == 100
+    assert later.event_id != first.event_id and later.balance_after_minor == 200
+    stamps = {m.timestamp()[0] for m in read_all(ledger_settings, ledger_settings.commands_topic)}
+    assert stamps == {TIMESTAMP_LOG_APPEND_TIME}

@@ -43,7 +43,7 @@ def test_a_hole_in_the_given_records_is_read_from_the_log(ledger_settings, tmp_p
     for c in commands:  # one record each
         producer.produce(s.commands_topic, encode_batch([c]), b"acct-gap", partition=p)
     assert producer.flush(30) == 0
-    records = [Record(m.key(), m.value(), m.offset() or 0)
+    records = [Record(m.key(), m.value(), m.offset() or 0, m.timestamp()[1])
                for m in read_all(s, s.commands_topic) if m.partition() == p]
     assert len(records) == 21
 

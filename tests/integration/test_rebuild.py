@@ -7,9 +7,13 @@ import time
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from schemas.models import Deposit, OpenAccount, Transfer, Withdraw
+from schemas.codec import CODEC
+from schemas.models import CommandOutcome, Deposit, OpenAccount, Transfer, Withdraw
+from streams.eventlog import read_all
+from streams.processor import retention_key
 from streams.projection import GroupActive
 from streams.rebuild import rebuild
+from streams.state import _HEAD
 from streams.verify import verify
 
 pytestmark = pytest.mark.kafka
@@ -59,6 +63,14 @@ def test_rebuild_from_events_after_losing_changelog_and_disk(ledger_settings, st
     result = rebuild(s)
     assert result.accounts == 20
     assert result.outcomes == len(history) + 20  # + the transfers' credit legs
+    # each rebuilt outcome is kept for the idempotency window, and indexed to be forgotten
+    stored = {m.key(): m.value() for m in read_all(s, s.changelog_topic)}
+    outcomes = {k: CommandOutcome.from_avro(CODEC.decode(v[_HEAD.size:])[1])
+                for k, v in stored.items() if k.startswith(b"i")}
+    assert len(outcomes) == result.outcomes
+    assert all(o.expires_at > time.time() * 1000 for o in outcomes.values())
+    assert {retention_key(o.expires_at, k) for k, o in outcomes.items()} == \
+        {k for k in stored if k.startswith(b"e")}
 
     after = start_worker("after")  # a new, empty data directory: the disk is lost too
     for a in accounts:

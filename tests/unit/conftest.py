@@ -166,6 +166,9 @@ def account_off(partition: int, partitions: int = PARTITIONS) -> str:
 class Store(dict[bytes, bytes]):
     """One partition's store as a dict: ``read`` is ``get``; ``apply`` writes a batch."""
 
+    def keys_from(self, start: bytes) -> list[bytes]:
+        return sorted(k for k in self if k >= start)
+
     def apply(self, changes: dict[bytes, bytes | None]) -> None:
         for key, value in changes.items():
             if value is None:
@@ -188,20 +191,23 @@ class Partition:
     signer: LegSigner = field(default_factory=lambda: LegSigner(SECRET))
     max_record_bytes: int = 1_000_000
     offset: int = 0
+    clock: int = T0  # the broker timestamp the next records get
+    window_ms: int = 86_400_000
     last_changes: dict[bytes, bytes | None] = field(default_factory=dict)
 
     def processor(self) -> BatchProcessor:
-        return BatchProcessor(self.store.get, self.partition, self.partitions, self.signer,
-                              self.max_record_bytes)
+        return BatchProcessor(self.store.get, self.store.keys_from, self.partition,
+                              self.partitions, self.signer, window_ms=self.window_ms,
+                              max_record_bytes=self.max_record_bytes)
 
     def batch(self, commands: Iterable[bytes | None] = (),
               legs: Iterable[bytes | None] = ()) -> BatchProcessor:
         """Run one batch (legs first, then commands, as the engine does); apply its changes."""
         bp = self.processor()
         for value in legs:
-            bp.leg_record(None, value, "ledger.transfers", self._next())
+            bp.leg_record(None, value, "ledger.transfers", self._next(), self.clock)
         for value in commands:
-            bp.command_record(None, value, "ledger.commands", self._next())
+            bp.command_record(None, value, "ledger.commands", self._next(), self.clock)
         self.last_changes = dict(bp.finish())
         self.store.apply(self.last_changes)
         return bp

@@ -710,9 +710,10 @@ def test_refund_applies_within_the_headroom_above_the_balance_cap(book):
     encode(event)
 
 
-@given(causation=st.text(min_size=1, max_size=40), account=st.text(min_size=1, max_size=40))
-def test_event_id_is_the_uuid4_of_the_keyed_hash(causation, account):
-    digest = hashlib.blake2b(f"{causation}/{account}".encode(), digest_size=16,
+@given(causation=st.text(min_size=1, max_size=40), account=st.text(min_size=1, max_size=40),
+       version=st.integers(1, 2**62))
+def test_event_id_is_the_uuid4_of_the_keyed_hash(causation, account, version):
+    digest = hashlib.blake2b(f"{causation}/{account}/{version}".encode(), digest_size=16,
                              key=_EVENT_ID_KEY).digest()
 
-    assert event_id(causation, account) == str(uuid.UUID(bytes=digest, version=4))
+    assert event_id(causation, account, version) == str(uuid.UUID(bytes=digest, version=4))

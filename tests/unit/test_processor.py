@@ -14,6 +14,7 @@ from schemas.models import (
     encode,
     encode_batch,
 )
+from streams import processor
 from streams.domain import Reason
 from streams.processor import (
     DLQ,
@@ -27,6 +28,7 @@ from streams.processor import (
     outcome_key,
     parse_expiry_key,
     partition_for,
+    retention_key,
 )
 from tests.unit.conftest import (
     ACTOR,
@@ -64,7 +66,11 @@ def events_of(bp) -> list[LedgerEvent]:
 
 
 def state_in(part: Partition, account: str) -> AccountState | None:
-    raw = part.store.get(account_key(account))
+    return state_in_store(part.store, account)
+
+
+def state_in_store(store: dict[bytes, bytes], account: str) -> AccountState | None:
+    raw = store.get(account_key(account))
     return None if raw is None else AccountState.from_avro(CODEC.decode(raw)[1])
 
 
@@ -217,6 +223,105 @@ def test_digest_ignores_issued_at_and_correlation_id_only():
     for change in ({"amount_minor": 6}, {"actor": "mallory"}, {"expected_version": 3},
                    {"currency": "EUR"}):
         assert command_digest(cmd) != command_digest(cmd.model_copy(update=change)), change
+
+
+# ================================================================ (b2) the idempotency window
+
+WINDOW = Partition().window_ms
+
+
+def outcome_keys(part: Partition) -> set[bytes]:
+    return {k for k in part.store if k.startswith(b"i")}
+
+
+def retention_keys(part: Partition) -> set[bytes]:
+    return {k for k in part.store if k.startswith(b"e")}
+
+
+def test_an_id_is_remembered_for_the_window_then_is_a_new_command(part):
+    part.batch([encode_batch([open_account(A), deposit(100, A, command_id="dep-1")])])
+    decided_at = part.clock
+
+    part.clock = decided_at + WINDOW  # the last instant it is remembered
+    within = part.batch([encode_batch([deposit(100, A, command_id="dep-1")])])
+    part.clock = decided_at + WINDOW + 1
+    after = part.batch([encode_batch([deposit(100, A, command_id="dep-1")])])
+
+    assert within.stats.replays == 1 and events_of(within)[0].balance_after_minor == 100
+    assert after.stats.replays == 0 and events_of(after)[0].balance_after_minor == 200
+    # the first outcomes and their index entries are gone; the new one is kept
+    new = CommandOutcome.from_avro(CODEC.decode(part.store[outcome_key(A, "dep-1")])[1])
+    assert new.expires_at == part.clock + WINDOW
+    assert outcome_keys(part) == {outcome_key(A, "dep-1")}
+    assert retention_keys(part) == {retention_key(new.expires_at, outcome_key(A, "dep-1"))}
+
+
+def test_the_store_stays_bounded_while_ids_keep_coming(part):
+    part.batch([encode_batch([open_account(A)])])
+    sizes = []
+    for i in range(40):
+        part.clock += WINDOW // 4
+        part.batch([encode_batch([deposit(1, A, command_id=f"d{i}-{j}") for j in range(10)])])
+        sizes.append(len(part.store))
+
+    assert len(outcome_keys(part)) == 50  # the last five batches' ids, nothing older
+    assert max(sizes[5:]) == min(sizes[5:])
+    assert state_in(part, A).balance_minor == 400
+
+
+def test_forgetting_is_bounded_per_batch_and_when_it_runs_changes_no_answer(monkeypatch):
+    monkeypatch.setattr(processor, "FORGET_PER_BATCH", 2)
+    part = Partition()
+    part.batch([encode_batch([open_account(A)] +
+                             [deposit(1, A, command_id=f"d{i}") for i in range(5)])])
+    part.clock += WINDOW + 1
+
+    bp = part.batch([encode_batch([deposit(1, A, command_id="d4")])])
+
+    assert bp.stats.replays == 0 and events_of(bp)[0].balance_after_minor == 6
+    assert len(outcome_keys(part)) == 4  # six kept for a moment, two deleted, d4 new
+    for _ in range(3):
+        part.batch([encode_batch([])])
+    assert outcome_keys(part) == {outcome_key(A, "d4")}  # the new d4 outlived the old entry
+    assert len(retention_keys(part)) == 1
+
+
+def test_the_partition_clock_never_goes_back(monkeypatch):
+    monkeypatch.setattr(processor, "FORGET_PER_BATCH", 0)  # so only the clock decides
+    part = Partition()
+    part.batch([encode_batch([open_account(A), deposit(5, A, command_id="d")])])
+    part.clock += WINDOW + 1
+    part.batch([encode_batch([deposit(1, A)])])
+
+    part.clock -= WINDOW  # the broker's clock stepped back
+    bp = part.batch([encode_batch([deposit(5, A, command_id="d")])])
+
+    assert bp.stats.replays == 0 and events_of(bp)[0].balance_after_minor == 11
+
+
+def test_expiry_gives_the_same_bytes_however_the_records_are_cut():
+    ids = [f"d{i}" for i in range(6)]
+    stamped = [(encode_batch([open_account(A)]), T0)]
+    for step in range(12):  # deposits, then retries 0.9 to 3 windows later
+        stamped.append((encode_batch([deposit(1, A, command_id=ids[step % 6])]),
+                        T0 + step * step * WINDOW // 40))
+
+    def run(cuts: list[int]) -> tuple[list, dict]:
+        part, out, i = Partition(), [], 0
+        for n in cuts:
+            bp = part.processor()
+            for value, ts in stamped[i:i + n]:
+                bp.command_record(None, value, "ledger.commands", i, ts)
+                i += 1
+            part.store.apply(dict(bp.finish()))
+            out += triples(bp.outputs)
+        return out, dict(part.store)
+
+    one, singles, pairs = run([13]), run([1] * 13), run([1] + [2] * 6)
+
+    assert one == singles == pairs
+    assert len([o for o in one[0] if o[0] == EVENTS]) == 13  # each answered with an event
+    assert state_in_store(one[1], A).balance_minor == 11  # d0 retried in time, d1..d5 not
 
 
 # ================================================================ (c) routing

@@ -293,7 +293,8 @@ RECORDS: dict[str, Callable[[], Record]] = {
         "balance_minor": 10, "held_minor": 5, "version": 2, "updated_at": T0,
         "holds": {"h": {"amount_minor": 5, "expires_at": T0 + 1}}},
     "ledger.state.CommandOutcome": lambda: {
-        "digest": b"\x00" * 32, "records": [b"a", b""], "rejected": True},
+        "digest": b"\x00" * 32, "records": [b"a", b""], "rejected": True,
+        "expires_at": 1_700_000_000_000},
 }
 
 
