@@ -167,6 +167,7 @@ class Codec:
             s = _load(path, current=False)
             self.by_fingerprint.setdefault(s.fingerprint, s)
         self._writers = {name: compile_writer(s.parsed) for name, s in self.current.items()}
+        self._readers = {s.fingerprint: compile_reader(s.parsed) for s in self.current.values()}
         self._single_object_headers = {name: MAGIC + s.fingerprint
                                        for name, s in self.current.items()}
 
@@ -240,16 +241,22 @@ class Codec:
         if expect is not None and writer.name != expect:
             raise WrongSchema(f"expected a {expect}, got a {writer.name}")
         reader = self.current.get(writer.name)
-        buf = io.BytesIO(data)
-        buf.seek(start)
         try:
-            resolve_to = None if reader is None or reader is writer else reader.parsed
-            datum = fastavro.schemaless_reader(buf, writer.parsed, resolve_to,
-                                               return_record_name=True)
-        except Exception as exc:  # fastavro raises many kinds on truncated or garbled bodies
+            if reader is writer:  # the current schema: the generated reader
+                datum, end = self._readers[writer.fingerprint](bytes(data), start)
+            else:
+                buf = io.BytesIO(data)
+                buf.seek(start)
+                resolve_to = None if reader is None else reader.parsed
+                datum = fastavro.schemaless_reader(buf, writer.parsed, resolve_to,
+                                                   return_record_name=True)
+                end = buf.tell()
+        except Exception as exc:  # truncated or garbled bodies raise many kinds
             raise DecodeError(f"corrupt {writer.name} body: {type(exc).__name__}: {exc}") from exc
-        if buf.tell() != len(data):
-            raise DecodeError(f"{len(data) - buf.tell()} trailing bytes after a {writer.name}")
+        if end > len(data):
+            raise DecodeError(f"truncated {writer.name} body: {end - len(data)} bytes short")
+        if end != len(data):
+            raise DecodeError(f"{len(data) - end} trailing bytes after a {writer.name}")
         assert isinstance(datum, dict)
         return writer.name, datum
 
@@ -297,6 +304,116 @@ class Codec:
         if known is not None:
             return known  # a schema we ship: same object, so no resolution when current
         return Schema(name=name, parsed=parsed, fingerprint=fp, current=False)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def compile_reader(schema: Any) -> Callable[[bytes, int], tuple[Any, int]]:
+    """A function ``read(buf, i) -> (datum, end)`` for an Avro body of ``schema`` (parsed)
+    written with that same schema.
+
+    The reading twin of ``compile_writer``: fastavro's ``schemaless_reader`` costs a
+    per-call set-up the worker pays for every command record and account state it
+    reads. The datum is what fastavro gives with ``return_record_name=True`` (a
+    union of records is ``(full name, record)``; timestamps stay ints); the tests
+    compare the two on random data of every schema. It is strict where fastavro is
+    lenient (a boolean byte other than 0 or 1, a negative length or enum index) and
+    raises on bad bytes (``Codec.decode`` turns any exception into a DecodeError);
+    it reads past the end of ``buf`` only by returning an ``end`` beyond it, which
+    the caller checks. Records of older schema versions are read by fastavro,
+    resolved to the current schema.
+    """
+    lines: list[str] = []
+    consts: dict[str, Any] = {"_rl": read_long}
+    named: dict[str, Any] = {}
+    counter = iter(range(1 << 30))
+
+    def long_(var: str, ind: str) -> None:
+        lines.append(f"{ind}{var} = buf[i]")
+        lines.append(f"{ind}if {var} < 128:")
+        lines.append(f"{ind}    {var} = ({var} >> 1) ^ -({var} & 1); i += 1")
+        lines.append(f"{ind}else:")
+        lines.append(f"{ind}    {var}, i = _rl(buf, i)")
+
+    def length(var: str, ind: str) -> None:
+        long_(var, ind)
+        lines.append(f"{ind}if {var} < 0: raise ValueError('negative length')")
+
+    def emit(sch: Any, var: str, ind: str) -> None:
+        if isinstance(sch, str):
+            if sch in named:
+                emit(named[sch], var, ind)
+            elif sch in ("long", "int"):
+                long_(var, ind)
+            elif sch in ("string", "bytes"):
+                length("n", ind)
+                decode = ".decode()" if sch == "string" else ""
+                lines.append(f"{ind}{var} = buf[i:i + n]{decode}; i += n")
+            elif sch == "boolean":
+                lines.append(f"{ind}{var} = buf[i]; i += 1")
+                lines.append(f"{ind}if {var} > 1: raise ValueError('boolean byte')")
+                lines.append(f"{ind}{var} = {var} == 1")
+            elif sch == "null":
+                lines.append(f"{ind}{var} = None")
+            else:
+                raise ValueError(f"cannot compile Avro type {sch!r}")
+            return
+        if isinstance(sch, list):
+            n = next(counter)
+            long_(f"u{n}", ind)
+            for k, branch in enumerate(sch):
+                lines.append(f"{ind}{'if' if k == 0 else 'elif'} u{n} == {k}:")
+                target = named.get(branch, branch) if isinstance(branch, str) else branch
+                if isinstance(target, dict) and target["type"] == "record":
+                    emit(branch, f"r{n}", ind + "    ")
+                    lines.append(f"{ind}    {var} = ({target['name']!r}, r{n})")
+                else:
+                    emit(branch, var, ind + "    ")
+            lines.append(f"{ind}else:")
+            lines.append(f"{ind}    raise ValueError('union branch')")
+            return
+        kind = sch["type"]
+        if kind == "record":
+            named[sch["name"]] = sch
+            fields = []
+            for f in sch["fields"]:
+                n = next(counter)
+                emit(f["type"], f"f{n}", ind)
+                fields.append(f"{f['name']!r}: f{n}")
+            lines.append(f"{ind}{var} = {{{', '.join(fields)}}}")
+        elif kind == "enum":
+            named[sch["name"]] = sch
+            n = next(counter)
+            consts[f"E{n}"] = tuple(sch["symbols"])
+            long_(f"e{n}", ind)
+            lines.append(f"{ind}if e{n} < 0: raise ValueError('enum index')")
+            lines.append(f"{ind}{var} = E{n}[e{n}]")
+        elif kind in ("array", "map"):
+            n = next(counter)
+            lines.append(f"{ind}{var} = {'[]' if kind == 'array' else '{}'}")
+            lines.append(f"{ind}while True:")
+            long_(f"c{n}", ind + "    ")
+            lines.append(f"{ind}    if c{n} == 0: break")
+            lines.append(f"{ind}    if c{n} < 0:")
+            lines.append(f"{ind}        c{n} = -c{n}")
+            long_("_size", ind + "        ")
+            lines.append(f"{ind}    for _ in range(c{n}):")
+            if kind == "array":
+                emit(sch["items"], f"i{n}", ind + "        ")
+                lines.append(f"{ind}        {var}.append(i{n})")
+            else:
+                emit("string", f"k{n}", ind + "        ")
+                emit(sch["values"], f"i{n}", ind + "        ")
+                lines.append(f"{ind}        {var}[k{n}] = i{n}")
+        else:  # a primitive written as {"type": ...}, logical types included
+            emit(kind, var, ind)
+
+    emit(schema, "d", "    ")
+    source = "def read(buf, i):\n" + "\n".join(lines) + "\n    return d, i\n"
+    exec(compile(source, f"<avro reader {schema.get('name')}>", "exec"), consts)
+    reader: Callable[[bytes, int], tuple[Any, int]] = consts["read"]
+    return reader
 
 
 # ---------------------------------------------------------------- writing

@@ -351,3 +351,29 @@ def test_a_long_out_of_range_is_refused_not_wrapped():
             CODEC._writers["ledger.Rejection"]({**rejection, "occurred_at": bad})
         with pytest.raises((OverflowError, ValueError)):
             CODEC.body("ledger.Rejection", {**rejection, "occurred_at": bad})
+
+
+@pytest.mark.parametrize("name", sorted(CURRENT_NAMES))
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_generated_reader_reads_what_fastavro_reads(name, data):
+    schema = CODEC.current[name]
+    body = CODEC.body(name, data.draw(_datum(schema.parsed, {})))
+    expected = fastavro.schemaless_reader(io.BytesIO(body), schema.parsed, None,
+                                          return_record_name=True)
+    # the generated reader itself, then through decode
+    assert CODEC._readers[schema.fingerprint](body, 0) == (expected, len(body))
+    assert CODEC.decode(MAGIC + schema.fingerprint + body) == (name, expected)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(st.sampled_from(sorted(CURRENT_NAMES)), st.binary(max_size=64))
+def test_on_random_bodies_the_generated_reader_never_reads_what_fastavro_would_not(name, body):
+    schema = CODEC.current[name]
+    try:
+        got = CODEC.decode(MAGIC + schema.fingerprint + body)[1]
+    except DecodeError:
+        return
+    buf = io.BytesIO(body)
+    assert fastavro.schemaless_reader(buf, schema.parsed, None, return_record_name=True) == got
+    assert buf.tell() == len(body)
