@@ -10,6 +10,7 @@ one command give byte-identical outputs and the same state.
 Store keys (bytes):
     ``a<account>``                  AccountState
     ``i<account>\\0<command_id>``    CommandOutcome: a retry gets the same records again
+                                    (a credit leg's: ``i<dest>\\0<leg_id>\\0<source>``)
     ``e<expires_at:8>i<account>...`` retention index of those outcomes (value empty)
     ``x<expires_at:8>``...          hold expiry index: ``<account>\\0<hold_id>``
     ``\\0clock``                    the partition clock (8 bytes, epoch ms)
@@ -81,6 +82,14 @@ FORGET_PER_BATCH = 5000
 
 def retention_key(expires_at: int, okey: bytes) -> bytes:
     return b"e" + _MS.pack(expires_at) + okey
+
+
+def leg_outcome_key(account_id: str, leg_id: str, from_account_id: str) -> bytes:
+    """A leg's outcome key at the account that receives it. A destination hears from
+    many sources, whose transfer ids (command ids, scoped to each source account) may
+    be the same: a credit's key names its source too."""
+    key = outcome_key(account_id, leg_id)
+    return key if account_id == from_account_id else key + b"\0" + from_account_id.encode()
 
 
 def expiry_key(expires_at: int, account_id: str, hold_id: str) -> bytes:
@@ -303,7 +312,7 @@ class BatchProcessor:
             self.dead_letter(key, value, topic, offset, "leg on the wrong partition",
                              "wrong_partition")
             return
-        okey = outcome_key(leg.account_id, leg.leg_id)
+        okey = leg_outcome_key(leg.account_id, leg.leg_id, leg.from_account_id)
         digest = hashlib.sha256(value or b"").digest()[:16]
         prior = self._prior(okey)
         if prior is not None and self._replayed(okey, prior, digest):

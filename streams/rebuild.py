@@ -28,12 +28,13 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from schemas.codec import CODEC
-from schemas.models import AccountState, CommandOutcome, LedgerEvent, encode
+from schemas.models import AccountState, CommandOutcome, LedgerEvent, TransferCredited, encode
 from streams.domain import evolve
 from streams.eventlog import read_all
 from streams.processor import (
     account_key,
     expiry_key,
+    leg_outcome_key,
     outcome_key,
     partition_for,
     retention_key,
@@ -98,7 +99,10 @@ def rebuild(s: Settings, progress: Callable[[str], None] | None = None) -> Rebui
         if state is not None and event.version <= state.version:
             continue  # a byte-identical duplicate of an event already folded
         states[event.account_id] = evolve(state, event)
-        okey = outcome_key(event.account_id, event.causation_id)
+        paid = event.payload
+        okey = (leg_outcome_key(event.account_id, event.causation_id, paid.from_account_id)
+                if isinstance(paid, TransferCredited) else
+                outcome_key(event.account_id, event.causation_id))
         outcomes[okey] = CommandOutcome(digest=UNKNOWN_DIGEST, records=[raw], rejected=False,
                                         expires_at=m.timestamp()[1] + s.idempotency_window_ms)
     say(f"reading {s.rejections_topic}")
@@ -106,8 +110,11 @@ def rebuild(s: Settings, progress: Callable[[str], None] | None = None) -> Rebui
         raw = m.value() or b""
         _, d = CODEC.decode(raw)
         okey = outcome_key(d["account_id"], d["command_id"])
-        if d["reason"] not in ("idempotency_key_reused", "wrong_partition", "invalid_command"):
-            # those three are not a command's outcome: they are never stored
+        if d["reason"] not in ("idempotency_key_reused", "wrong_partition", "invalid_command") \
+                and d["command_type"] != "TransferCredit":
+            # those three are not a command's outcome: they are never stored. A refused
+            # credit does not name its source, so its key cannot be made: a copy of
+            # that leg is refused again, and the source takes the refund only once.
             outcomes.setdefault(okey, CommandOutcome(
                 digest=UNKNOWN_DIGEST, records=[raw], rejected=True,
                 expires_at=m.timestamp()[1] + s.idempotency_window_ms))

@@ -7,8 +7,11 @@ breach), folds each account through ``evolve`` and checks:
 - versions are gapless from 1 per account;
 - every event's ``balance_after_minor`` / ``available_after_minor`` equal the fold;
 - no available balance below ``-overdraft_limit_minor``;
-- every transfer debited once ended exactly one way (credited or reversed), or is
-  still in flight; nothing is credited or reversed that was not debited;
+- every transfer debited ended exactly one way (credited or reversed), or is still
+  in flight; nothing is credited or reversed that was not debited. A transfer is
+  known by its source account and id (the Transfer's command_id, scoped to its
+  account, and free again after the idempotency window): each ending is matched
+  to a debit of the same source and id, the oldest first;
 - conservation: the sum of all balances equals money in (deposits) minus money
   out (withdrawals, captured holds) minus transfers still in flight.
 """
@@ -89,8 +92,8 @@ def check(records: Iterable[bytes]) -> Report:
     r.events = len(first)
     r.accounts = len(events)
 
-    debited: dict[str, tuple[TransferDebited, str]] = {}
-    ended: dict[str, list[str]] = {}
+    debited: dict[tuple[str, str], list[tuple[TransferDebited, str]]] = {}
+    ended: dict[tuple[str, str], list[str]] = {}
     for account, evs in events.items():
         state: AccountState | None = None
         limit = 0
@@ -123,31 +126,31 @@ def check(records: Iterable[bytes]) -> Report:
             elif isinstance(p, HoldCaptured):
                 r.money_out_minor[cur] = r.money_out_minor.get(cur, 0) + p.captured_minor
             elif isinstance(p, TransferDebited):
-                if p.transfer_id in debited:
-                    r.breaches.append(f"transfer {p.transfer_id} debited twice")
-                debited[p.transfer_id] = (p, cur)
-            elif isinstance(p, TransferCredited | TransferReversed):
-                ended.setdefault(p.transfer_id, []).append(type(p).__name__)
+                debited.setdefault((account, p.transfer_id), []).append((p, cur))
+            elif isinstance(p, TransferCredited):
+                ended.setdefault((p.from_account_id, p.transfer_id), []).append("credited")
+            elif isinstance(p, TransferReversed):
+                ended.setdefault((account, p.transfer_id), []).append("reversed")
         if state is not None:
             r.states[account] = state
             r.balances_minor[state.currency] = (r.balances_minor.get(state.currency, 0)
                                                 + state.balance_minor)
 
     in_flight: dict[str, int] = {}
-    for tid, how in ended.items():
-        if tid not in debited:
-            r.breaches.append(f"transfer {tid} {how} but never debited")
-        elif len(how) != 1:
-            r.breaches.append(f"transfer {tid} ended {len(how)} ways: {how}")
-    for tid, (d, cur) in debited.items():
-        how = ended.get(tid, [])
-        if not how:
+    for (source, tid), how in ended.items():
+        n = len(debited.get((source, tid), []))
+        if not n:
+            r.breaches.append(f"transfer {tid} from {source} {how} but never debited")
+        elif len(how) > n:
+            r.breaches.append(f"transfer {tid} from {source} ended {len(how)} times "
+                              f"({how}) but was debited {n} time(s)")
+    for key, debits in debited.items():
+        how = ended.get(key, [])
+        r.transfers_credited += how.count("credited")
+        r.transfers_reversed += how.count("reversed")
+        for d, cur in debits[len(how):]:
             r.transfers_in_flight += 1
             in_flight[cur] = in_flight.get(cur, 0) + d.amount_minor
-        elif how == ["TransferCredited"]:
-            r.transfers_credited += 1
-        elif how == ["TransferReversed"]:
-            r.transfers_reversed += 1
 
     for cur in set(r.money_in_minor) | set(r.money_out_minor) | set(r.balances_minor):
         expected = (r.money_in_minor.get(cur, 0) - r.money_out_minor.get(cur, 0)

@@ -496,6 +496,18 @@ def test_a_replayed_leg_has_no_second_effect(part):
     assert state_in(part, B).balance_minor == 40
 
 
+def test_credits_of_two_sources_with_one_transfer_id_are_told_apart(part):
+    part.batch([encode_batch([open_account(B)])])
+    from_a = encode(part.signer.sign(credit_leg(40, transfer_id="t1")))
+    from_c = encode(part.signer.sign(credit_leg(5, transfer_id="t1", from_account_id=C)))
+
+    part.batch(legs=[from_a, from_c])
+    again = part.batch(legs=[from_a, from_c])  # both re-sent by their sources
+
+    assert again.stats.replays == 2
+    assert state_in(part, B).balance_minor == 45
+
+
 def test_a_replayed_leg_in_the_same_batch_has_no_second_effect(part):
     part.batch([encode_batch([open_account(B)])])
     value = encode(part.signer.sign(credit_leg(40)))
