@@ -194,6 +194,8 @@ def create_app(s: Settings) -> faust.App:
             return
         if app.rebalancing or recovery.in_recovery:  # began while we asked the broker
             return
+        if not still:  # the first look since start: stalls are timed from here, so the
+            health["progress_at"] = time.monotonic()  # fetch below comes before an exit
         checkpoints = {p: PartitionView(accounts.data._db_for_partition(p)).checkpoint  # type: ignore[attr-defined]
                        for p in {tp.partition for tp in tps}}
         done = {tp: (checkpoints[tp.partition].commands if tp.topic == s.commands_topic
