@@ -14,7 +14,8 @@ on ``ledger.events`` / ``ledger.rejections``; a retry must reuse the same comman
 and gets the first outcome again.
 
 With ``wait_outcomes=False`` (bulk loading) the future resolves once the broker has
-acknowledged the command's record, to an ``Outcome`` with no events, or fails with
+acknowledged the command's record, to an ``Outcome`` with no events that says where
+the record is (``partition``, ``offset`` on ``ledger.commands``), or fails with
 ``DeliveryError``: nothing is reported as sent that was not.
 """
 
@@ -69,6 +70,9 @@ class Outcome:
     command_id: str
     events: list[LedgerEvent] = field(default_factory=list)
     rejection: Rejection | None = None
+    # where the command's record is on ledger.commands (set with wait_outcomes=False)
+    partition: int | None = None
+    offset: int | None = None
 
     @property
     def accepted(self) -> bool:
@@ -181,7 +185,7 @@ class LedgerClient:
     def _produce(self, partition: int, commands: list[CommandBase]) -> None:
         ids = [c.command_id for c in commands]
 
-        def delivered(err: KafkaError | None, _msg: Message) -> None:
+        def delivered(err: KafkaError | None, msg: Message) -> None:
             if err is not None:
                 self._fail(ids, DeliveryError(f"command record not delivered: {err.str()}"))
             elif self._consumer is None:  # nothing else will resolve these
@@ -189,7 +193,7 @@ class LedgerClient:
                     futs = [(i, self._waiting.pop(i, None)) for i in ids]
                 for cid, f in futs:
                     if f is not None and not f.done():
-                        f.set_result(Outcome(cid))
+                        f.set_result(Outcome(cid, partition=msg.partition(), offset=msg.offset()))
 
         while True:
             try:

@@ -8,6 +8,7 @@ import time
 from collections import defaultdict
 
 import pytest
+from confluent_kafka import Consumer, TopicPartition
 
 from producers.client import LedgerClient
 from schemas.codec import CODEC
@@ -48,11 +49,15 @@ def workload(rng: random.Random, accounts: list[str], n: int) -> list[CommandBas
     return out
 
 
+ACKED: dict[str, tuple[int | None, int | None]] = {}  # command_id -> where the broker put it
+
+
 def submit_paced(s: Settings, commands: list[CommandBase], seconds: float,
                  done: threading.Event) -> threading.Thread:
     """Produce the commands steadily over ``seconds`` (outcomes are checked from the log)."""
 
     def run() -> None:
+        ACKED.clear()
         with LedgerClient(s, wait_outcomes=False) as client:
             chunk = max(1, len(commands) // int(seconds * 10))
             sent = []
@@ -61,7 +66,8 @@ def submit_paced(s: Settings, commands: list[CommandBase], seconds: float,
                 time.sleep(0.1)
             client.flush(120)
             for f in sent:
-                f.result(timeout=0)  # raises DeliveryError for a record the broker refused
+                acked = f.result(timeout=0)  # raises DeliveryError for a refused record
+                ACKED[acked.command_id] = (acked.partition, acked.offset)
         done.set()
 
     thread = threading.Thread(target=run, name="chaos-producer", daemon=True)
@@ -84,8 +90,14 @@ def outcomes_by_command(s: Settings) -> tuple[dict[str, set[bytes]], int]:
 
 
 def where_on_the_log(s: Settings, command_ids: set[str]) -> dict[str, str]:
-    """partition@offset of each command's record on ``ledger.commands`` (or "absent")."""
+    """partition@offset of each command's record on ``ledger.commands`` (or "absent"),
+    and the log's start and end offsets of those partitions."""
     found = dict.fromkeys(command_ids, "absent")
+    consumer = Consumer({**s.kafka_config(), "group.id": "unused"})
+    for p in {p for p, _ in (ACKED.get(i, (None, None)) for i in command_ids) if p is not None}:
+        found[f"p{p} start..end"] = str(consumer.get_watermark_offsets(
+            TopicPartition(s.commands_topic, p), timeout=10))
+    consumer.close()
     for m in read_all(s, s.commands_topic):
         _, batch = CODEC.decode(m.value())
         for _name, body in batch["commands"]:
@@ -128,8 +140,9 @@ def wait_for_outcomes(s: Settings, ids: set[str], timeout_s: float,
             return seen
         if time.monotonic() > deadline:
             raise AssertionError(f"{len(missing)} commands without an outcome, e.g. "
-                                 f"{sorted(missing)[:5]}; where they are on the command "
-                                 f"log: {where_on_the_log(s, missing)}")
+                                 f"{sorted(missing)[:5]}; acknowledged at (partition, "
+                                 f"offset): { {i: ACKED.get(i) for i in missing} }; found on "
+                                 f"the command log at: {where_on_the_log(s, missing)}")
         time.sleep(1)
 
 

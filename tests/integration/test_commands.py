@@ -7,6 +7,7 @@ import time
 import pytest
 from confluent_kafka import TIMESTAMP_LOG_APPEND_TIME
 
+from producers.client import LedgerClient
 from schemas.codec import CODEC
 from schemas.models import (
     CaptureHold,
@@ -119,3 +120,17 @@ def test_a_command_id_is_remembered_for_the_window_by_the_brokers_clock(
     assert later.event_id != first.event_id and later.balance_after_minor == 200
     stamps = {m.timestamp()[0] for m in read_all(ledger_settings, ledger_settings.commands_topic)}
     assert stamps == {TIMESTAMP_LOG_APPEND_TIME}
+
+
+def test_without_waiting_for_outcomes_a_submit_says_where_its_record_is(ledger_settings):
+    deposits = [Deposit(command_id=f"bulk-{i}", account_id=f"bulk-{i % 3}", actor="t",
+                        issued_at=1, amount_minor=1, currency="USD") for i in range(30)]
+    with LedgerClient(ledger_settings, wait_outcomes=False) as client:
+        acked = [f.result(timeout=60) for f in [client.submit(d) for d in deposits]]
+
+    on_log = {}
+    for m in read_all(ledger_settings, ledger_settings.commands_topic):
+        for _name, body in CODEC.decode(m.value())[1]["commands"]:
+            on_log[body["command_id"]] = (m.partition(), m.offset())
+    assert {a.command_id: (a.partition, a.offset) for a in acked} == on_log
+    assert all(a.events == [] and a.rejection is None for a in acked)
