@@ -58,6 +58,13 @@ def crash_reason(app: faust.App) -> str | None:
     return None
 
 
+# Each partition's RocksDB store. Faust's defaults let one grow to 3 x 64 MB of
+# memtables and a 2 GB block cache, so a worker's memory grew with the data it held
+# (and with every partition it took over). Bounded here to about 32 MB a partition.
+STORE_OPTIONS = {"write_buffer_size": 8 << 20, "max_write_buffer_number": 2,
+                 "block_cache_size": 16 << 20}
+
+
 def create_app(s: Settings) -> faust.App:
     app = faust.App(
         s.app_id,
@@ -85,7 +92,8 @@ def create_app(s: Settings) -> faust.App:
     channel = app.topic(s.commands_topic, s.transfers_topic, key_serializer="raw",
                         value_serializer="raw",
                         partitions=s.partitions)
-    accounts = app.Table("accounts", key_type=bytes, value_type=bytes, partitions=s.partitions)
+    accounts = app.Table("accounts", key_type=bytes, value_type=bytes, partitions=s.partitions,
+                         options=STORE_OPTIONS)
     engine = Engine(s, lambda p: accounts.data._db_for_partition(p))  # type: ignore[attr-defined]
     app.ledger_engine = engine  # type: ignore[attr-defined]
     app.accounts_table = accounts  # type: ignore[attr-defined]
