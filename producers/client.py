@@ -189,11 +189,8 @@ class LedgerClient:
             if err is not None:
                 self._fail(ids, DeliveryError(f"command record not delivered: {err.str()}"))
             elif self._consumer is None:  # nothing else will resolve these
-                with self._lock:
-                    futs = [(i, self._waiting.pop(i, None)) for i in ids]
-                for cid, f in futs:
-                    if f is not None and not f.done():
-                        f.set_result(Outcome(cid, partition=msg.partition(), offset=msg.offset()))
+                for cid, f in self._take(ids):
+                    f.set_result(Outcome(cid, partition=msg.partition(), offset=msg.offset()))
 
         while True:
             try:
@@ -203,12 +200,15 @@ class LedgerClient:
             except BufferError:
                 self.producer.poll(0.05)
 
-    def _fail(self, ids: list[str], exc: Exception) -> None:
+    def _take(self, ids: list[str]) -> list[tuple[str, Future[Outcome]]]:
+        """The futures still waiting for these commands, no longer waiting."""
         with self._lock:
-            futs = [self._waiting.pop(i, None) for i in ids]
-        for f in futs:
-            if f is not None and not f.done():
-                f.set_exception(exc)
+            futs = [(i, self._waiting.pop(i, None)) for i in ids]
+        return [(i, f) for i, f in futs if f is not None and not f.done()]
+
+    def _fail(self, ids: list[str], exc: Exception) -> None:
+        for _, f in self._take(ids):
+            f.set_exception(exc)
 
     # ------------------------------------------------------------ outcomes
 

@@ -93,11 +93,11 @@ def leg_outcome_key(account_id: str, leg_id: str, from_account_id: str) -> bytes
 
 
 def expiry_key(expires_at: int, account_id: str, hold_id: str) -> bytes:
-    return b"x" + struct.pack(">q", expires_at) + account_id.encode() + b"\0" + hold_id.encode()
+    return b"x" + _MS.pack(expires_at) + account_id.encode() + b"\0" + hold_id.encode()
 
 
 def parse_expiry_key(key: bytes) -> tuple[int, str, str]:
-    (expires_at,) = struct.unpack(">q", key[1:9])
+    (expires_at,) = _MS.unpack_from(key, 1)
     account, hold = key[9:].split(b"\0", 1)
     return expires_at, account.decode(), hold.decode()
 
@@ -204,25 +204,25 @@ class BatchProcessor:
             return self._writes[key]
         return self._read(key)
 
-    def _tick(self, timestamp: int) -> int:
+    def _tick(self, timestamp: int) -> None:
         """Advance the partition clock to a record's timestamp (it never goes back)."""
         now = self._now
         if now is None:
             raw = self._read(CLOCK_KEY)
             now = 0 if raw is None else _MS.unpack(raw)[0]
-        if timestamp > now:
-            now = timestamp
-        self._now = now
-        return now
+        self._now = max(now, timestamp)
 
-    def _prior(self, okey: bytes) -> CommandOutcome | None:
-        """The stored outcome of an id, unless it is past its time (then it is forgotten)."""
+    def _stored(self, okey: bytes) -> CommandOutcome | None:
         raw = self._get(okey)
         if raw is None:
             return None
-        prior = CommandOutcome.from_avro(CODEC.decode(raw, expect=CommandOutcome.avro_name)[1])
+        return CommandOutcome.from_avro(CODEC.decode(raw, expect=CommandOutcome.avro_name)[1])
+
+    def _prior(self, okey: bytes) -> CommandOutcome | None:
+        """The stored outcome of an id, unless it is past its time (then it is forgotten)."""
+        prior = self._stored(okey)
         assert self._now is not None
-        return None if 0 < prior.expires_at < self._now else prior
+        return None if prior is None or 0 < prior.expires_at < self._now else prior
 
     # ------------------------------------------------------------ inputs
 
@@ -406,10 +406,11 @@ class BatchProcessor:
     def _forget(self, now: int) -> None:
         """Delete outcome records past their time (up to FORGET_PER_BATCH of them from
         the store, and any this batch wrote itself: a batch can span a window)."""
-        for expires_at, okey in self._retained:
-            if expires_at < now:
-                del self._writes[retention_key(expires_at, okey)]
-                self._forget_outcome(okey, expires_at)
+        for expires_at, okey in self._retained:  # in time order: the clock never goes back
+            if expires_at >= now:
+                break
+            del self._writes[retention_key(expires_at, okey)]
+            self._forget_outcome(okey, expires_at)
         n = 0
         for key in self._keys(b"e"):
             if key[:1] != b"e" or n == FORGET_PER_BATCH:
@@ -424,8 +425,7 @@ class BatchProcessor:
             self._forget_outcome(key[9:], expires_at)
 
     def _forget_outcome(self, okey: bytes, expires_at: int) -> None:
-        raw = self._get(okey)
+        stored = self._stored(okey)
         # the id may have been decided again since, as a new command: keep that one
-        if raw is not None and CommandOutcome.from_avro(CODEC.decode(
-                raw, expect=CommandOutcome.avro_name)[1]).expires_at == expires_at:
+        if stored is not None and stored.expires_at == expires_at:
             self._writes[okey] = None
