@@ -31,6 +31,7 @@ from streams.engine import Engine, PartitionInput, Record
 from streams.processor import parse_expiry_key
 from streams.settings import Settings
 from streams.state import PartitionView
+from streams.store import STORE_OPTIONS, use_shared_budget
 from streams.topics import end_offsets
 
 log = logging.getLogger("ledger.worker")
@@ -56,13 +57,6 @@ def crash_reason(app: faust.App) -> str | None:
         if getattr(svc, "crashed", False):
             return f"{name} crashed: {getattr(svc, 'crash_reason', None)!r}"
     return None
-
-
-# Each partition's RocksDB store. Faust's defaults let one grow to 3 x 64 MB of
-# memtables and a 2 GB block cache, so a worker's memory grew with the data it held
-# (and with every partition it took over). Bounded here to about 32 MB a partition.
-STORE_OPTIONS = {"write_buffer_size": 8 << 20, "max_write_buffer_number": 2,
-                 "block_cache_size": 16 << 20}
 
 
 def create_app(s: Settings) -> faust.App:
@@ -92,8 +86,12 @@ def create_app(s: Settings) -> faust.App:
     channel = app.topic(s.commands_topic, s.transfers_topic, key_serializer="raw",
                         value_serializer="raw",
                         partitions=s.partitions)
+    # Faust's defaults would give each partition's RocksDB up to 3 x 64 MB of memtables,
+    # a 2 GB block cache, and index and filter blocks outside any cache: a worker's
+    # memory would grow with its data and its partitions. See streams.store.
     accounts = app.Table("accounts", key_type=bytes, value_type=bytes, partitions=s.partitions,
-                         options=STORE_OPTIONS)
+                         options=dict(STORE_OPTIONS))
+    use_shared_budget(accounts)
     engine = Engine(s, lambda p: accounts.data._db_for_partition(p))  # type: ignore[attr-defined]
     app.ledger_engine = engine  # type: ignore[attr-defined]
     app.accounts_table = accounts  # type: ignore[attr-defined]

@@ -12,7 +12,13 @@ One run measures, on the same broker:
   times), submit -> outcome seen by the client: p50/p99/p999;
 - replay: events folded per second rebuilding every balance from the events topic;
 - ``as-of`` and ``GET /accounts/{id}`` latency p50/p99;
-- the worker's peak resident memory.
+- the cores used by the broker (if the bench started it), the workers and the bench
+  itself over the backlog and the latency runs: who has the machine;
+- the workers' peak resident memory (the largest of them), and the resident memory
+  half-way through the backlog and at its end.
+
+``--workers N`` runs N worker processes (one consumer group; each owns some of the
+partitions), as one would on a machine with N cores to spare.
 
 It ends by checking the result (``verify`` green, the worker's balances equal an
 independent fold of the events), so a fast wrong answer fails. ``--json`` keys are
@@ -45,10 +51,12 @@ from streams.topics import ensure_topics
 from streams.verify import verify
 
 KEYS = (
-    "commands", "mix", "raw_produce_per_s", "raw_consume_per_s", "backlog_commands_per_s",
-    "backlog_vs_raw_produce", "e2e_commands_per_s", "latency_rate_per_s", "latency_ms_p50",
+    "commands", "mix", "workers", "raw_produce_per_s", "raw_consume_per_s",
+    "backlog_commands_per_s", "backlog_vs_raw_produce", "e2e_commands_per_s",
+    "latency_rate_per_s", "latency_ms_p50",
     "latency_ms_p99", "latency_ms_p999", "replay_events_per_s", "as_of_ms_p50",
-    "as_of_ms_p99", "get_ms_p50", "get_ms_p99", "worker_rss_mb_peak", "check_ok",
+    "as_of_ms_p99", "get_ms_p50", "get_ms_p99", "worker_rss_mb_peak",
+    "worker_rss_mb_half", "worker_rss_mb_end", "backlog_cores", "latency_cores", "check_ok",
 )
 ACCOUNTS = 10_000
 
@@ -191,16 +199,23 @@ class OutcomeWatch:
             self.first_ts = ts if self.first_ts is None else min(self.first_ts, ts)
             self.last_ts = max(self.last_ts, ts)
 
-    def wait(self, n: int, timeout_s: float, label: str) -> None:
+    def wait(self, n: int, timeout_s: float, label: str,
+             workers: list[WorkerProcess]) -> list[tuple[int, float]]:
+        """Until ``n`` outcomes; returns (outcomes, the largest worker RSS in MB) every 2 s
+        and at the end."""
         deadline = time.monotonic() + timeout_s
         shown = 0.0
+        rss: list[tuple[int, float]] = []
         while len(self.ids) < n:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{label}: {len(self.ids)}/{n} outcomes in {timeout_s}s")
             self.poll()
             if time.monotonic() - shown > 2:
-                say(f"  {label}: {len(self.ids)}/{n} outcomes")
+                rss.append((len(self.ids), max(rss_mb(w.proc.pid) for w in workers)))
+                say(f"  {label}: {len(self.ids)}/{n} outcomes, worker RSS {rss[-1][1]:.0f} MB")
                 shown = time.monotonic()
+        rss.append((len(self.ids), max(rss_mb(w.proc.pid) for w in workers)))
+        return rss
 
     def close(self) -> None:
         self.consumer.close()
@@ -246,15 +261,15 @@ def latency(s: Settings, accounts: list[str], rate: float, seconds: float) -> li
     return results
 
 
-def wait_quiet(worker: WorkerProcess, timeout_s: float) -> None:
-    """Until the worker has no input waiting (transfer legs included), twice in a row."""
+def wait_quiet(workers: list[WorkerProcess], timeout_s: float) -> None:
+    """Until no worker has input waiting (transfer legs included), twice in a row."""
     deadline = time.monotonic() + timeout_s
     quiet = 0
     while quiet < 2:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"worker still has input waiting after {timeout_s}s")
-        status, doc = worker.get("/health/ready")
-        quiet = quiet + 1 if status == 200 and not doc.get("lag") else 0
+            raise TimeoutError(f"workers still have input waiting after {timeout_s}s")
+        docs = [w.get("/health/ready") for w in workers]
+        quiet = quiet + 1 if all(st == 200 and not d.get("lag") for st, d in docs) else 0
         time.sleep(1.0)
 
 
@@ -268,14 +283,45 @@ def http_latency(url: str, paths: list[str]) -> list[float]:
     return out
 
 
-def rss_peak_mb(pid: int) -> float:
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """A process's resident memory now (VmRSS) or at its peak (VmHWM), in MB."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return float("nan")
+
+
+def cpu_s(pid: int | None) -> float:
+    """CPU seconds (user + system) a process has used so far; this process's if None."""
+    if pid is None:
+        return time.process_time()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Cores:
+    """Cores used on average between ``start`` and ``stop``, per named process."""
+
+    def __init__(self, pids: dict[str, list[int | None]]) -> None:
+        self.pids = {name: ps for name, ps in pids.items() if ps != [None] or name == "bench"}
+
+    def _now(self) -> dict[str, float]:
+        return {name: sum(cpu_s(p) for p in ps) for name, ps in self.pids.items()}
+
+    def start(self) -> None:
+        self._t0, self._c0 = time.monotonic(), self._now()
+
+    def stop(self) -> dict[str, float]:
+        wall = max(time.monotonic() - self._t0, 1e-9)
+        return {k: round((v - self._c0[k]) / wall, 2) for k, v in self._now().items()}
+
+
+def rss_at(samples: list[tuple[int, float]], outcomes: int) -> float:
+    """The first RSS sample taken with at least ``outcomes`` outcomes seen."""
+    return next((mb for seen, mb in samples if seen >= outcomes), samples[-1][1])
 
 
 # ---------------------------------------------------------------- the run
@@ -306,12 +352,12 @@ def as_of_latency(s: Settings, accounts: list[str]) -> list[float]:
 
 
 def run_bench(commands: int = 200_000, mix: str = "full", seed: int = 1,
-              json_out: bool = False) -> int:
+              json_out: bool = False, workers: int = 1) -> int:
     rng = random.Random(seed)
-    results: dict[str, Any] = {"commands": commands, "mix": mix}
+    results: dict[str, Any] = {"commands": commands, "mix": mix, "workers": workers}
     with ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ledger-bench-")))
-        bootstrap = broker_for_job(stack, work / "kafka", say)
+        bootstrap, broker_pid = broker_for_job(stack, work / "kafka", say)
         run = f"bench-{uuid.uuid4().hex[:6]}"
         base = Settings(bootstrap_servers=bootstrap, app_id=run, data_dir=work / "w",
                         web_port=free_port())
@@ -319,23 +365,43 @@ def run_bench(commands: int = 200_000, mix: str = "full", seed: int = 1,
         def ledger(name: str) -> Settings:
             return base.isolated(f"{run}-{name}", data_dir=work / name, web_port=free_port())
 
+        def start_workers(s: Settings, name: str) -> list[WorkerProcess]:
+            started = []
+            for i in range(workers):
+                w = WorkerProcess(s.model_copy(update={"data_dir": work / f"{name}-{i}",
+                                                       "web_port": free_port()}),
+                                  work / f"{name}-{i}.log")
+                stack.callback(w.stop)
+                started.append(w)
+            for w in started:
+                w.wait_ready()
+            return started
+
         say(f"raw confluent-kafka rates over {commands} records")
         results["raw_produce_per_s"], results["raw_consume_per_s"] = raw_rates(base, commands)
 
         say(f"generating {commands} commands, mix {mix}, over {ACCOUNTS} accounts")
         cmds = workload(mix, commands, rng, prefix="a")
 
-        # -- backlog: everything produced first, then one worker decides it
+        # -- backlog: everything produced first, then the workers decide it
         s = ledger("backlog")
         ensure_topics(s)
         say("producing the backlog")
         submit_all(s, cmds)
         watch = OutcomeWatch(s)
-        say("starting a worker on the backlog")
-        worker = WorkerProcess(s, work / "backlog.log")
-        stack.callback(worker.stop)
-        worker.wait_ready()
-        watch.wait(len(cmds), 600, "backlog")
+        say(f"starting {workers} worker(s) on the backlog")
+        pool = start_workers(s, "backlog")
+        worker = pool[0]  # HTTP goes here; it forwards to the owner of an account
+        cores = Cores({"broker": [broker_pid], "workers": [w.proc.pid for w in pool],
+                       "bench": [None]})
+        cores.start()
+        rss = watch.wait(len(cmds), 1800, "backlog", pool)
+        results["backlog_cores"] = cores.stop()
+        # Memory growth with the number of commands: RSS half-way through the backlog
+        # and at its end (the idempotency window keeps every id of a run; RocksDB keeps
+        # them on disk, with bounded memtables and cache).
+        results["worker_rss_mb_half"] = rss_at(rss, len(cmds) // 2)
+        results["worker_rss_mb_end"] = rss[-1][1]
         assert watch.first_ts is not None
         span_s = max((watch.last_ts - watch.first_ts) / 1000, 1e-3)
         results["backlog_commands_per_s"] = len(cmds) / span_s
@@ -344,13 +410,15 @@ def run_bench(commands: int = 200_000, mix: str = "full", seed: int = 1,
         watch.close()
         say(f"  backlog: {results['backlog_commands_per_s']:,.0f} commands/s")
         say("waiting for the last transfer legs")
-        wait_quiet(worker, 600)
+        wait_quiet(pool, 600)
 
         # -- latency at 20% of the backlog rate, single submits, open loop
         rate = min(0.2 * results["backlog_commands_per_s"], 5_000.0)
         say(f"latency: single submits at {rate:,.0f}/s for 10 s")
         opened = [c.account_id for c in cmds[:ACCOUNTS]]
+        cores.start()
         lat = latency(s, opened, rate, 10.0)
+        results["latency_cores"] = cores.stop()
         results["latency_rate_per_s"] = rate
         results["latency_ms_p50"] = percentile(lat, 0.50)
         results["latency_ms_p99"] = percentile(lat, 0.99)
@@ -361,7 +429,7 @@ def run_bench(commands: int = 200_000, mix: str = "full", seed: int = 1,
         got = http_latency(worker.url, [f"/accounts/{a}" for a in sample])
         results["get_ms_p50"], results["get_ms_p99"] = percentile(got, .5), percentile(got, .99)
 
-        wait_quiet(worker, 120)
+        wait_quiet(pool, 120)
         say("checking: verify, and the worker's balances against the fold of the events")
         report = verify(s)
         mismatches = 0
@@ -376,8 +444,9 @@ def run_bench(commands: int = 200_000, mix: str = "full", seed: int = 1,
         if not results["check_ok"]:
             say(f"CHECK FAILED: {report.breaches[:5]}, {mismatches} balance mismatches, "
                 f"{report.transfers_in_flight} transfers in flight")
-        results["worker_rss_mb_peak"] = rss_peak_mb(worker.proc.pid)
-        worker.stop()
+        results["worker_rss_mb_peak"] = max(rss_mb(w.proc.pid, "VmHWM") for w in pool)
+        for w in pool:
+            w.stop()
 
         say("replay: rebuilding every balance from the events topic")
         results["replay_events_per_s"] = replay_rate(s)
@@ -388,19 +457,17 @@ def run_bench(commands: int = 200_000, mix: str = "full", seed: int = 1,
         # -- end to end: a fresh ledger, the worker running while commands arrive
         s2 = ledger("e2e")
         ensure_topics(s2)
-        worker2 = WorkerProcess(s2, work / "e2e.log")
-        stack.callback(worker2.stop)
-        worker2.wait_ready()
+        pool = start_workers(s2, "e2e")
         watch2 = OutcomeWatch(s2)
         say("end to end: submitting while the worker decides")
         t0 = time.time()
         sender = threading.Thread(target=submit_all, args=(s2, cmds))
         sender.start()
-        watch2.wait(len(cmds), 600, "e2e")
+        watch2.wait(len(cmds), 1800, "e2e", pool)
         sender.join()
         results["e2e_commands_per_s"] = len(cmds) / max(watch2.last_ts / 1000 - t0, 1e-3)
         results["worker_rss_mb_peak"] = max(results["worker_rss_mb_peak"],
-                                            rss_peak_mb(worker2.proc.pid))
+                                            *(rss_mb(w.proc.pid, "VmHWM") for w in pool))
         watch2.close()
 
     for k in KEYS:
@@ -416,8 +483,11 @@ def render(r: dict[str, Any]) -> str:
     def f(v: Any, fmt: str = ",.0f") -> str:
         return "n/a" if v is None or v != v else format(v, fmt)
 
+    def cores(c: dict[str, float] | None) -> str:
+        return "n/a" if not c else ", ".join(f"{k} {v:.2f}" for k, v in c.items())
+
     rows = [
-        ("commands (mix)", f"{r['commands']:,} ({r['mix']})"),
+        ("commands (mix, workers)", f"{r['commands']:,} ({r['mix']}, {r['workers']})"),
         ("raw produce / consume, records/s",
          f"{f(r['raw_produce_per_s'])} / {f(r['raw_consume_per_s'])}"),
         ("backlog, commands/s", f"{f(r['backlog_commands_per_s'])} "
@@ -430,7 +500,11 @@ def render(r: dict[str, Any]) -> str:
         ("as-of, ms p50/p99", f"{f(r['as_of_ms_p50'], '.2f')} / {f(r['as_of_ms_p99'], '.2f')}"),
         ("GET /accounts/{id}, ms p50/p99",
          f"{f(r['get_ms_p50'], '.2f')} / {f(r['get_ms_p99'], '.2f')}"),
+        ("cores used, backlog", cores(r["backlog_cores"])),
+        ("cores used, latency run", cores(r["latency_cores"])),
         ("worker peak RSS, MB", f(r["worker_rss_mb_peak"])),
+        ("worker RSS half-way / end of backlog, MB",
+         f"{f(r['worker_rss_mb_half'])} / {f(r['worker_rss_mb_end'])}"),
         ("check (verify + balances = fold)", "ok" if r["check_ok"] else "FAILED"),
     ]
     width = max(len(k) for k, _ in rows)

@@ -385,7 +385,8 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from streams.bench import run_bench
 
-    return run_bench(commands=args.commands, mix=args.mix, seed=args.seed, json_out=args.json)
+    return run_bench(commands=args.commands, mix=args.mix, seed=args.seed, json_out=args.json,
+                     workers=args.workers)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -516,6 +517,8 @@ def main(argv: list[str] | None = None) -> int:
     bn.add_argument("--commands", type=int, default=200_000)
     bn.add_argument("--mix", choices=["full", "simple"], default="full")
     bn.add_argument("--seed", type=int, default=1)
+    bn.add_argument("--workers", type=int, default=1,
+                    help="worker processes in one group (each owns some partitions)")
     bn.set_defaults(fn=cmd_bench)
 
     args = parser.parse_args(argv)

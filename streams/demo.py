@@ -73,7 +73,7 @@ def describe(outcome: Any) -> str:
 def run_demo(json_out: bool = False) -> int:
     with ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ledger-demo-")))
-        bootstrap = broker_for_job(stack, work / "kafka", step)
+        bootstrap, _ = broker_for_job(stack, work / "kafka", step)
         run = f"demo-{uuid.uuid4().hex[:6]}"
         s = Settings(bootstrap_servers=bootstrap).isolated(run, data_dir=work / "worker",
                                                            web_port=free_port())

@@ -735,14 +735,17 @@ def users_from_env() -> dict[str, str]:
     return {user: os.environ[var] for user, var in names.items()}
 
 
-def broker_for_job(stack: ExitStack, data_dir: Path, say: Callable[[str], None]) -> str:
-    """``LEDGER_BOOTSTRAP_SERVERS`` if set, else a local broker that ``stack`` stops."""
+def broker_for_job(stack: ExitStack, data_dir: Path,
+                   say: Callable[[str], None]) -> tuple[str, int | None]:
+    """``LEDGER_BOOTSTRAP_SERVERS`` if set, else a local broker that ``stack`` stops:
+    (bootstrap servers, the local broker's pid or None)."""
     external = os.environ.get("LEDGER_BOOTSTRAP_SERVERS")
     if external:
-        return external
+        return external, None
     say("fetching the Apache Kafka jars (first run only) and starting a local broker")
     ensure_jars()
-    return stack.enter_context(LocalBroker(data_dir=data_dir)).bootstrap_servers
+    broker = stack.enter_context(LocalBroker(data_dir=data_dir))
+    return broker.bootstrap_servers, broker.pid
 
 
 def run_foreground(port: int | None, users: Mapping[str, str] | None = None) -> None:

@@ -1,0 +1,64 @@
+"""Latency of single submits against the arrival rate, and who has the cores meanwhile.
+
+    python bench/latency.py [--rates 50,200,500,1000] [--seconds 10]
+
+Starts a broker (or uses ``LEDGER_BOOTSTRAP_SERVERS``) and one worker, opens 10,000
+accounts, then for each rate submits single deposits open loop (fixed arrival times,
+as ``ledger bench`` does at 20% of its backlog rate) and prints submit -> outcome
+p50/p99 with the cores the broker, the worker and this process used meanwhile. Where
+p99 leaves the flush times behind and climbs with the run, the queue is growing:
+that rate is past what this machine sustains for one-command records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+
+from streams import bench
+from streams.kafka_local import broker_for_job
+from streams.procs import WorkerProcess, free_port
+from streams.settings import Settings
+from streams.topics import ensure_topics
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rates", default="50,200,500,1000",
+                    help="submits per second, comma-separated, run in this order")
+    ap.add_argument("--seconds", type=float, default=10.0)
+    args = ap.parse_args()
+    rates = [float(r) for r in args.rates.split(",")]
+    with ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ledger-lat-")))
+        bootstrap, broker_pid = broker_for_job(stack, work / "kafka", bench.say)
+        s = Settings(bootstrap_servers=bootstrap).isolated(
+            f"latency-{random.randrange(1 << 32):08x}", data_dir=work / "w",
+            web_port=free_port())
+        ensure_topics(s)
+        opens = bench.workload("simple", bench.ACCOUNTS, random.Random(1), "a")
+        bench.say(f"opening {len(opens):,} accounts")
+        bench.submit_all(s, opens)
+        worker = WorkerProcess(s, work / "worker.log")
+        stack.callback(worker.stop)
+        worker.wait_ready()
+        bench.wait_quiet([worker], 300)
+        cores = bench.Cores({"broker": [broker_pid], "worker": [worker.proc.pid],
+                             "bench": [None]})
+        accounts = [c.account_id for c in opens]
+        for rate in rates:
+            bench.say(f"single submits at {rate:,.0f}/s for {args.seconds:.0f} s")
+            cores.start()
+            lat = bench.latency(s, accounts, rate, args.seconds)
+            used = cores.stop()
+            print(f"rate {rate:>7,.0f}/s  p50 {bench.percentile(lat, .5):9.1f} ms  "
+                  f"p99 {bench.percentile(lat, .99):9.1f} ms  cores: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in used.items()), flush=True)
+            bench.wait_quiet([worker], 300)
+
+
+if __name__ == "__main__":
+    main()

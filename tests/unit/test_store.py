@@ -1,0 +1,30 @@
+"""All of a worker's partition stores draw on one RocksDB memory budget."""
+
+from __future__ import annotations
+
+import os
+
+from streams import store
+
+
+def test_partition_stores_share_one_cache_that_holds_their_memtables_and_indexes(tmp_path):
+    cache, memtables = store._shared()
+    before = cache.get_usage()
+    options = store.SharedBudget(**store.STORE_OPTIONS, use_rocksdict=True)
+    dbs = [options.open(tmp_path / f"p{i}") for i in range(6)]
+    try:
+        # ~90 MB of outcome-like records over six partitions: more than the budget
+        for n in range(60_000):
+            dbs[n % 6][b"i" + os.urandom(24)] = os.urandom(1500)
+        # memtables of all partitions are charged to the one cache, and bounded
+        assert 0 < memtables.get_usage() <= store.MEMTABLE_BYTES * 1.1
+        assert cache.get_usage() > before
+        # table files were written (the memtables were flushed), and reading them
+        # goes through the same cache, whose size does not grow past its capacity
+        for db in dbs:
+            db.flush()
+            assert sum(1 for _ in db.values()) == 10_000
+        assert cache.get_usage() <= store.STORE_CACHE_BYTES * 1.05
+    finally:
+        for db in dbs:
+            db.close()
