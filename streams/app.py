@@ -17,7 +17,8 @@ import os
 import threading
 import time
 from collections import defaultdict
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import faust
 from aiokafka import codec as codecs
@@ -35,6 +36,7 @@ from streams.store import STORE_OPTIONS, use_shared_budget
 from streams.topics import end_offsets
 
 log = logging.getLogger("ledger.worker")
+T = TypeVar("T")
 
 EXIT_INTERNAL_FAILURE = 70  # EX_SOFTWARE: a supervisor should restart the worker
 
@@ -57,6 +59,20 @@ def crash_reason(app: faust.App) -> str | None:
         if getattr(svc, "crashed", False):
             return f"{name} crashed: {getattr(svc, 'crash_reason', None)!r}"
     return None
+
+
+def split_by_size(items: list[T], size: Callable[[T], int], max_size: int) -> list[list[T]]:
+    """``items`` in order, cut into runs of at most ``max_size`` (a bigger item alone)."""
+    runs: list[list[T]] = []
+    total = max_size + 1
+    for item in items:
+        n = size(item)
+        if total + n > max_size:  # a new run: the first, or this item does not fit
+            runs.append([])
+            total = 0
+        runs[-1].append(item)
+        total += n
+    return runs
 
 
 def create_app(s: Settings) -> faust.App:
@@ -102,7 +118,7 @@ def create_app(s: Settings) -> faust.App:
     @app.agent(channel)
     async def ledger(stream: Any) -> None:
         async for events in stream.take_events(s.batch_max_records, s.batch_within_ms / 1000):
-            batch = asyncio.ensure_future(_handle(events))
+            batch = asyncio.ensure_future(_handle_in_steps(events))
             try:
                 await asyncio.shield(batch)
             except asyncio.CancelledError:
@@ -120,6 +136,14 @@ def create_app(s: Settings) -> faust.App:
                 die(f"batch failed: {type(exc).__name__}: {exc}")
 
     deciding: dict[str, asyncio.Future[Any] | None] = {"batch": None}
+
+    async def _handle_in_steps(events: list[EventT[Any]]) -> None:
+        # Faust hands over whatever it has fetched: over a backlog, hundreds of
+        # thousands of commands at once. Deciding them in bounded steps keeps the
+        # worker's memory bounded; Faust acks the inputs after the last step.
+        for step in split_by_size(events, lambda ev: len(ev.message.value or b""),
+                                  s.batch_max_bytes):
+            await _handle(step)
 
     async def _handle(events: list[EventT[Any]]) -> None:
         # A batch taken just before a rebalance is decided after it: against the state

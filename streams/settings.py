@@ -50,9 +50,12 @@ class Settings(BaseSettings):
     schema_registry_url: str | None = None
 
     # Bounds of one unit of work in the worker (records taken from Faust per batch,
-    # and how long to wait for a batch to fill).
+    # and how long to wait for a batch to fill); what is taken is decided and made
+    # durable in steps of at most batch_max_bytes of input records (at least one record),
+    # so a worker's memory does not grow with the backlog in front of it.
     batch_max_records: int = Field(default=2000, ge=1, le=100_000)
     batch_within_ms: int = Field(default=2, ge=1, le=10_000)
+    batch_max_bytes: int = Field(default=1_000_000, ge=1024)
     # How long a command_id is remembered after its decision (partition clock: broker
     # append time). A retry within it gets the first outcome; after it, the id is new.
     idempotency_window_s: int = Field(default=7 * 86_400, ge=1)
