@@ -48,6 +48,7 @@ from rocksdict import Options, Rdict, WriteBatch
 from schemas.codec import CODEC, HEADER_LEN, MAGIC, DecodeError, read_long
 from schemas.models import LedgerEvent
 from streams.settings import Settings
+from streams.store import within_budget
 
 log = logging.getLogger("ledger.history")
 
@@ -98,7 +99,7 @@ class History:
         self.s = settings
         self.path = path if path is not None else settings.data_dir / "history"
         self.path.mkdir(parents=True, exist_ok=True)
-        self._db = Rdict(str(self.path), Options(raw_mode=True))
+        self._db = Rdict(str(self.path), within_budget(Options(raw_mode=True)))
         self._wanted: frozenset[int] = frozenset()
         self._caught_up: set[int] = set()  # followed partitions read to their end once
         self._stop = threading.Event()

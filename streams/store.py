@@ -6,10 +6,11 @@ written. So a worker's memory grew with the partitions it held and with the data
 them (every command_id of the idempotency window): 186 MB after 16k commands and
 530 MB after 650k, in a 1,000,000-command ``ledger bench`` run.
 
-Here every partition's store charges its memtables (through a shared write buffer
-manager) and its index and filter blocks to one block cache of ``STORE_CACHE_BYTES``
-per worker: RocksDB's memory stays inside that however many commands or partitions
-the worker has.
+Here every partition's store, and the worker's history index (``streams.history``,
+which RocksDB's defaults would give 64 MB memtables of its own), charge their
+memtables (through a shared write buffer manager) and their index and filter blocks
+to one block cache of ``STORE_CACHE_BYTES`` per worker: RocksDB's memory stays inside
+that however many commands or partitions the worker has.
 """
 
 from __future__ import annotations
@@ -37,21 +38,26 @@ def _shared() -> tuple[rocksdict.Cache, rocksdict.WriteBufferManager]:
     return _cache, _memtables
 
 
+def within_budget(options: rocksdict.Options, bloom_bits: int = 10) -> rocksdict.Options:
+    """``options`` with the worker's shared cache and memtable budget (any RocksDB the
+    worker opens: the accounts table's partitions, the history index)."""
+    cache, memtables = _shared()
+    table = rocksdict.BlockBasedOptions()
+    table.set_bloom_filter(bloom_bits, True)
+    table.set_index_type(rocksdict.BlockBasedIndexType.binary_search())
+    table.set_block_cache(cache)
+    table.set_cache_index_and_filter_blocks(True)
+    table.set_pin_l0_filter_and_index_blocks_in_cache(True)
+    options.set_block_based_table_factory(table)
+    options.set_write_buffer_manager(memtables)
+    return options
+
+
 class SharedBudget(RocksDBOptions):
     """Faust's options for one partition's RocksDB, with the worker's shared budget."""
 
     def as_options(self) -> Any:
-        options = super().as_options()
-        cache, memtables = _shared()
-        table = rocksdict.BlockBasedOptions()
-        table.set_bloom_filter(self.bloom_filter_size, True)
-        table.set_index_type(rocksdict.BlockBasedIndexType.binary_search())
-        table.set_block_cache(cache)
-        table.set_cache_index_and_filter_blocks(True)
-        table.set_pin_l0_filter_and_index_blocks_in_cache(True)
-        options.set_block_based_table_factory(table)
-        options.set_write_buffer_manager(memtables)
-        return options
+        return within_budget(super().as_options(), self.bloom_filter_size)
 
 
 def use_shared_budget(table: Any) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import rocksdict
+
 from streams import store
 
 
@@ -28,3 +30,16 @@ def test_partition_stores_share_one_cache_that_holds_their_memtables_and_indexes
     finally:
         for db in dbs:
             db.close()
+
+
+def test_any_rocksdb_the_worker_opens_can_draw_on_the_same_budget(tmp_path):
+    _, memtables = store._shared()
+    before = memtables.get_usage()
+    db = rocksdict.Rdict(str(tmp_path / "history"),
+                         store.within_budget(rocksdict.Options(raw_mode=True)))
+    try:
+        for n in range(2_000):
+            db[n.to_bytes(4, "big")] = os.urandom(1000)
+        assert memtables.get_usage() > before  # its memtable is counted in the budget
+    finally:
+        db.close()
