@@ -13,7 +13,8 @@ from streams.settings import Settings
 
 def read_all(s: Settings, topic: str, timeout_s: float = 60.0,
              progress: bool = False) -> Iterator[Message]:
-    """Every record of ``topic`` from the start to the end offsets seen on entry."""
+    """Every record of ``topic`` from the start to the end offsets seen on entry; raises
+    TimeoutError if no record arrives for ``timeout_s`` (however long the whole read)."""
     consumer = Consumer({**s.kafka_config(), "group.id": f"ledger-read-{uuid.uuid4()}",
                          "enable.auto.commit": False, "auto.offset.reset": "earliest",
                          "enable.partition.eof": False})
@@ -37,10 +38,12 @@ def read_all(s: Settings, topic: str, timeout_s: float = 60.0,
         deadline = time.monotonic() + timeout_s
         while len(done) < len(ends):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"read {seen}/{total} records of {topic} in {timeout_s}s")
+                raise TimeoutError(f"read {seen}/{total} records of {topic}, then nothing "
+                                   f"for {timeout_s}s")
             for m in consumer.consume(10_000, timeout=0.5):
                 if m.error() is not None:
                     continue
+                deadline = time.monotonic() + timeout_s
                 p, offset = m.partition(), m.offset()
                 if p is None or offset is None or p in done or offset >= ends[p]:
                     continue
