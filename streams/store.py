@@ -1,16 +1,17 @@
-"""RocksDB for the accounts table: one memory budget for all of a worker's partitions.
+"""RocksDB in the worker: one memory budget for all of its stores.
 
-Faust opens one RocksDB per partition, each with its own block cache and memtables
-and, outside any cache, the index and filter blocks of every table file it has
-written. So a worker's memory grew with the partitions it held and with the data in
-them (every command_id of the idempotency window): 186 MB after 16k commands and
-530 MB after 650k, in a 1,000,000-command ``ledger bench`` run.
+Faust opens one RocksDB per partition of the accounts table, each with its own block
+cache and memtables (its defaults: 2 GB and 3 x 64 MB) and, outside any cache, the
+index and filter blocks of every table file it has written; the history index opens
+one more with RocksDB's defaults. So a worker's memory could grow with the partitions
+it held and with the data in them (every command_id of the idempotency window).
 
-Here every partition's store, and the worker's history index (``streams.history``,
-which RocksDB's defaults would give 64 MB memtables of its own), charge their
-memtables (through a shared write buffer manager) and their index and filter blocks
-to one block cache of ``STORE_CACHE_BYTES`` per worker: RocksDB's memory stays inside
-that however many commands or partitions the worker has.
+Here every partition's store, and the history index (``streams.history``), charge
+their memtables (through a shared write buffer manager) and their index and filter
+blocks to one block cache of ``STORE_CACHE_BYTES`` per worker: RocksDB's memory stays
+inside that however many commands or partitions the worker has. (What else a worker's
+memory follows, the size of what it decides at once, is bounded by
+``Settings.batch_max_bytes``.)
 """
 
 from __future__ import annotations
