@@ -13,6 +13,7 @@ that rate is past what this machine sustains for one-command records.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import tempfile
 from contextlib import ExitStack
@@ -47,7 +48,7 @@ def main() -> None:
         worker.wait_ready()
         bench.wait_quiet([worker], 300)
         cores = bench.Cores({"broker": [broker_pid], "worker": [worker.proc.pid],
-                             "bench": [None]})
+                             "bench": [os.getpid()]})
         accounts = [c.account_id for c in opens]
         for rate in rates:
             bench.say(f"single submits at {rate:,.0f}/s for {args.seconds:.0f} s")
@@ -55,8 +56,8 @@ def main() -> None:
             lat = bench.latency(s, accounts, rate, args.seconds)
             used = cores.stop()
             print(f"rate {rate:>7,.0f}/s  p50 {bench.percentile(lat, .5):9.1f} ms  "
-                  f"p99 {bench.percentile(lat, .99):9.1f} ms  cores: "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in used.items()), flush=True)
+                  f"p99 {bench.percentile(lat, .99):9.1f} ms  cores: {bench.format_cores(used)}",
+                  flush=True)
             bench.wait_quiet([worker], 300)
 
 

@@ -206,15 +206,19 @@ class OutcomeWatch:
         deadline = time.monotonic() + timeout_s
         shown = 0.0
         rss: list[tuple[int, float]] = []
+
+        def sample() -> None:
+            rss.append((len(self.ids), max(rss_mb(w.proc.pid) for w in workers)))
+
         while len(self.ids) < n:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{label}: {len(self.ids)}/{n} outcomes in {timeout_s}s")
             self.poll()
             if time.monotonic() - shown > 2:
-                rss.append((len(self.ids), max(rss_mb(w.proc.pid) for w in workers)))
+                sample()
                 say(f"  {label}: {len(self.ids)}/{n} outcomes, worker RSS {rss[-1][1]:.0f} MB")
                 shown = time.monotonic()
-        rss.append((len(self.ids), max(rss_mb(w.proc.pid) for w in workers)))
+        sample()
         return rss
 
     def close(self) -> None:
@@ -294,19 +298,19 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float:
     return float("nan")
 
 
-def cpu_s(pid: int | None) -> float:
-    """CPU seconds (user + system) a process has used so far; this process's if None."""
-    if pid is None:
-        return time.process_time()
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far, all its threads."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Cores:
-    """Cores used on average between ``start`` and ``stop``, per named process."""
+    """Cores used on average between ``start`` and ``stop``, per named group of processes
+    (a group with a pid not known, such as a broker the bench did not start, is left out)."""
 
     def __init__(self, pids: dict[str, list[int | None]]) -> None:
-        self.pids = {name: ps for name, ps in pids.items() if ps != [None] or name == "bench"}
+        self.pids = {name: [p for p in ps if p is not None] for name, ps in pids.items()
+                     if None not in ps}
 
     def _now(self) -> dict[str, float]:
         return {name: sum(cpu_s(p) for p in ps) for name, ps in self.pids.items()}
@@ -317,6 +321,10 @@ class Cores:
     def stop(self) -> dict[str, float]:
         wall = max(time.monotonic() - self._t0, 1e-9)
         return {k: round((v - self._c0[k]) / wall, 2) for k, v in self._now().items()}
+
+
+def format_cores(used: dict[str, float] | None) -> str:
+    return "n/a" if not used else ", ".join(f"{k} {v:.2f}" for k, v in used.items())
 
 
 def rss_at(samples: list[tuple[int, float]], outcomes: int) -> float:
@@ -393,7 +401,7 @@ def run_bench(commands: int = 200_000, mix: str = "full", seed: int = 1,
         pool = start_workers(s, "backlog")
         worker = pool[0]  # HTTP goes here; it forwards to the owner of an account
         cores = Cores({"broker": [broker_pid], "workers": [w.proc.pid for w in pool],
-                       "bench": [None]})
+                       "bench": [os.getpid()]})
         cores.start()
         rss = watch.wait(len(cmds), 1800, "backlog", pool)
         results["backlog_cores"] = cores.stop()
@@ -483,9 +491,6 @@ def render(r: dict[str, Any]) -> str:
     def f(v: Any, fmt: str = ",.0f") -> str:
         return "n/a" if v is None or v != v else format(v, fmt)
 
-    def cores(c: dict[str, float] | None) -> str:
-        return "n/a" if not c else ", ".join(f"{k} {v:.2f}" for k, v in c.items())
-
     rows = [
         ("commands (mix, workers)", f"{r['commands']:,} ({r['mix']}, {r['workers']})"),
         ("raw produce / consume, records/s",
@@ -500,8 +505,8 @@ def render(r: dict[str, Any]) -> str:
         ("as-of, ms p50/p99", f"{f(r['as_of_ms_p50'], '.2f')} / {f(r['as_of_ms_p99'], '.2f')}"),
         ("GET /accounts/{id}, ms p50/p99",
          f"{f(r['get_ms_p50'], '.2f')} / {f(r['get_ms_p99'], '.2f')}"),
-        ("cores used, backlog", cores(r["backlog_cores"])),
-        ("cores used, latency run", cores(r["latency_cores"])),
+        ("cores used, backlog", format_cores(r["backlog_cores"])),
+        ("cores used, latency run", format_cores(r["latency_cores"])),
         ("worker peak RSS, MB", f(r["worker_rss_mb_peak"])),
         ("worker RSS half-way / end of backlog, MB",
          f"{f(r['worker_rss_mb_half'])} / {f(r['worker_rss_mb_end'])}"),
