@@ -47,3 +47,39 @@ def test_a_backlog_is_decided_in_steps_of_bounded_size(ledger_settings, start_wo
         assert status == 200
         assert doc["balance_minor"] == sum(j + 1 for j in range(i, 1800, 30))
         assert doc["version"] == 1 + 60
+
+
+def test_the_next_batch_fills_while_a_batch_is_written(ledger_settings, start_worker):
+    # One command per record, as single submits make. Faust's take_events stops the
+    # stream while the agent holds a batch and then gathers for batch_within_ms only,
+    # so each batch held what the stream passes in 1 ms: ~2,000 records took hundreds
+    # of batches. The worker's own take lets the stream fill the next batch meanwhile.
+    s = ledger_settings
+    now = int(time.time() * 1000)
+    accounts = [f"fill-{i}" for i in range(20)]
+    commands = [OpenAccount(command_id=f"o-{a}", account_id=a, actor="t", issued_at=now,
+                            currency="USD") for a in accounts]
+    commands += [Deposit(command_id=f"d{i}", account_id=accounts[i % 20], actor="t",
+                         issued_at=now, amount_minor=i + 1, currency="USD") for i in range(1980)]
+    with LedgerClient(s, wait_outcomes=False, max_batch_commands=1) as single:
+        for c in commands:
+            single.submit(c)
+        single.flush(60)
+    assert sum(1 for _ in read_all(s, s.commands_topic)) == len(commands)
+
+    worker = start_worker(batch_within_ms=1)
+    deadline = time.monotonic() + 90
+    while True:
+        metrics = scrape(worker.url)
+        if total(metrics, "ledger_commands_total") >= len(commands):
+            break
+        assert time.monotonic() < deadline, total(metrics, "ledger_commands_total")
+        time.sleep(0.5)
+    batches = total(metrics, "ledger_batch_commands_count")
+    assert batches <= len(commands) / 40, batches
+    assert total(metrics, "ledger_rejections_total") == 0
+    for i, a in enumerate(accounts[:3]):
+        status, doc = worker.get(f"/accounts/{a}")
+        assert status == 200
+        assert doc["balance_minor"] == sum(j + 1 for j in range(i, 1980, 20))
+        assert doc["version"] == 1 + 99
