@@ -1,10 +1,12 @@
 """Deciding alone: the worker's per-command Python, without Kafka, Faust or RocksDB.
 
-    python bench/decide.py [--commands 30000] [--mix full|simple] [--profile]
+    python bench/decide.py [--commands 30000] [--mix full|simple] [--per-record 500]
+                           [--profile]
 
 Runs ``BatchProcessor`` (what the worker runs per partition and batch: decode the
 command records, validate, decide, encode events, outcomes and state) over the
-``ledger bench`` workload, 500 commands per record as the client coalesces them,
+``ledger bench`` workload, 500 commands per record as the client coalesces them
+(``--per-record 1``: one per record, as single submits make),
 with a dict as the store. Prints the best of ``--repeat`` runs in µs per command;
 ``--profile`` prints the functions that take the time (cProfile). This is the part
 of the hot path that a faster machine, or less Python per command, speeds up; the
@@ -31,6 +33,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--commands", type=int, default=30_000)
     ap.add_argument("--mix", choices=("full", "simple"), default="full")
+    ap.add_argument("--per-record", type=int, default=500)
     ap.add_argument("--repeat", type=int, default=4)
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
@@ -38,7 +41,8 @@ def main() -> None:
     by_partition = defaultdict(list)
     for c in workload(args.mix, args.commands, random.Random(1), "a"):
         by_partition[partition_for(c.account_id, PARTITIONS)].append(c)
-    records = {p: [encode_batch(cs[i:i + 500]) for i in range(0, len(cs), 500)]
+    per = args.per_record
+    records = {p: [encode_batch(cs[i:i + per]) for i in range(0, len(cs), per)]
                for p, cs in by_partition.items()}
     signer = LegSigner(b"bench-secret")
 
@@ -67,7 +71,8 @@ def main() -> None:
         best = min(best, time.perf_counter() - start)
         print(f"[decide] run {i + 1}/{args.repeat}: {(time.perf_counter() - start) / n * 1e6:.1f}"
               " µs/command", flush=True)
-    print(f"deciding alone, mix {args.mix}: {best / n * 1e6:.1f} µs/command "
+    print(f"deciding alone, mix {args.mix}, {args.per_record} per record: "
+          f"{best / n * 1e6:.1f} µs/command "
           f"({n / best:,.0f} commands/s on one core), best of {args.repeat}")
 
 
