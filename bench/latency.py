@@ -1,10 +1,13 @@
 """Latency of single submits against the arrival rate, and who has the cores meanwhile.
 
     python bench/latency.py [--rates 50,200,500,1000] [--seconds 10] [--warmup 60]
+                            [--backlog 0]
 
 Starts a broker (or uses ``LEDGER_BOOTSTRAP_SERVERS``) and one worker, opens 10,000
-accounts, then for each rate submits single deposits open loop (fixed arrival times,
-as ``ledger bench`` does at 20% of its backlog rate) and prints submit -> outcome
+accounts (then, with ``--backlog N``, has the worker decide N commands of the full mix
+first, as ``ledger bench`` measures latency right after its backlog), then for each
+rate submits single deposits open loop (fixed arrival times, as ``ledger bench`` does
+at 20% of its backlog rate) and prints submit -> outcome
 p50/p99 with the cores the broker, the worker and this process used meanwhile. Where
 p99 leaves the flush times behind and climbs with the run, the queue is growing:
 that rate is past what this machine sustains for one-command records. A warm-up at
@@ -37,6 +40,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=60.0,
                     help="seconds of submits at 200/s first, not reported (a fresh broker "
                          "spends its first minute or so compiling)")
+    ap.add_argument("--backlog", type=int, default=0,
+                    help="commands of the full mix (transfers, holds, ...) for the worker "
+                         "to decide after the opens, before the warm-up")
     args = ap.parse_args()
     rates = [float(r) for r in args.rates.split(",")]
     with ExitStack() as stack:
@@ -46,16 +52,18 @@ def main() -> None:
             f"latency-{random.randrange(1 << 32):08x}", data_dir=work / "w",
             web_port=free_port())
         ensure_topics(s)
-        opens = bench.workload("simple", bench.ACCOUNTS, random.Random(1), "a")
-        bench.say(f"opening {len(opens):,} accounts")
-        bench.submit_all(s, opens)
+        mix = "full" if args.backlog else "simple"  # both open every account first
+        cmds = bench.workload(mix, bench.ACCOUNTS + args.backlog, random.Random(1), "a")
+        bench.say(f"opening {bench.ACCOUNTS:,} accounts"
+                  + (f", then a backlog of {args.backlog:,} commands" if args.backlog else ""))
+        bench.submit_all(s, cmds)
         worker = WorkerProcess(s, work / "worker.log")
         stack.callback(worker.stop)
         worker.wait_ready()
         bench.wait_quiet([worker], 300)
         cores = bench.Cores({"broker": [broker_pid], "worker": [worker.proc.pid],
                              "bench": [os.getpid()]})
-        accounts = [c.account_id for c in opens]
+        accounts = [c.account_id for c in cmds[:bench.ACCOUNTS]]
         if args.warmup:
             bench.say(f"warming up: single submits at 200/s for {args.warmup:.0f} s")
             bench.latency(s, accounts, 200, args.warmup)

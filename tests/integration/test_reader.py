@@ -229,8 +229,10 @@ def test_a_killed_reader_hands_again_at_most_one_batch(ledger_settings, start_wo
     assert len(second) == len(set(second))
     assert set(first) | set(second) == set(events)
     again = set(first) & set(second)
-    assert again == handed_again_allowed(records, first, offsets)
-    # of those, the ones not explained by a copy were handed since the last commit
+    # at most what the docstring allows: an event whose only record after the commit is
+    # a copy that lands behind a later version of its account is stale there, and dropped
+    assert again <= handed_again_allowed(records, first, offsets)
+    # those handed since the last commit (an original after it) are all handed again
     originals = {}
     for p, off, v in records:
         originals.setdefault(key_of(v), (p, off))
