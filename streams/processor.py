@@ -11,7 +11,9 @@ Store keys (bytes):
     ``a<account>``                  AccountState
     ``i<account>\\0<command_id>``    CommandOutcome: a retry gets the same records again
                                     (a credit leg's: ``i<dest>\\0<leg_id>\\0<source>``)
-    ``e<expires_at:8>i<account>...`` retention index of those outcomes (value empty)
+    ``e<expires_at:8><okey>``        retention index: outcome keys that expire then, one
+                                    record per batch: the first in its key, the others
+                                    in its value, joined by ``\\xff``
     ``x<expires_at:8>``...          hold expiry index: ``<account>\\0<hold_id>``
     ``\\0clock``                    the partition clock (8 bytes, epoch ms)
 
@@ -82,6 +84,27 @@ FORGET_PER_BATCH = 5000
 
 def retention_key(expires_at: int, okey: bytes) -> bytes:
     return b"e" + _MS.pack(expires_at) + okey
+
+
+# Joins the outcome keys in a retention record's value: never a byte of UTF-8.
+_SEP = b"\xff"
+
+
+def retained(key: bytes, value: bytes) -> list[bytes]:
+    """The outcome keys a retention record lists: the one in its key, then its value's."""
+    return [key[9:], *value.split(_SEP)] if value else [key[9:]]
+
+
+def retention_records(outcomes: Iterable[tuple[int, bytes]]) -> dict[bytes, bytes]:
+    """Retention records of ``(expires_at, outcome key)`` pairs, one per instant.
+
+    An outcome key is stored once per instant it expires at (a retry within the window
+    is not stored again), so a record's key, named after its first outcome, is unique.
+    """
+    groups: dict[int, list[bytes]] = {}
+    for expires_at, okey in outcomes:
+        groups.setdefault(expires_at, []).append(okey)
+    return {retention_key(at, okeys[0]): _SEP.join(okeys[1:]) for at, okeys in groups.items()}
 
 
 def leg_outcome_key(account_id: str, leg_id: str, from_account_id: str) -> bytes:
@@ -361,7 +384,6 @@ class BatchProcessor:
         self._writes[okey] = CODEC.encode(CommandOutcome.avro_name, {
             "digest": digest, "records": records, "rejected": outcome.rejection is not None,
             "expires_at": expires_at})
-        self._writes[retention_key(expires_at, okey)] = b""
         self._retained.append((expires_at, okey))
 
     def _emit_event(self, event: LedgerEvent) -> bytes:
@@ -399,6 +421,7 @@ class BatchProcessor:
         self._dirty.clear()
         if self._now is not None:
             self._forget(self._now)
+            self._index(self._now)
             if self._writes:  # the clock matters only next to what is stored
                 self._writes[CLOCK_KEY] = _MS.pack(self._now)
         return self._writes
@@ -409,20 +432,30 @@ class BatchProcessor:
         for expires_at, okey in self._retained:  # in time order: the clock never goes back
             if expires_at >= now:
                 break
-            del self._writes[retention_key(expires_at, okey)]
             self._forget_outcome(okey, expires_at)
         n = 0
         for key in self._keys(b"e"):
-            if key[:1] != b"e" or n == FORGET_PER_BATCH:
+            if key[:1] != b"e" or n >= FORGET_PER_BATCH:
                 return
             expires_at = _MS.unpack_from(key, 1)[0]
             if expires_at >= now:
                 return
-            if self._read(key) is None:  # not committed: a batch that never finished
+            value = self._read(key)
+            if value is None:  # not committed: a batch that never finished
                 continue
-            n += 1
+            okeys = retained(key, value)
+            done, rest = okeys[:FORGET_PER_BATCH - n], okeys[FORGET_PER_BATCH - n:]
+            n += len(done)
+            for okey in done:
+                self._forget_outcome(okey, expires_at)
             self._writes[key] = None
-            self._forget_outcome(key[9:], expires_at)
+            self._writes.update(retention_records((expires_at, okey) for okey in rest))
+
+    def _index(self, now: int) -> None:
+        """Index the outcomes this batch stored and keeps: one retention record per
+        instant they expire at, not one per outcome (a third fewer store writes)."""
+        self._writes.update(retention_records(
+            (expires_at, okey) for expires_at, okey in self._retained if expires_at >= now))
 
     def _forget_outcome(self, okey: bytes, expires_at: int) -> None:
         stored = self._stored(okey)

@@ -37,7 +37,7 @@ from streams.processor import (
     leg_outcome_key,
     outcome_key,
     partition_for,
-    retention_key,
+    retention_records,
 )
 from streams.projection import GroupActive, _members
 from streams.settings import Settings
@@ -128,11 +128,14 @@ def rebuild(s: Settings, progress: Callable[[str], None] | None = None) -> Rebui
         values[account_key(account)] = encode(state)
         for hold_id, hold in state.holds.items():
             values[expiry_key(hold.expires_at, account, hold_id)] = b""
+    retain: dict[int, list[tuple[int, bytes]]] = {p: [] for p in range(s.partitions)}
     for okey, outcome in outcomes.items():
         account = okey[1:].split(b"\0", 1)[0].decode()
-        values = per_partition[partition_for(account, s.partitions)]
-        values[okey] = encode(outcome)
-        values[retention_key(outcome.expires_at, okey)] = b""
+        p = partition_for(account, s.partitions)
+        per_partition[p][okey] = encode(outcome)
+        retain[p].append((outcome.expires_at, okey))
+    for p, pairs in retain.items():
+        per_partition[p].update(retention_records(pairs))
 
     producer = Producer(s.producer_config())
     records = 0

@@ -79,14 +79,24 @@ def unwrap(raw: bytes | None, ck: Checkpoint) -> bytes | None:
 
 
 class PartitionView:
-    """Committed reads of one partition's RocksDB, as of its checkpoint."""
+    """Committed reads of one partition's RocksDB, as of its checkpoint.
+
+    A view lives for one batch, while nothing writes the store: each key is read from
+    RocksDB once (the batch reads a key to decide, then again for the previous value
+    that its new value carries).
+    """
 
     def __init__(self, db: Any) -> None:
         self.db = db
         self.checkpoint = Checkpoint.decode(db.get(CHECKPOINT_KEY))
+        self._read: dict[bytes, bytes | None] = {}
 
     def get(self, key: bytes) -> bytes | None:
-        return unwrap(self.db.get(key), self.checkpoint)
+        try:
+            return self._read[key]
+        except KeyError:
+            value = self._read[key] = unwrap(self.db.get(key), self.checkpoint)
+            return value
 
     def changes_to_records(self, changes: Mapping[bytes, bytes | None],
                            tag: tuple[int, int]) -> dict[bytes, bytes | None]:

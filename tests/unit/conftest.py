@@ -31,7 +31,7 @@ from schemas.models import (
     encode,
 )
 from streams.domain import Outcome, decide, decide_leg
-from streams.processor import BatchProcessor, LegSigner, Output, partition_for
+from streams.processor import BatchProcessor, LegSigner, Output, partition_for, retained
 
 T0 = 1_700_000_000_000  # an epoch-ms instant; every test's clock starts here
 ACTOR = "alice"
@@ -179,6 +179,18 @@ class Store(dict[bytes, bytes]):
 
 def triples(outputs: list[Output]) -> list[tuple[str, bytes | None, bytes]]:
     return [(o.kind, o.key, o.value) for o in outputs]
+
+
+def index_of(store: dict[bytes, bytes]) -> list[tuple[int, bytes]]:
+    """(expires_at, outcome key) of every outcome the retention index lists, in order."""
+    return sorted((int.from_bytes(k[1:9], "big", signed=True), okey)
+                  for k, v in store.items() if k.startswith(b"e") for okey in retained(k, v))
+
+
+def state_of(store: dict[bytes, bytes]) -> tuple[dict[bytes, bytes], list[tuple[int, bytes]]]:
+    """A store's records, but its retention index as what it lists: the index has one
+    record per batch and instant, so how the inputs were cut into batches shows there."""
+    return {k: v for k, v in store.items() if not k.startswith(b"e")}, index_of(store)
 
 
 @dataclass

@@ -28,6 +28,7 @@ from streams.processor import (
     outcome_key,
     parse_expiry_key,
     partition_for,
+    retained,
     retention_key,
 )
 from tests.unit.conftest import (
@@ -40,9 +41,11 @@ from tests.unit.conftest import (
     capture_hold,
     close_account,
     deposit,
+    index_of,
     open_account,
     place_hold,
     release_hold,
+    state_of,
     transfer,
     triples,
     withdraw,
@@ -107,7 +110,8 @@ def test_one_record_many_records_and_many_batches_give_the_same_bytes():
         out_batches += triples(many_batches.batch([encode_batch([c])]).outputs)
 
     assert out_one == out_records == out_batches
-    assert one_record.store == many_records.store == many_batches.store
+    assert state_of(one_record.store) == state_of(many_records.store) == \
+        state_of(many_batches.store)
     kinds = [kind for kind, _, _ in out_one]
     assert kinds.count(EVENTS) == 14
     assert kinds.count(REJECTIONS) == 3
@@ -238,6 +242,10 @@ def retention_keys(part: Partition) -> set[bytes]:
     return {k for k in part.store if k.startswith(b"e")}
 
 
+def retention_index(part: Partition) -> list[tuple[int, bytes]]:
+    return index_of(part.store)
+
+
 def test_an_id_is_remembered_for_the_window_then_is_a_new_command(part):
     part.batch([encode_batch([open_account(A), deposit(100, A, command_id="dep-1")])])
     decided_at = part.clock
@@ -253,7 +261,7 @@ def test_an_id_is_remembered_for_the_window_then_is_a_new_command(part):
     new = CommandOutcome.from_avro(CODEC.decode(part.store[outcome_key(A, "dep-1")])[1])
     assert new.expires_at == part.clock + WINDOW
     assert outcome_keys(part) == {outcome_key(A, "dep-1")}
-    assert retention_keys(part) == {retention_key(new.expires_at, outcome_key(A, "dep-1"))}
+    assert retention_index(part) == [(new.expires_at, outcome_key(A, "dep-1"))]
 
 
 def test_the_store_stays_bounded_while_ids_keep_coming(part):
@@ -286,6 +294,39 @@ def test_forgetting_is_bounded_per_batch_and_when_it_runs_changes_no_answer(monk
     assert len(retention_keys(part)) == 1
 
 
+def test_the_retention_index_is_one_record_per_batch_and_instant():
+    part = Partition()
+    part.batch([encode_batch([open_account(A, command_id="open")] +
+                             [deposit(1, A, command_id=f"d{i}") for i in range(3)])])
+    expires_at = part.clock + WINDOW
+    part.clock += 1
+    part.batch([encode_batch([deposit(1, A, command_id="d3")]),
+                encode_batch([deposit(1, A, command_id="d4")])])
+
+    assert {k: v for k, v in part.store.items() if k.startswith(b"e")} == {
+        retention_key(expires_at, outcome_key(A, "open")):
+            b"\xff".join(outcome_key(A, f"d{i}") for i in range(3)),
+        retention_key(expires_at + 1, outcome_key(A, "d3")): outcome_key(A, "d4")}
+
+
+def test_retention_records_of_the_old_form_are_still_forgotten():
+    part = Partition()
+    part.batch([encode_batch([open_account(A), deposit(1, A, command_id="d0")])])
+    # as a store written before the index was grouped: one key per outcome, no value
+    for key, value in [(k, v) for k, v in part.store.items() if k.startswith(b"e")]:
+        del part.store[key]
+        for okey in retained(key, value):
+            part.store[key[:9] + okey] = b""
+    assert len(retention_keys(part)) == 2
+    part.clock += WINDOW + 1
+
+    bp = part.batch([encode_batch([deposit(1, A, command_id="d0")])])
+
+    assert bp.stats.replays == 0  # forgotten: a new command
+    assert outcome_keys(part) == {outcome_key(A, "d0")}
+    assert retention_index(part) == [(part.clock + WINDOW, outcome_key(A, "d0"))]
+
+
 def test_the_partition_clock_never_goes_back(monkeypatch):
     monkeypatch.setattr(processor, "FORGET_PER_BATCH", 0)  # so only the clock decides
     part = Partition()
@@ -315,13 +356,13 @@ def test_expiry_gives_the_same_bytes_however_the_records_are_cut():
                 i += 1
             part.store.apply(dict(bp.finish()))
             out += triples(bp.outputs)
-        return out, dict(part.store)
+        return out, state_of(part.store)
 
     one, singles, pairs = run([13]), run([1] * 13), run([1] + [2] * 6)
 
     assert one == singles == pairs
     assert len([o for o in one[0] if o[0] == EVENTS]) == 13  # each answered with an event
-    assert state_in_store(one[1], A).balance_minor == 11  # d0 retried in time, d1..d5 not
+    assert state_in_store(one[1][0], A).balance_minor == 11  # d0 retried in time, d1..d5 not
 
 
 # ================================================================ (c) routing

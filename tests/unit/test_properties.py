@@ -39,6 +39,7 @@ from tests.unit.conftest import (
     open_account,
     place_hold,
     release_hold,
+    state_of,
     transfer,
     triples,
     withdraw,
@@ -271,6 +272,6 @@ def test_processor_gives_the_same_bytes_however_commands_are_batched(script):
         out_apart += triples(apart.batch([encode_batch([c])]).outputs)
 
     assert out_together == out_apart
-    assert together.store == apart.store
+    assert state_of(together.store) == state_of(apart.store)
     kinds = {kind for kind, _, _ in out_together}
     assert kinds <= {EVENTS, REJECTIONS, TRANSFERS}
