@@ -3,8 +3,8 @@
     python bench/flush.py [--rounds 200]
 
 Starts a broker (or uses ``LEDGER_BOOTSTRAP_SERVERS``) and times ``Producer.flush`` of
-40 records over 12 partitions (idempotent, ``acks=all``, ``linger.ms=0``: the
-worker's until ``bench/linger.py``), with a delivery callback per record or none, at
+40 records over 12 partitions, as the worker's producer is set up (idempotent,
+``acks=all``, ``linger.ms=0``), with a delivery callback per record or none, at
 CPython's default switch interval (5 ms) and at the worker's
 (``streams.cli.WORKER_SWITCH_INTERVAL_S``), first alone and then with a thread
 computing in Python alongside, as Faust's consumer thread and the agent's loop do in
