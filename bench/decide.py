@@ -19,14 +19,8 @@ import argparse
 import cProfile
 import pstats
 import random
-import time
-from collections import defaultdict
 
-from schemas.models import encode_batch
-from streams.bench import workload
-from streams.processor import BatchProcessor, LegSigner, partition_for
-
-PARTITIONS = 12
+from streams.bench import decide_us, deciding, workload
 
 
 def main() -> None:
@@ -38,42 +32,15 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
 
-    by_partition = defaultdict(list)
-    for c in workload(args.mix, args.commands, random.Random(1), "a"):
-        by_partition[partition_for(c.account_id, PARTITIONS)].append(c)
-    per = args.per_record
-    records = {p: [encode_batch(cs[i:i + per]) for i in range(0, len(cs), per)]
-               for p, cs in by_partition.items()}
-    signer = LegSigner(b"bench-secret")
-
-    def run() -> int:
-        decided = 0
-        for p, recs in records.items():
-            store: dict[bytes, bytes] = {}
-            for offset, record in enumerate(recs):
-                # nothing expires within a run: the retention index is never scanned
-                bp = BatchProcessor(store.get, lambda _start: (), p, PARTITIONS, signer,
-                                    window_ms=86_400_000)
-                bp.command_record(None, record, "ledger.commands", offset, 1)
-                store.update({k: v for k, v in bp.finish().items() if v is not None})
-                decided += bp.stats.commands
-        return decided
-
+    run = deciding(workload(args.mix, args.commands, random.Random(1), "a"), args.per_record)
     if args.profile:
         profile = cProfile.Profile()
         profile.runcall(run)
         pstats.Stats(profile).sort_stats("tottime").print_stats(25)
         return
-    best = float("inf")
-    for i in range(args.repeat):
-        start = time.perf_counter()
-        n = run()
-        best = min(best, time.perf_counter() - start)
-        print(f"[decide] run {i + 1}/{args.repeat}: {(time.perf_counter() - start) / n * 1e6:.1f}"
-              " µs/command", flush=True)
-    print(f"deciding alone, mix {args.mix}, {args.per_record} per record: "
-          f"{best / n * 1e6:.1f} µs/command "
-          f"({n / best:,.0f} commands/s on one core), best of {args.repeat}")
+    us = decide_us(run, args.repeat)
+    print(f"deciding alone, mix {args.mix}, {args.per_record} per record: {us:.1f} µs/command "
+          f"({1e6 / us:,.0f} commands/s on one core), best of {args.repeat}")
 
 
 if __name__ == "__main__":

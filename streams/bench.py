@@ -35,6 +35,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -57,8 +58,10 @@ KEYS = (
     "latency_ms_p99", "latency_ms_p999", "replay_events_per_s", "as_of_ms_p50",
     "as_of_ms_p99", "get_ms_p50", "get_ms_p99", "worker_rss_mb_peak",
     "worker_rss_mb_half", "worker_rss_mb_end", "backlog_cores", "latency_cores", "check_ok",
+    "decide_us_per_command",
 )
 ACCOUNTS = 10_000
+PARTITIONS = 12  # of the ledger's topics, as Settings has them by default
 
 
 def say(msg: str) -> None:
@@ -133,6 +136,48 @@ def workload(mix: str, n: int, rng: random.Random, prefix: str) -> list[m.Comman
 
 
 # ---------------------------------------------------------------- measurements
+
+
+def deciding(commands: list[m.CommandBase], per_record: int) -> Callable[[], int]:
+    """A run of ``BatchProcessor`` alone (what the worker runs per partition and batch:
+    decode the command records, validate, decide, encode events, outcomes and state)
+    over ``commands``, ``per_record`` to a record, a dict as the store; it returns the
+    commands decided. No Kafka, Faust or RocksDB: the Python per command."""
+    from streams.processor import BatchProcessor, LegSigner, partition_for
+
+    by_partition: dict[int, list[m.CommandBase]] = {}
+    for c in commands:
+        by_partition.setdefault(partition_for(c.account_id, PARTITIONS), []).append(c)
+    records = {p: [m.encode_batch(cs[i:i + per_record]) for i in range(0, len(cs), per_record)]
+               for p, cs in by_partition.items()}
+    signer = LegSigner(b"bench-secret")
+
+    def run() -> int:
+        decided = 0
+        for p, recs in records.items():
+            store: dict[bytes, bytes] = {}
+            for offset, record in enumerate(recs):
+                # nothing expires within a run: the retention index is never scanned
+                bp = BatchProcessor(store.get, lambda _start: (), p, PARTITIONS, signer,
+                                    window_ms=86_400_000)
+                bp.command_record(None, record, "ledger.commands", offset, 1)
+                store.update({k: v for k, v in bp.finish().items() if v is not None})
+                decided += bp.stats.commands
+        return decided
+
+    return run
+
+
+def decide_us(run: Callable[[], int], repeat: int) -> float:
+    """The best of ``repeat`` runs of ``deciding``, in µs per command."""
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        n = run()
+        best = min(best, (time.perf_counter() - start) / n * 1e6)
+    return best
+
+
 
 
 def raw_rates(s: Settings, n: int) -> tuple[float, float]:
@@ -389,6 +434,10 @@ def run_bench(commands: int = 200_000, mix: str = "full", seed: int = 1,
 
         say(f"generating {commands} commands, mix {mix}, over {ACCOUNTS} accounts")
         cmds = workload(mix, commands, rng, prefix="a")
+        # The speed of this machine's core now, to read the other figures against: it
+        # moves by more than a third over an hour here (other tenants of the host).
+        results["decide_us_per_command"] = decide_us(deciding(cmds[:20_000], 500), 3)
+        say(f"  deciding alone: {results['decide_us_per_command']:.1f} µs/command")
 
         # -- backlog: everything produced first, then the workers decide it
         s = ledger("backlog")
@@ -515,6 +564,7 @@ def render(r: dict[str, Any]) -> str:
         ("worker peak RSS, MB", f(r["worker_rss_mb_peak"])),
         ("worker RSS half-way / end of backlog, MB",
          f"{f(r['worker_rss_mb_half'])} / {f(r['worker_rss_mb_end'])}"),
+        ("deciding alone (bench/decide.py), µs/command", f(r["decide_us_per_command"], ".1f")),
         ("check (verify + balances = fold)", "ok" if r["check_ok"] else "FAILED"),
     ]
     width = max(len(k) for k, _ in rows)
