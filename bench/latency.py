@@ -26,8 +26,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from streams import bench
-from streams.kafka_local import broker_for_job
-from streams.procs import WorkerProcess, free_port
+from streams.kafka_local import broker_for_job, free_port
+from streams.procs import WorkerProcess
 from streams.settings import Settings
 from streams.topics import ensure_topics
 

@@ -45,8 +45,8 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 
 from producers.client import LedgerClient
 from schemas import models as m
-from streams.kafka_local import broker_for_job
-from streams.procs import WorkerProcess, free_port
+from streams.kafka_local import broker_for_job, free_port
+from streams.procs import WorkerProcess
 from streams.settings import Settings
 from streams.topics import ensure_topics
 from streams.verify import verify

@@ -21,8 +21,8 @@ from schemas import models as m
 from schemas.codec import CODEC
 from schemas.money import format_amount, parse_amount
 from streams.eventlog import read_all
-from streams.kafka_local import broker_for_job
-from streams.procs import WorkerProcess, free_port
+from streams.kafka_local import broker_for_job, free_port
+from streams.procs import WorkerProcess
 from streams.settings import Settings
 from streams.topics import ensure_topics
 

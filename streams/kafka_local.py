@@ -35,6 +35,7 @@ import fcntl
 import importlib.resources
 import logging
 import os
+import random
 import re
 import shutil
 import signal
@@ -177,18 +178,32 @@ def ensure_jars() -> Path:
 # ------------------------------------------------------------------------- broker
 
 
-def _free_ports(count: int) -> list[int]:
-    # Hold every socket open until all are chosen so the ports are distinct.
-    sockets: list[socket.socket] = []
+def free_port() -> int:
+    """A loopback port nothing listens on, below the kernel's ephemeral range.
+
+    A port from that range (what binding port 0 gives), freed again, can be taken by
+    any outgoing connection before the process meant to listen on it binds it: a
+    worker of ``ledger bench`` once failed to start so. Ports below the range are
+    never handed to outgoing connections.
+    """
     try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((_HOST, 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12_000), low)
+        if _port_is_free(port):
+            return port
+    raise RuntimeError("no free loopback port below the ephemeral range")
+
+
+def _free_ports(count: int) -> list[int]:
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
 
 
 def _port_is_free(port: int) -> bool:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,29 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from streams.settings import Settings
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on, below the kernel's ephemeral range.
-
-    A port from that range (what binding port 0 gives), freed again, can be taken by
-    any outgoing connection before the process meant to listen on it binds it: a
-    worker of ``ledger bench`` once failed to start so. Ports below the range are
-    never handed to outgoing connections.
-    """
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    for _ in range(200):
-        port = random.randrange(max(1024, low - 12_000), low)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free loopback port below the ephemeral range")
 
 
 def settings_env(s: Settings) -> dict[str, str]:

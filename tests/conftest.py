@@ -21,8 +21,8 @@ import pytest
 from pydantic import SecretStr
 
 from producers.client import LedgerClient
-from streams.kafka_local import BrokerError, LocalBroker, ensure_jars
-from streams.procs import WorkerProcess, free_port
+from streams.kafka_local import BrokerError, LocalBroker, ensure_jars, free_port
+from streams.procs import WorkerProcess
 from streams.settings import Settings
 from streams.topics import ensure_topics
 

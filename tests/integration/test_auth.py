@@ -28,9 +28,9 @@ from producers.client import LedgerClient
 from schemas.codec import CODEC
 from schemas.models import Deposit, LedgerEvent, OpenAccount, Transfer
 from streams.acl import EXIT_AUTHENTICATION, AuthenticationFailed, apply_acls, ledger_acls
-from streams.kafka_local import LocalBroker, ensure_jars
+from streams.kafka_local import LocalBroker, ensure_jars, free_port
 from streams.processor import partition_for
-from streams.procs import WorkerProcess, free_port, settings_env
+from streams.procs import WorkerProcess, settings_env
 from streams.projection import replay
 from streams.settings import Settings
 from streams.topics import ensure_topics

@@ -17,8 +17,9 @@ from confluent_kafka import Producer
 from schemas.codec import CODEC
 from schemas.models import Deposit, OpenAccount, encode_batch
 from streams.eventlog import read_all
+from streams.kafka_local import free_port
 from streams.processor import partition_for
-from streams.procs import WorkerProcess, free_port
+from streams.procs import WorkerProcess
 
 pytestmark = pytest.mark.kafka
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import time
 
-from streams.procs import WorkerProcess, free_port
+from streams.kafka_local import free_port
+from streams.procs import WorkerProcess
 from streams.settings import Settings
 
 
