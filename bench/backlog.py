@@ -16,16 +16,11 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import tempfile
 import urllib.request
 from contextlib import ExitStack
-from pathlib import Path
 
 from streams import bench
-from streams.kafka_local import broker_for_job, free_port
 from streams.procs import WorkerProcess
-from streams.settings import Settings
-from streams.topics import ensure_topics
 
 
 def main() -> None:
@@ -34,12 +29,7 @@ def main() -> None:
     ap.add_argument("--mix", choices=("full", "simple"), default="full")
     args = ap.parse_args()
     with ExitStack() as stack:
-        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ledger-backlog-")))
-        bootstrap, broker_pid = broker_for_job(stack, work / "kafka", bench.say)
-        s = Settings(bootstrap_servers=bootstrap).isolated(
-            f"backlog-{random.randrange(1 << 32):08x}", data_dir=work / "w",
-            web_port=free_port())
-        ensure_topics(s)
+        s, broker_pid, work = bench.scratch_ledger(stack, "backlog")
         cmds = bench.workload(args.mix, args.commands, random.Random(1), "a")
         decide_us = bench.decide_us(bench.deciding(cmds[:20_000], 500), 3)
         bench.say(f"producing {len(cmds):,} commands, mix {args.mix}")

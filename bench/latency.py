@@ -21,15 +21,10 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import tempfile
 from contextlib import ExitStack
-from pathlib import Path
 
 from streams import bench
-from streams.kafka_local import broker_for_job, free_port
 from streams.procs import WorkerProcess
-from streams.settings import Settings
-from streams.topics import ensure_topics
 
 
 def main() -> None:
@@ -46,12 +41,7 @@ def main() -> None:
     args = ap.parse_args()
     rates = [float(r) for r in args.rates.split(",")]
     with ExitStack() as stack:
-        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ledger-lat-")))
-        bootstrap, broker_pid = broker_for_job(stack, work / "kafka", bench.say)
-        s = Settings(bootstrap_servers=bootstrap).isolated(
-            f"latency-{random.randrange(1 << 32):08x}", data_dir=work / "w",
-            web_port=free_port())
-        ensure_topics(s)
+        s, broker_pid, work = bench.scratch_ledger(stack, "latency")
         mix = "full" if args.backlog else "simple"  # both open every account first
         cmds = bench.workload(mix, bench.ACCOUNTS + args.backlog, random.Random(1), "a")
         bench.say(f"opening {bench.ACCOUNTS:,} accounts"

@@ -380,6 +380,20 @@ def rss_at(samples: list[tuple[int, float]], outcomes: int) -> float:
 # ---------------------------------------------------------------- the run
 
 
+def scratch_ledger(stack: ExitStack, name: str) -> tuple[Settings, int | None, Path]:
+    """A temporary directory, a broker in it (or ``LEDGER_BOOTSTRAP_SERVERS``) and a new
+    ledger's topics, all cleaned up by ``stack``: (the ledger's settings, the broker's
+    pid if started here, the directory)."""
+    work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"ledger-{name}-")))
+    bootstrap, broker_pid = broker_for_job(stack, work / "kafka", say)
+    s = Settings(bootstrap_servers=bootstrap).isolated(
+        f"{name}-{random.randrange(1 << 32):08x}", data_dir=work / "w", web_port=free_port())
+    ensure_topics(s)
+    return s, broker_pid, work
+
+
+
+
 def replay_rate(s: Settings) -> float:
     """Events/s rebuilding every balance from the events topic into a fresh store."""
     from streams.projection import replay
