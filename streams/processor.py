@@ -5,7 +5,8 @@ it must decide them, then takes ``outputs`` (events, rejections, legs, dead lett
 each already encoded) and ``finish()`` (the store keys to write). Everything it
 reads comes through ``read(key)``, the partition's store as of the batch's start;
 its own changes are kept in an overlay, so a batch of N commands and N batches of
-one command give byte-identical outputs and the same state.
+one command give byte-identical outputs and the same state (but for the layout of the
+retention index, which has a record per batch).
 
 Store keys (bytes):
     ``a<account>``                  AccountState
@@ -441,21 +442,35 @@ class BatchProcessor:
             if expires_at >= now:
                 return
             value = self._read(key)
-            if value is None:  # not committed: a batch that never finished
+            if value is None or key in self._writes:  # not committed, or rewritten here
                 continue
             okeys = retained(key, value)
             done, rest = okeys[:FORGET_PER_BATCH - n], okeys[FORGET_PER_BATCH - n:]
             n += len(done)
             for okey in done:
                 self._forget_outcome(okey, expires_at)
+            # the rest first: a crash can leave a prefix of the batch's store records on
+            # the changelog, and a tombstone for this record without the rest would
+            # leave the rest indexed nowhere
+            self._retain((expires_at, okey) for okey in rest)
             self._writes[key] = None
-            self._writes.update(retention_records((expires_at, okey) for okey in rest))
 
     def _index(self, now: int) -> None:
         """Index the outcomes this batch stored and keeps: one retention record per
         instant they expire at, not one per outcome (a third fewer store writes)."""
-        self._writes.update(retention_records(
-            (expires_at, okey) for expires_at, okey in self._retained if expires_at >= now))
+        self._retain((expires_at, okey) for expires_at, okey in self._retained
+                     if expires_at >= now)
+
+    def _retain(self, outcomes: Iterable[tuple[int, bytes]]) -> None:
+        """Add outcomes to the retention index, joining a record of the same key that is
+        there already (an outcome key can be stored twice at one instant: a refund leg's,
+        ``i<source>\\0<transfer id>:refund``, is also that of a command with that id)."""
+        for key, value in retention_records(outcomes).items():
+            before = self._get(key)
+            if before:
+                value = _SEP.join(dict.fromkeys([*before.split(_SEP),
+                                                 *filter(None, value.split(_SEP))]))
+            self._writes[key] = value
 
     def _forget_outcome(self, okey: bytes, expires_at: int) -> None:
         stored = self._stored(okey)

@@ -288,6 +288,12 @@ def test_forgetting_is_bounded_per_batch_and_when_it_runs_changes_no_answer(monk
 
     assert bp.stats.replays == 0 and events_of(bp)[0].balance_after_minor == 6
     assert len(outcome_keys(part)) == 4  # six kept for a moment, two deleted, d4 new
+    # the group's other four are indexed again, before its record is deleted: a crash
+    # that lands a prefix of these changes must not leave them indexed nowhere
+    changes = [k for k in part.last_changes if k.startswith(b"e")]
+    rest = retention_key(bp._now - 1, outcome_key(A, "d1"))
+    assert changes.index(rest) < changes.index(next(k for k in changes
+                                                    if part.last_changes[k] is None))
     for _ in range(3):
         part.batch([encode_batch([])])
     assert outcome_keys(part) == {outcome_key(A, "d4")}  # the new d4 outlived the old entry
@@ -307,6 +313,20 @@ def test_the_retention_index_is_one_record_per_batch_and_instant():
         retention_key(expires_at, outcome_key(A, "open")):
             b"\xff".join(outcome_key(A, f"d{i}") for i in range(3)),
         retention_key(expires_at + 1, outcome_key(A, "d3")): outcome_key(A, "d4")}
+
+
+def test_an_outcome_stored_again_at_the_same_instant_joins_its_retention_record():
+    part = Partition()
+    part.batch([encode_batch([open_account(A, command_id="open"),
+                              deposit(1, A, command_id="d0")])])
+    # the outcome of "open" gone while its retention record stays (as when a refund leg's
+    # outcome key is also a command's): deciding it again at the same instant stores it
+    # again, first in its batch, under the same retention key
+    del part.store[outcome_key(A, "open")]
+    part.batch([encode_batch([open_account(A, command_id="open")])])
+
+    assert index_of(part.store) == [(part.clock + WINDOW, outcome_key(A, c))
+                                    for c in ("d0", "open")]
 
 
 def test_retention_records_of_the_old_form_are_still_forgotten():
