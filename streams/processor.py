@@ -11,7 +11,7 @@ retention index, which has a record per batch).
 Store keys (bytes):
     ``a<account>``                  AccountState
     ``i<account>\\0<command_id>``    CommandOutcome: a retry gets the same records again
-                                    (a credit leg's: ``i<dest>\\0<leg_id>\\0<source>``)
+                                    (a leg's: ``i<account>\\0<leg_id>\\0<source>``)
     ``e<expires_at:8><okey>``        retention index: outcome keys that expire then, one
                                     record per batch: the first in its key, the others
                                     in its value, joined by ``\\xff``
@@ -109,11 +109,12 @@ def retention_records(outcomes: Iterable[tuple[int, bytes]]) -> dict[bytes, byte
 
 
 def leg_outcome_key(account_id: str, leg_id: str, from_account_id: str) -> bytes:
-    """A leg's outcome key at the account that receives it. A destination hears from
-    many sources, whose transfer ids (command ids, scoped to each source account) may
-    be the same: a credit's key names its source too."""
-    key = outcome_key(account_id, leg_id)
-    return key if account_id == from_account_id else key + b"\0" + from_account_id.encode()
+    """A leg's outcome key at the account that receives it. It names the transfer's
+    source: a destination hears from many sources, whose transfer ids (command ids,
+    scoped to each source account) may be the same, and with a third part (ids have no
+    NUL) it is never a command's key, though a client may name a command of the source
+    ``<transfer id>:refund``, as its refund leg is."""
+    return outcome_key(account_id, leg_id) + b"\0" + from_account_id.encode()
 
 
 def expiry_key(expires_at: int, account_id: str, hold_id: str) -> bytes:
@@ -339,6 +340,8 @@ class BatchProcessor:
         okey = leg_outcome_key(leg.account_id, leg.leg_id, leg.from_account_id)
         digest = hashlib.sha256(value or b"").digest()[:16]
         prior = self._prior(okey)
+        if prior is None and leg.kind == "REFUND":  # stored when a refund's key had two parts
+            prior = self._prior(outcome_key(leg.account_id, leg.leg_id))
         if prior is not None and self._replayed(okey, prior, digest):
             return
         state = self._account(leg.account_id)

@@ -28,7 +28,14 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from schemas.codec import CODEC
-from schemas.models import AccountState, CommandOutcome, LedgerEvent, TransferCredited, encode
+from schemas.models import (
+    AccountState,
+    CommandOutcome,
+    LedgerEvent,
+    TransferCredited,
+    TransferReversed,
+    encode,
+)
 from streams.domain import evolve
 from streams.eventlog import read_all
 from streams.processor import (
@@ -100,16 +107,21 @@ def rebuild(s: Settings, progress: Callable[[str], None] | None = None) -> Rebui
             continue  # a byte-identical duplicate of an event already folded
         states[event.account_id] = evolve(state, event)
         paid = event.payload
-        okey = (leg_outcome_key(event.account_id, event.causation_id, paid.from_account_id)
-                if isinstance(paid, TransferCredited) else
-                outcome_key(event.account_id, event.causation_id))
+        if isinstance(paid, TransferCredited):
+            okey = leg_outcome_key(event.account_id, event.causation_id, paid.from_account_id)
+        elif isinstance(paid, TransferReversed):  # a refund, at its source
+            okey = leg_outcome_key(event.account_id, event.causation_id, event.account_id)
+        else:
+            okey = outcome_key(event.account_id, event.causation_id)
         outcomes[okey] = CommandOutcome(digest=UNKNOWN_DIGEST, records=[raw], rejected=False,
                                         expires_at=m.timestamp()[1] + s.idempotency_window_ms)
     say(f"reading {s.rejections_topic}")
     for m in read_all(s, s.rejections_topic):
         raw = m.value() or b""
         _, d = CODEC.decode(raw)
-        okey = outcome_key(d["account_id"], d["command_id"])
+        okey = (leg_outcome_key(d["account_id"], d["command_id"], d["account_id"])
+                if d["command_type"] == "TransferRefund" else
+                outcome_key(d["account_id"], d["command_id"]))
         if d["reason"] not in ("idempotency_key_reused", "wrong_partition", "invalid_command") \
                 and d["command_type"] != "TransferCredit":
             # those three are not a command's outcome: they are never stored. A refused

@@ -25,6 +25,7 @@ from streams.processor import (
     account_key,
     command_digest,
     expiry_key,
+    leg_outcome_key,
     outcome_key,
     parse_expiry_key,
     partition_for,
@@ -641,6 +642,44 @@ def test_a_refused_credit_sends_a_signed_refund_that_restores_the_source():
     (event,) = events_of(back)
     assert event.type == "TransferReversed"
     assert state_in(source, A).balance_minor == 100
+
+
+def refunded_transfer(source: Partition) -> tuple[str, list[bytes]]:
+    """A transfer from A to an account never opened: its id, and the refund legs back."""
+    source.batch([encode_batch([open_account(A), deposit(100, A)])])
+    cmd = transfer(30, C, A)
+    (_, leg_out) = source.batch([encode_batch([cmd])]).outputs
+    refused = Partition(partition=0).batch(legs=[leg_out.value])
+    return cmd.command_id, [o.value for o in refused.outputs if o.kind == TRANSFERS]
+
+
+def test_a_command_named_as_a_refund_leg_keeps_its_own_outcome():
+    source = Partition(partition=0)
+    transfer_id, refund = refunded_transfer(source)
+    named = deposit(5, A, command_id=f"{transfer_id}:refund")  # the refund leg's id
+    first = source.batch([encode_batch([named])])
+
+    back = source.batch(legs=refund)
+    again = source.batch(legs=refund)  # a copy of the refund leg
+    retry = source.batch([encode_batch([named])])
+
+    assert events_of(back)[0].type == "TransferReversed"
+    assert again.stats.replays == 1  # not refunded twice
+    assert retry.stats.replays == 1 and triples(retry.outputs) == triples(first.outputs)
+    assert state_in(source, A).balance_minor == 105
+
+
+def test_a_refund_stored_under_its_former_key_is_still_known():
+    source = Partition(partition=0)
+    transfer_id, refund = refunded_transfer(source)
+    source.batch(legs=refund)
+    leg_id = f"{transfer_id}:refund"
+    # as stored before a refund's key named its source
+    source.store[outcome_key(A, leg_id)] = source.store.pop(leg_outcome_key(A, leg_id, A))
+
+    again = source.batch(legs=refund)
+
+    assert again.stats.replays == 1 and state_in(source, A).balance_minor == 100
 
 
 def test_a_transfer_between_accounts_of_one_partition_goes_round_the_topic(part):
