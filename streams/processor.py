@@ -470,9 +470,9 @@ class BatchProcessor:
         ``i<source>\\0<transfer id>:refund``, is also that of a command with that id)."""
         for key, value in retention_records(outcomes).items():
             before = self._get(key)
-            if before:
-                value = _SEP.join(dict.fromkeys([*before.split(_SEP),
-                                                 *filter(None, value.split(_SEP))]))
+            if before is not None:  # both list the key's own outcome first
+                okeys = dict.fromkeys([*retained(key, before), *retained(key, value)])
+                value = _SEP.join(list(okeys)[1:])
             self._writes[key] = value
 
     def _forget_outcome(self, okey: bytes, expires_at: int) -> None:
