@@ -19,6 +19,8 @@ import random
 import urllib.request
 from contextlib import ExitStack
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from streams import bench
 from streams.procs import WorkerProcess
 
@@ -47,9 +49,9 @@ def main() -> None:
         rate = len(cmds) / max((watch.last_ts - watch.first_ts) / 1000, 1e-3)
         bench.wait_quiet([worker], 120)  # outcomes are out before their batch's state is
         with urllib.request.urlopen(worker.url + "/metrics", timeout=10) as resp:
-            metrics = {line.split()[0]: float(line.split()[1])
-                       for line in resp.read().decode().splitlines()
-                       if line.startswith(("ledger_decide_seconds_", "ledger_flush_seconds_"))}
+            metrics = {sample.name: sample.value for family in
+                       text_string_to_metric_families(resp.read().decode())
+                       for sample in family.samples}
         watch.close()
     print(f"backlog {rate:,.0f} commands/s; cores: {bench.format_cores(used)}; "
           f"deciding {metrics['ledger_decide_seconds_sum']:.1f} s and flushing "

@@ -61,7 +61,7 @@ KEYS = (
     "decide_us_per_command",
 )
 ACCOUNTS = 10_000
-PARTITIONS = 12  # of the ledger's topics, as Settings has them by default
+PARTITIONS: int = Settings.model_fields["partitions"].default  # of the ledger's topics
 
 
 def say(msg: str) -> None:
