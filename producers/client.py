@@ -9,9 +9,14 @@ Concurrent submits are coalesced per partition into one ``ledger.commands`` reco
 (a short linger, bounded count and bytes; a lone submit is a batch of one), as the
 worker decides a record of N commands in one step. Commands are checked with the
 ledger's static rules first, so an invalid one is refused before it is sent. The
-outcome (the event, or the rejection with its reason) is matched by ``command_id``
-on ``ledger.events`` / ``ledger.rejections``; a retry must reuse the same command,
-and gets the first outcome again.
+outcome (the event, or the rejection with its reason) is matched by account,
+``command_id`` and type on ``ledger.events`` / ``ledger.rejections`` (ids are scoped
+per account: the same id on two accounts is two commands); a retry must reuse the
+same command, and gets the first outcome again. The client reads only the
+partitions of the accounts it submitted to (and of transfers' destinations).
+
+At most ``max_in_flight`` commands are queued or waiting for their outcome at once:
+past that ``submit`` waits for room, up to ``block_s``, then raises ``QueueFull``.
 
 With ``wait_outcomes=False`` (bulk loading) the future resolves once the broker has
 acknowledged the command's record, to an ``Outcome`` with no events that says where
@@ -22,6 +27,7 @@ the record is (``partition``, ``offset`` on ``ledger.commands``), or fails with
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections import defaultdict
@@ -48,8 +54,14 @@ from streams.settings import Settings
 
 log = logging.getLogger("ledger.client")
 
-# Event types that end a transfer (record names as Avro reads them).
-_SETTLED = frozenset({"ledger.TransferCredited", "ledger.TransferReversed"})
+# The event each command type makes (record names as Avro reads them).
+_EVENT_OF = {
+    "OpenAccount": "ledger.AccountOpened", "Deposit": "ledger.Deposited",
+    "Withdraw": "ledger.Withdrawn", "Transfer": "ledger.TransferDebited",
+    "PlaceHold": "ledger.HoldPlaced", "CaptureHold": "ledger.HoldCaptured",
+    "ReleaseHold": "ledger.HoldReleased", "ExpireHold": "ledger.HoldReleased",
+    "CloseAccount": "ledger.AccountClosed",
+}
 
 
 class CommandRefused(ValueError):
@@ -63,6 +75,19 @@ class CommandRefused(ValueError):
 
 class DeliveryError(RuntimeError):
     """The broker did not take the command (not sent, or not acknowledged)."""
+
+
+class QueueFull(DeliveryError):
+    """``max_in_flight`` commands are queued or awaiting outcomes: this one was not sent."""
+
+
+@dataclass
+class _Waiting:
+    """Futures of one account's command id (a retry submitted meanwhile waits too)."""
+
+    command_type: str
+    futures: list[Future[Outcome]] = field(default_factory=list)
+    to_account_id: str | None = None  # a transfer's destination, for its settlement
 
 
 @dataclass
@@ -96,10 +121,22 @@ def _high_watermark(consumer: Consumer, tp: TopicPartition, deadline: float) -> 
             time.sleep(0.1)
 
 
+Key = tuple[str, str]  # (account_id, command_id)
+
+
+@dataclass
+class _Assign:
+    """Outcome partitions for the outcome thread to start reading."""
+
+    partitions: set[tuple[str, int]]
+    done: threading.Event = field(default_factory=threading.Event)
+    error: DeliveryError | None = None
+
+
 class LedgerClient:
     def __init__(self, settings: Settings, *, linger_ms: float = 2.0,
                  max_batch_commands: int = 1000, max_batch_bytes: int = 512 * 1024,
-                 wait_outcomes: bool = True) -> None:
+                 max_in_flight: int = 100_000, wait_outcomes: bool = True) -> None:
         self.s = settings
         check_login(settings)  # a wrong password raises AuthenticationFailed here, not a hang
         if settings.schema_registry_url:
@@ -107,19 +144,28 @@ class LedgerClient:
         self.linger_s = linger_ms / 1000
         self.max_batch_commands = max_batch_commands
         self.max_batch_bytes = max_batch_bytes
+        self.max_in_flight = max_in_flight
+        self._room = threading.BoundedSemaphore(max_in_flight)
         self.producer = Producer(settings.producer_config(**{"linger.ms": 1}))
         self._lock = threading.Lock()
         self._queued: dict[int, list[CommandBase]] = defaultdict(list)
         self._in_hand = 0  # commands taken off the queue, not yet handed to librdkafka
         self._wake = threading.Event()
-        self._waiting: dict[str, Future[Outcome]] = {}
-        self._settling: dict[str, Future[Outcome]] = {}
+        self._waiting: dict[Key, _Waiting] = {}
+        self._settling: dict[Key, _Waiting] = {}  # transfers by source: their final outcome
         self._closed = threading.Event()
         self._threads = [threading.Thread(target=self._send_loop, name="ledger-send",
                                           daemon=True)]
         self._consumer: Consumer | None = None
+        self._reading: set[tuple[str, int]] = set()  # outcome partitions assigned so far
+        self._assigning: queue.Queue[_Assign] = queue.Queue()
         if wait_outcomes:
-            self._consumer = self._outcome_consumer()
+            self._consumer = Consumer({
+                **settings.kafka_config(), "group.id": "ledger-client-unused",
+                "enable.auto.commit": False, "fetch.min.bytes": 1,
+                # A fetch returns as soon as an outcome lands, so a long wait costs no
+                # latency; a short one keeps the broker answering empty fetches.
+                "fetch.wait.max.ms": 500})
             self._threads.append(threading.Thread(target=self._outcome_loop,
                                                   name="ledger-outcomes", daemon=True))
         for t in self._threads:
@@ -127,27 +173,41 @@ class LedgerClient:
 
     # ------------------------------------------------------------ submitting
 
-    def submit(self, command: CommandBase) -> Future[Outcome]:
+    def submit(self, command: CommandBase, *, block_s: float = 30.0) -> Future[Outcome]:
         """Queue a command; the future resolves to its Outcome (or a DeliveryError).
 
         For a Transfer the future also has ``.settlement``: a future of the transfer's
         final outcome, the destination's TransferCredited or the source's
         TransferReversed (or the rejection, if the source refused it).
+
+        With ``max_in_flight`` commands unresolved, waits up to ``block_s`` for one to
+        resolve, then raises ``QueueFull`` (the command is not sent).
         """
         try:
             check_command(command)
         except Refused as r:
             raise CommandRefused(r.reason.value, r.detail) from None
+        if self._closed.is_set():
+            raise RuntimeError("client is closed")
+        room = self._room.acquire(timeout=block_s) if block_s > 0 else \
+            self._room.acquire(blocking=False)
+        if not room:
+            raise QueueFull(f"{self.max_in_flight} commands already queued or awaiting "
+                            f"their outcome; waited {block_s}s for room")
         fut: Future[Outcome] = Future()
+        fut.add_done_callback(lambda _: self._room.release())
+        key = (command.account_id, command.command_id)
         p = partition_for(command.account_id, self.s.partitions)
         with self._lock:
             if self._closed.is_set():
+                fut.set_exception(RuntimeError("client is closed"))
                 raise RuntimeError("client is closed")
-            self._waiting[command.command_id] = fut
+            self._waiting.setdefault(key, _Waiting(command.type)).futures.append(fut)
             if self._consumer is not None and isinstance(command, Transfer):
                 settlement: Future[Outcome] = Future()
                 fut.settlement = settlement  # type: ignore[attr-defined]
-                self._settling[command.command_id] = settlement
+                self._settling.setdefault(key, _Waiting(
+                    command.type, to_account_id=command.to_account_id)).futures.append(settlement)
             self._queued[p].append(command)
         self._wake.set()
         return fut
@@ -161,6 +221,11 @@ class LedgerClient:
                 queued, self._queued = self._queued, defaultdict(list)
                 self._in_hand = sum(map(len, queued.values()))
             for p, commands in queued.items():
+                try:
+                    self._read_outcomes_of(p, commands)
+                except DeliveryError as exc:
+                    self._fail([(c.account_id, c.command_id) for c in commands], exc)
+                    continue
                 for chunk in self._chunks(commands):
                     self._produce(p, chunk)
             with self._lock:
@@ -168,6 +233,44 @@ class LedgerClient:
             self.producer.poll(0)
             if self._closed.is_set() and not self._queued:
                 break
+
+    def _read_outcomes_of(self, partition: int, commands: list[CommandBase]) -> None:
+        """Start reading the partitions where these commands' outcomes will land, from
+        their current ends, before the commands are sent (so none is missed)."""
+        if self._consumer is None:
+            return
+        wanted = {(self.s.events_topic, partition), (self.s.rejections_topic, partition)}
+        for c in commands:
+            if isinstance(c, Transfer):  # its settlement: the destination's credit
+                wanted.add((self.s.events_topic,
+                            partition_for(c.to_account_id, self.s.partitions)))
+        new = wanted - self._reading
+        if not new:
+            return
+        # The consumer is the outcome thread's: a call from another thread waits for
+        # its poll, and can wait for ever behind the next one.
+        request = _Assign(new)
+        self._assigning.put(request)
+        if not request.done.wait(40):
+            raise DeliveryError("outcome partitions not assigned within 40s")
+        if request.error is not None:
+            raise request.error
+        self._reading |= new
+
+    def _assign(self, request: _Assign) -> None:
+        """On the outcome thread: read these partitions from their current ends."""
+        assert self._consumer is not None
+        try:
+            deadline = time.monotonic() + 30
+            tps = []
+            for topic, p in sorted(request.partitions):
+                high = _high_watermark(self._consumer, TopicPartition(topic, p), deadline)
+                tps.append(TopicPartition(topic, p, high if high >= 0 else OFFSET_END))
+            self._consumer.incremental_assign(tps)
+        except (DeliveryError, KafkaException) as exc:
+            request.error = DeliveryError(f"cannot read outcomes: {exc}")
+        finally:
+            request.done.set()
 
     def _chunks(self, commands: list[CommandBase]) -> list[list[CommandBase]]:
         out: list[list[CommandBase]] = [[]]
@@ -183,14 +286,15 @@ class LedgerClient:
         return out
 
     def _produce(self, partition: int, commands: list[CommandBase]) -> None:
-        ids = [c.command_id for c in commands]
+        keys = [(c.account_id, c.command_id) for c in commands]
 
         def delivered(err: KafkaError | None, msg: Message) -> None:
             if err is not None:
-                self._fail(ids, DeliveryError(f"command record not delivered: {err.str()}"))
+                self._fail(keys, DeliveryError(f"command record not delivered: {err.str()}"))
             elif self._consumer is None:  # nothing else will resolve these
-                for cid, f in self._take(ids):
-                    f.set_result(Outcome(cid, partition=msg.partition(), offset=msg.offset()))
+                for key, f in self._take(self._waiting, keys):
+                    f.set_result(Outcome(key[1], partition=msg.partition(),
+                                         offset=msg.offset()))
 
         while True:
             try:
@@ -200,39 +304,25 @@ class LedgerClient:
             except BufferError:
                 self.producer.poll(0.05)
 
-    def _take(self, ids: list[str]) -> list[tuple[str, Future[Outcome]]]:
+    def _take(self, table: dict[Key, _Waiting],
+              keys: list[Key]) -> list[tuple[Key, Future[Outcome]]]:
         """The futures still waiting for these commands, no longer waiting."""
         with self._lock:
-            futs = [(i, self._waiting.pop(i, None)) for i in ids]
-        return [(i, f) for i, f in futs if f is not None and not f.done()]
+            taken = [(k, table.pop(k, None)) for k in keys]
+        return [(k, f) for k, w in taken if w is not None for f in w.futures if not f.done()]
 
-    def _fail(self, ids: list[str], exc: Exception) -> None:
-        for _, f in self._take(ids):
-            f.set_exception(exc)
+    def _fail(self, keys: list[Key], exc: Exception) -> None:
+        for table in (self._waiting, self._settling):
+            for _, f in self._take(table, keys):
+                f.set_exception(exc)
 
     # ------------------------------------------------------------ outcomes
-
-    def _outcome_consumer(self) -> Consumer:
-        # A fetch returns as soon as an outcome lands (fetch.min.bytes=1), so a long
-        # fetch.wait.max.ms costs no latency; a short one (10 ms) kept the broker
-        # answering empty fetches for 24 partitions all the time: 0.4 of a core here.
-        consumer = Consumer({**self.s.kafka_config(), "group.id": "ledger-client-unused",
-                             "enable.auto.commit": False, "fetch.wait.max.ms": 500,
-                             "fetch.min.bytes": 1})
-        # Start at the current end of every partition, resolved now: an outcome
-        # produced between this call and the first fetch must not be missed.
-        deadline = time.monotonic() + 30
-        tps = []
-        for topic in (self.s.events_topic, self.s.rejections_topic):
-            for p in range(self.s.partitions):
-                high = _high_watermark(consumer, TopicPartition(topic, p), deadline)
-                tps.append(TopicPartition(topic, p, high if high >= 0 else OFFSET_END))
-        consumer.assign(tps)
-        return consumer
 
     def _outcome_loop(self) -> None:
         assert self._consumer is not None
         while not self._closed.is_set():
+            while not self._assigning.empty():
+                self._assign(self._assigning.get())
             # consume(n, timeout) waits for n records or the whole timeout: take the
             # first record as soon as it lands, then whatever else is already here.
             first = self._consumer.poll(0.1)
@@ -246,23 +336,44 @@ class LedgerClient:
                 except DecodeError:
                     continue
                 if name == LedgerEvent.avro_name:
-                    cid = datum["command_id"]
-                    final = datum["payload"][0] in _SETTLED and cid in self._settling
-                    if cid in self._waiting or final:
-                        outcome = Outcome(cid, events=[LedgerEvent.from_avro(datum)])
-                        self._resolve(self._settling if final else self._waiting, cid, outcome)
+                    self._on_event(datum)
                 elif name == Rejection.avro_name:
-                    cid = datum["command_id"]
-                    if cid in self._waiting:
-                        outcome = Outcome(cid, rejection=Rejection.from_avro(datum))
-                        self._resolve(self._waiting, cid, outcome)
-                        self._resolve(self._settling, cid, outcome)
+                    self._on_rejection(datum)
 
-    def _resolve(self, futures: dict[str, Future[Outcome]], command_id: str,
-                 outcome: Outcome) -> None:
-        with self._lock:
-            fut = futures.pop(command_id, None)
-        if fut is not None and not fut.done():
+    def _on_event(self, datum: dict[str, Any]) -> None:
+        account, cid, (kind, body) = datum["account_id"], datum["command_id"], datum["payload"]
+        key = (account, cid)
+        waiting = self._waiting.get(key)
+        # the command's own event: caused by it (a leg's event has the leg's id there)
+        if waiting is not None and datum["causation_id"] == cid \
+                and _EVENT_OF.get(waiting.command_type) == kind:
+            self._resolve(self._waiting, key, Outcome(cid, events=[LedgerEvent.from_avro(datum)]))
+        if kind == "ledger.TransferCredited":  # at the destination: key of the source
+            key, to = (body["from_account_id"], body["transfer_id"]), account
+        elif kind == "ledger.TransferReversed":
+            key, to = (account, body["transfer_id"]), body["to_account_id"]
+        else:
+            return
+        settling = self._settling.get(key)
+        if settling is not None and settling.to_account_id == to and key[1] == cid:
+            self._resolve(self._settling, key, Outcome(cid, events=[LedgerEvent.from_avro(datum)]))
+
+    def _on_rejection(self, datum: dict[str, Any]) -> None:
+        key = (datum["account_id"], datum["command_id"])
+        waiting = self._waiting.get(key)
+        if waiting is not None and waiting.command_type == datum["command_type"]:
+            outcome = Outcome(key[1], rejection=Rejection.from_avro(datum))
+            self._resolve(self._waiting, key, outcome)
+            self._resolve(self._settling, key, outcome)
+        elif datum["command_type"] == "TransferRefund" and datum["command_id"].endswith(
+                ":refund"):  # a refund the source could not take: the transfer ends there
+            key = (datum["account_id"], datum["command_id"][:-len(":refund")])
+            if key in self._settling:
+                self._resolve(self._settling, key,
+                              Outcome(key[1], rejection=Rejection.from_avro(datum)))
+
+    def _resolve(self, table: dict[Key, _Waiting], key: Key, outcome: Outcome) -> None:
+        for _, fut in self._take(table, [key]):
             fut.set_result(outcome)
 
     # ------------------------------------------------------------ lifecycle
@@ -287,11 +398,8 @@ class LedgerClient:
             t.join(5)
         if self._consumer is not None:
             self._consumer.close()
-        closed = RuntimeError("client closed before the outcome")
-        self._fail(list(self._waiting), closed)
-        for f in self._settling.values():
-            if not f.done():
-                f.set_exception(closed)
+        self._fail([*self._waiting, *self._settling],
+                   RuntimeError("client closed before the outcome"))
 
     def __enter__(self) -> LedgerClient:
         return self

@@ -37,7 +37,7 @@ from faust.web.exceptions import WebError
 from pydantic import ValidationError
 from yarl import URL
 
-from producers.client import CommandRefused, DeliveryError, LedgerClient
+from producers.client import CommandRefused, DeliveryError, LedgerClient, QueueFull
 from schemas.codec import CODEC
 from schemas.models import COMMAND_TYPES, AccountState, CommandBase, ExpireHold, LedgerEvent
 from schemas.money import format_amount
@@ -577,10 +577,13 @@ def register(app: faust.App, s: Settings) -> None:
             command = parse_command(body)
             client = await api.client()
             try:
-                fut = client.submit(command)
+                fut = client.submit(command, block_s=0)  # never wait on the event loop
             except CommandRefused as exc:
                 raise ApiError(422, exc.reason, exc.detail, command_id=command.command_id,
                                accepted=False, reason=exc.reason) from None
+            except QueueFull:
+                raise ApiError(503, "busy", "too many commands in flight; try again later",
+                               command_id=command.command_id) from None
             except RuntimeError:  # the client is closed: the worker is stopping
                 raise ApiError(503, "stopping", "the worker is stopping") from None
             if wait:
