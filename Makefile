@@ -7,7 +7,8 @@ PYTHON ?= python3
 .PHONY: demo test lint bench kafka
 .DEFAULT_GOAL := test
 
-$(BIN)/.installed: pyproject.toml
+# Installing compiles streams/core.py (mypyc): a change to it rebuilds.
+$(BIN)/.installed: pyproject.toml setup.py streams/core.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'

@@ -21,6 +21,7 @@ import pstats
 import random
 
 from streams.bench import decide_us, deciding, workload
+from streams.processor import core_build
 
 
 def main() -> None:
@@ -40,7 +41,7 @@ def main() -> None:
         return
     us = decide_us(run, args.repeat)
     print(f"deciding alone, mix {args.mix}, {args.per_record} per record: {us:.1f} µs/command "
-          f"({1e6 / us:,.0f} commands/s on one core), best of {args.repeat}")
+          f"({1e6 / us:,.0f} commands/s on one core), best of {args.repeat}, {core_build()} core")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from faust.types import TP, EventT
 from schemas.models import ExpireHold
 from streams import metrics
 from streams.engine import Engine, PartitionInput, Record
-from streams.processor import parse_expiry_key
+from streams.processor import core_build, parse_expiry_key
 from streams.settings import Settings
 from streams.state import PartitionView
 from streams.store import STORE_OPTIONS, use_shared_budget
@@ -416,7 +416,8 @@ def create_app(s: Settings) -> faust.App:
         threading.Thread(target=watch_for_crashes, name="ledger-crash-watch",
                          daemon=True).start()
         log.info("worker started", extra={"bootstrap": s.bootstrap_servers,
-                                          "partitions": s.partitions, "web_port": s.web_port})
+                                          "partitions": s.partitions, "web_port": s.web_port,
+                                          "core": core_build()})
 
     from streams import web
 

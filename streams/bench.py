@@ -46,6 +46,7 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 from producers.client import LedgerClient
 from schemas import models as m
 from streams.kafka_local import broker_for_job, free_port
+from streams.processor import core_build
 from streams.procs import WorkerProcess
 from streams.settings import Settings
 from streams.topics import ensure_topics
@@ -58,7 +59,7 @@ KEYS = (
     "latency_ms_p99", "latency_ms_p999", "replay_events_per_s", "as_of_ms_p50",
     "as_of_ms_p99", "get_ms_p50", "get_ms_p99", "worker_rss_mb_peak",
     "worker_rss_mb_half", "worker_rss_mb_end", "backlog_cores", "latency_cores", "check_ok",
-    "decide_us_per_command",
+    "decide_us_per_command", "core",
 )
 ACCOUNTS = 10_000
 PARTITIONS: int = Settings.model_fields["partitions"].default  # of the ledger's topics
@@ -451,7 +452,9 @@ def run_bench(commands: int = 200_000, mix: str = "full", seed: int = 1,
         # The speed of this machine's core now, to read the other figures against: it
         # moves by more than a third over an hour here (other tenants of the host).
         results["decide_us_per_command"] = decide_us(deciding(cmds[:20_000], 500), 3)
-        say(f"  deciding alone: {results['decide_us_per_command']:.1f} µs/command")
+        results["core"] = core_build()
+        say(f"  deciding alone: {results['decide_us_per_command']:.1f} µs/command "
+            f"({results['core']} core)")
 
         # -- backlog: everything produced first, then the workers decide it
         s = ledger("backlog")
@@ -579,6 +582,7 @@ def render(r: dict[str, Any]) -> str:
         ("worker RSS half-way / end of backlog, MB",
          f"{f(r['worker_rss_mb_half'])} / {f(r['worker_rss_mb_end'])}"),
         ("deciding alone (bench/decide.py), µs/command", f(r["decide_us_per_command"], ".1f")),
+        ("core (streams/core.py)", str(r.get("core"))),
         ("check (verify + balances = fold)", "ok" if r["check_ok"] else "FAILED"),
     ]
     width = max(len(k) for k, _ in rows)

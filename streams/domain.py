@@ -14,7 +14,6 @@ account's history is ordered in time as it is in versions.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -46,9 +45,9 @@ from schemas.models import (
     Withdraw,
     Withdrawn,
 )
-from schemas.money import CURRENCY_SCALE, MAX_AMOUNT_MINOR, MAX_BALANCE_MINOR, MAX_MINOR
-
-_EVENT_ID_KEY = b"ledger-event-id-v1"
+from schemas.money import MAX_BALANCE_MINOR, MAX_MINOR
+from streams import core
+from streams.core import event_id
 
 
 class Reason(StrEnum):
@@ -100,19 +99,18 @@ class Outcome:
 # ---------------------------------------------------------------- static checks
 
 
+def _check(broken: tuple[str, str]) -> None:
+    """Raise the rule ``streams.core`` found broken, if any."""
+    reason, detail = broken
+    if reason:
+        raise Refused(Reason(reason), detail)
+
+
 def check_command(command: CommandBase) -> None:
     """Rules that need no state. The client runs these before it sends anything."""
-    amount = getattr(command, "amount_minor", None)
-    if amount is not None and not 0 < amount <= MAX_AMOUNT_MINOR:
-        raise Refused(Reason.INVALID_AMOUNT,
-                      f"amount_minor must be between 1 and {MAX_AMOUNT_MINOR}, got {amount}")
-    currency = getattr(command, "currency", None)
-    if currency is not None and currency not in CURRENCY_SCALE:
-        raise Refused(Reason.UNSUPPORTED_CURRENCY, f"unsupported currency {currency!r}")
-    if isinstance(command, OpenAccount) and not 0 <= command.overdraft_limit_minor \
-            <= MAX_AMOUNT_MINOR:
-        raise Refused(Reason.INVALID_OVERDRAFT_LIMIT,
-                      f"overdraft_limit_minor must be between 0 and {MAX_AMOUNT_MINOR}")
+    _check(core.static_rules(
+        getattr(command, "amount_minor", None), getattr(command, "currency", None),
+        command.overdraft_limit_minor if isinstance(command, OpenAccount) else None))
     if isinstance(command, PlaceHold) and command.expires_at <= command.issued_at:
         raise Refused(Reason.INVALID_EXPIRY, "expires_at must be after issued_at")
     if isinstance(command, Transfer) and command.to_account_id == command.account_id:
@@ -152,33 +150,22 @@ def reject(command: CommandBase, reason: Reason, detail: str) -> Rejection:
 
 
 def _open(state: AccountState | None, command: CommandBase) -> AccountState:
-    if state is None:
-        raise Refused(Reason.ACCOUNT_NOT_FOUND, f"account {command.account_id!r} does not exist")
-    if state.status != "open":
-        raise Refused(Reason.ACCOUNT_CLOSED, f"account {command.account_id!r} is closed")
-    if command.expected_version is not None and command.expected_version != state.version:
-        raise Refused(
-            Reason.VERSION_CONFLICT,
-            f"expected version {command.expected_version}, account is at {state.version}",
-        )
     currency = getattr(command, "currency", None)
-    if currency is not None and currency != state.currency:
-        raise Refused(Reason.CURRENCY_MISMATCH, f"account is in {state.currency}, not {currency}")
+    if state is None:
+        _check(core.open_account_rules(False, command.account_id, "", 0,
+                                       command.expected_version, "", currency))
+    assert state is not None
+    _check(core.open_account_rules(True, command.account_id, state.status, state.version,
+                                   command.expected_version, state.currency, currency))
     return state
 
 
 def _funds(state: AccountState, amount: int) -> None:
-    if state.available_minor - amount < -state.overdraft_limit_minor:
-        raise Refused(
-            Reason.INSUFFICIENT_FUNDS,
-            f"available {state.available_minor} minus {amount} is below the limit "
-            f"-{state.overdraft_limit_minor}",
-        )
+    _check(core.funds_rule(state.available_minor, state.overdraft_limit_minor, amount))
 
 
 def _fits(total: int, amount: int) -> None:
-    if total + amount > MAX_BALANCE_MINOR:
-        raise Refused(Reason.BALANCE_OUT_OF_RANGE, f"would exceed {MAX_BALANCE_MINOR}")
+    _check(core.fits_rule(total, amount))
 
 
 def _hold(state: AccountState, hold_id: str) -> Hold:
@@ -190,10 +177,7 @@ def _hold(state: AccountState, hold_id: str) -> Hold:
 
 def _rules(state: AccountState | None, c: CommandBase) -> Payload:
     if isinstance(c, OpenAccount):
-        if state is not None:
-            raise Refused(Reason.ACCOUNT_ALREADY_EXISTS, f"account {c.account_id!r} exists")
-        if c.expected_version not in (None, 0):
-            raise Refused(Reason.VERSION_CONFLICT, "a new account is at version 0")
+        _check(core.opening_rules(state is not None, c.account_id, c.expected_version))
         return AccountOpened.trusted(overdraft_limit_minor=c.overdraft_limit_minor)
     s = _open(state, c)
     # Time rules use the instant the event will carry, not the sender's clock alone.
@@ -319,22 +303,6 @@ def _event(state: AccountState | None, account_id: str, command_id: str, causati
         actor=actor, payload=payload,
     )
     return event, after
-
-
-def event_id(causation_id: str, account_id: str, version: int) -> str:
-    """Deterministic: the same command (or leg) deciding the same version of the same
-    account, the same id. The version keeps ids unique when a command_id comes back
-    as a new command after the idempotency window.
-
-    A version-4 UUID made of a keyed hash: ``str(uuid.UUID(bytes=digest, version=4))``,
-    written out by hand because building a ``uuid.UUID`` took longer than the hash.
-    """
-    b = bytearray(hashlib.blake2b(f"{causation_id}/{account_id}/{version}".encode(), digest_size=16,
-                                  key=_EVENT_ID_KEY).digest())
-    b[6] = b[6] & 0x0F | 0x40  # version 4
-    b[8] = b[8] & 0x3F | 0x80  # RFC 4122 variant
-    h = b.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 # ---------------------------------------------------------------- evolve

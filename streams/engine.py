@@ -34,6 +34,7 @@ from rocksdict import WriteBatch
 
 from schemas.codec import CODEC
 from schemas.models import CommandBase, encode_batch
+from streams.core import Stats
 from streams.processor import (
     DLQ,
     EVENTS,
@@ -41,7 +42,6 @@ from streams.processor import (
     TRANSFERS,
     BatchProcessor,
     LegSigner,
-    Stats,
     partition_for,
 )
 from streams.settings import Settings

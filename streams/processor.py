@@ -35,17 +35,18 @@ import logging
 import operator
 import struct
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from functools import cache, lru_cache
+from pathlib import Path
 
 from aiokafka.partitioner import murmur2
 from pydantic import ValidationError
 
-from schemas.codec import CODEC, DecodeError
+from schemas.codec import CODEC, HEADER_LEN, DecodeError
 from schemas.models import (
     AccountState,
     CommandBase,
     CommandOutcome,
+    Hold,
     HoldCaptured,
     HoldPlaced,
     HoldReleased,
@@ -55,6 +56,8 @@ from schemas.models import (
     command_from_avro,
     encode,
 )
+from streams import core as _core
+from streams.core import Account, Core, Headers, Output, Stats, read_account, read_commands
 from streams.domain import Outcome, Reason, decide, decide_leg, reject
 
 EVENTS, REJECTIONS, TRANSFERS, DLQ = "events", "rejections", "transfers", "dlq"
@@ -169,25 +172,50 @@ class LegSigner:
         return hmac.compare_digest(leg.signature, self._mac(leg))
 
 
-@dataclass
-class Output:
-    kind: str  # EVENTS | REJECTIONS | TRANSFERS | DLQ
-    key: bytes | None
-    value: bytes
-    headers: list[tuple[str, str | bytes | None]] | None = None
+def core_build() -> str:
+    """Which ``streams.core`` runs: "compiled" (mypyc) or "interpreted".
+
+    A compiled build older than its source would run the old rules while the source
+    says otherwise: that refuses to load.
+    """
+    if not _core.COMPILED:
+        return "interpreted"
+    built = Path(_core.__file__ or "")
+    source = built.with_name("core.py")
+    if source.exists() and source.stat().st_mtime > built.stat().st_mtime:
+        raise ImportError(f"{source} changed after it was compiled to {built.name}: rebuild "
+                          "it (make, or pip install -e .), or delete streams/core*.so to run "
+                          "the source")
+    return "compiled"
 
 
-@dataclass
-class Stats:
-    commands: int = 0
-    events: int = 0
-    rejections: int = 0
-    legs: int = 0
-    dead_letters: int = 0
-    replays: int = 0
-    reasons: dict[str, int] = field(default_factory=dict)
-    types: dict[str, int] = field(default_factory=dict)
-    issued_at: list[int] = field(default_factory=list)
+core_build()
+
+
+def _headers() -> Headers | None:
+    """The current schemas' single-object headers; None while a schema registry is in
+    use (its headers come from the registry: the general path writes those)."""
+    if CODEC.registry_url is not None:
+        return None
+    h = CODEC._single_object_headers
+    return Headers(h[LedgerEvent.avro_name], h[Rejection.avro_name],
+                   h[CommandOutcome.avro_name], h[AccountState.avro_name],
+                   h["ledger.CommandBatch"])
+
+
+def to_account(s: AccountState) -> Account:
+    return Account(s.account_id, s.currency, s.status, s.overdraft_limit_minor,
+                   s.balance_minor, s.held_minor, s.version, s.updated_at,
+                   {k: (h.amount_minor, h.expires_at) for k, h in s.holds.items()})
+
+
+def to_state(a: Account) -> AccountState:
+    return AccountState.trusted(
+        account_id=a.account_id, currency=a.currency, status=a.status,
+        overdraft_limit_minor=a.overdraft_limit_minor, balance_minor=a.balance_minor,
+        held_minor=a.held_minor, version=a.version, updated_at=a.updated_at,
+        holds={k: Hold.trusted(amount_minor=amount, expires_at=expires_at)
+               for k, (amount, expires_at) in a.holds.items()})
 
 
 class BatchProcessor:
@@ -207,22 +235,41 @@ class BatchProcessor:
         self.max_record_bytes = max_record_bytes
         self.outputs: list[Output] = []
         self.stats = Stats()
-        self._accounts: dict[str, AccountState | None] = {}
+        self._accounts: dict[str, Account | None] = {}
         self._dirty: set[str] = set()
         self._writes: dict[bytes, bytes | None] = {}
         self._retained: list[tuple[int, bytes]] = []  # outcomes this batch stored
+        self._headers = _headers()
+        self._core: Core | None = None
+        if self._headers is not None:
+            self._core = Core(self._headers, partition, self._partition_of, self._account,
+                              read, self._accounts, self._dirty, self._writes, self._retained,
+                              self.outputs, self.stats, window_ms)
 
     # ------------------------------------------------------------ reads
 
-    def _account(self, account_id: str) -> AccountState | None:
+    def _partition_of(self, account_id: str) -> int:
+        return partition_for(account_id, self.partitions)
+
+    def _account(self, account_id: str) -> Account | None:
         try:
             return self._accounts[account_id]
         except KeyError:
             raw = self._read(account_key(account_id))
-            state = None if raw is None else AccountState.from_avro(
-                CODEC.decode(raw, expect=AccountState.avro_name)[1])
+            h = self._headers
+            state: Account | None = None
+            if raw is not None and h is not None and raw[:HEADER_LEN] == h.account:
+                state = read_account(raw, HEADER_LEN)
+            elif raw is not None:
+                state = to_account(AccountState.from_avro(
+                    CODEC.decode(raw, expect=AccountState.avro_name)[1]))
             self._accounts[account_id] = state
             return state
+
+    def _state(self, account_id: str) -> AccountState | None:
+        """The account as the rules' models (the general path)."""
+        account = self._account(account_id)
+        return None if account is None else to_state(account)
 
     def _get(self, key: bytes) -> bytes | None:
         if key in self._writes:
@@ -272,6 +319,20 @@ class BatchProcessor:
             self.dead_letter(key, value, topic, offset, f"record of {size} bytes", "oversize"
                              if size else "empty")
             return
+        core, h = self._core, self._headers
+        if core is not None and h is not None and value[:HEADER_LEN] == h.batch \
+                and not log.isEnabledFor(logging.DEBUG):  # the general path logs each
+            try:
+                commands = read_commands(value, HEADER_LEN)
+            except (IndexError, ValueError, OverflowError):  # the general path says why
+                pass
+            else:
+                assert self._now is not None
+                for c in commands:
+                    self.stats.commands += 1
+                    if not core.command(c, self._now):
+                        self._item(("ledger." + c.name, c.body()))
+                return
         try:
             _, batch = CODEC.decode(value, expect="ledger.CommandBatch")
         except DecodeError as exc:
@@ -279,14 +340,18 @@ class BatchProcessor:
             return
         for item in batch["commands"]:
             self.stats.commands += 1
-            try:
-                command = command_from_avro(item)
-            except ValidationError as exc:
-                self._invalid(item, exc)
-                continue
-            self.stats.types[command.type] = self.stats.types.get(command.type, 0) + 1
-            self.stats.issued_at.append(command.issued_at)
-            self._command(command)
+            self._item(item)
+
+    def _item(self, item: tuple[str, dict[str, object]]) -> None:
+        """One command of a batch, on the general path: validated by its model."""
+        try:
+            command = command_from_avro(item)
+        except ValidationError as exc:
+            self._invalid(item, exc)
+            return
+        self.stats.types[command.type] = self.stats.types.get(command.type, 0) + 1
+        self.stats.issued_at.append(command.issued_at)
+        self._command(command)
 
     def _invalid(self, item: tuple[str, dict[str, object]], exc: ValidationError) -> None:
         name, body = item
@@ -317,7 +382,7 @@ class BatchProcessor:
                                             f"command_id {c.command_id!r} was used for another "
                                             "command"))
             return
-        self._apply(c.account_id, okey, digest, decide(self._account(c.account_id), c))
+        self._apply(c.account_id, okey, digest, decide(self._state(c.account_id), c))
 
     def leg_record(self, key: bytes | None, value: bytes | None, topic: str,
                    offset: int, timestamp: int) -> None:
@@ -344,7 +409,7 @@ class BatchProcessor:
             prior = self._prior(outcome_key(leg.account_id, leg.leg_id))
         if prior is not None and self._replayed(okey, prior, digest):
             return
-        state = self._account(leg.account_id)
+        state = self._state(leg.account_id)
         if leg.kind == "REFUND" and state is None:
             self.dead_letter(key, value, topic, offset, "refund for an unknown account",
                              "forged_leg")
@@ -377,7 +442,8 @@ class BatchProcessor:
             records = [self._emit_rejection(outcome.rejection)]
         else:
             records = [self._emit_event(event) for event in outcome.events]
-            self._accounts[account_id] = outcome.state_after
+            assert outcome.state_after is not None
+            self._accounts[account_id] = to_account(outcome.state_after)
             self._dirty.add(account_id)
         for leg in outcome.legs:
             self.stats.legs += 1
@@ -400,8 +466,8 @@ class BatchProcessor:
         elif isinstance(p, HoldCaptured | HoldReleased):
             before = self._accounts[event.account_id]
             assert before is not None
-            hold = before.holds[p.hold_id]
-            self._writes[expiry_key(hold.expires_at, event.account_id, p.hold_id)] = None
+            _, expires_at = before.holds[p.hold_id]
+            self._writes[expiry_key(expires_at, event.account_id, p.hold_id)] = None
         return value
 
     def _emit_rejection(self, rejection: Rejection) -> bytes:
@@ -418,10 +484,12 @@ class BatchProcessor:
 
     def finish(self) -> dict[bytes, bytes | None]:
         """The store keys this batch changes (None deletes), accounts encoded once each."""
+        h = self._headers
         for account_id in self._dirty:
             state = self._accounts[account_id]
             assert state is not None
-            self._writes[account_key(account_id)] = encode(state)
+            self._writes[account_key(account_id)] = encode(to_state(state)) if h is None \
+                else state.encode(h.account)
         self._dirty.clear()
         if self._now is not None:
             self._forget(self._now)

@@ -30,7 +30,7 @@ from schemas.models import (
     encode,
 )
 from schemas.money import MAX_AMOUNT_MINOR, MAX_BALANCE_MINOR, MAX_MINOR
-from streams.domain import _EVENT_ID_KEY, Reason, decide, decide_leg, event_id, evolve, fold
+from streams.domain import Reason, decide, decide_leg, event_id, evolve, fold
 from tests.unit.conftest import (
     ACTOR,
     T0,
@@ -714,6 +714,6 @@ def test_refund_applies_within_the_headroom_above_the_balance_cap(book):
        version=st.integers(1, 2**62))
 def test_event_id_is_the_uuid4_of_the_keyed_hash(causation, account, version):
     digest = hashlib.blake2b(f"{causation}/{account}/{version}".encode(), digest_size=16,
-                             key=_EVENT_ID_KEY).digest()
+                             key=b"ledger-event-id-v1").digest()
 
     assert event_id(causation, account, version) == str(uuid.UUID(bytes=digest, version=4))

@@ -1,0 +1,613 @@
+"""The worker's per-command core on plain typed data, compiled with mypyc when built.
+
+``streams.processor`` hands each ``ledger.commands`` record here first: the command
+batch is read straight from its Avro bytes into ``Cmd`` objects, the rules run on
+plain fields, and events, rejections and stored values are written straight to Avro
+bytes (the same bytes as ``schemas.codec``; the tests compare them). A command this
+core does not take (a type not on it yet, a field pydantic would refuse, an id seen
+before) goes to the processor's general path, which shares the batch's state.
+
+The rules here are the ledger's rules: ``streams.domain`` calls these same checks, so
+they are written once. Nothing here imports pydantic, Faust or Kafka, and the file
+runs unchanged without a C compiler; ``COMPILED`` says which one is running.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import Final
+
+from schemas.money import CURRENCY_SCALE, MAX_AMOUNT_MINOR, MAX_BALANCE_MINOR
+
+COMPILED: Final = not __file__.endswith(".py")
+
+# Reason codes (streams.domain.Reason has the same values, in rule order).
+INVALID_AMOUNT: Final = "invalid_amount"
+UNSUPPORTED_CURRENCY: Final = "unsupported_currency"
+INVALID_OVERDRAFT_LIMIT: Final = "invalid_overdraft_limit"
+ACCOUNT_NOT_FOUND: Final = "account_not_found"
+ACCOUNT_ALREADY_EXISTS: Final = "account_already_exists"
+ACCOUNT_CLOSED: Final = "account_closed"
+VERSION_CONFLICT: Final = "version_conflict"
+CURRENCY_MISMATCH: Final = "currency_mismatch"
+INSUFFICIENT_FUNDS: Final = "insufficient_funds"
+BALANCE_OUT_OF_RANGE: Final = "balance_out_of_range"
+
+OK: Final = ("", "")  # no rule broken
+
+# Command types, in the order of the CommandBatch union.
+OPEN_ACCOUNT: Final = 0
+DEPOSIT: Final = 1
+WITHDRAW: Final = 2
+TRANSFER: Final = 3
+PLACE_HOLD: Final = 4
+CAPTURE_HOLD: Final = 5
+RELEASE_HOLD: Final = 6
+EXPIRE_HOLD: Final = 7
+CLOSE_ACCOUNT: Final = 8
+COMMAND_NAMES: Final = ("OpenAccount", "Deposit", "Withdraw", "Transfer", "PlaceHold",
+                        "CaptureHold", "ReleaseHold", "ExpireHold", "CloseAccount")
+
+# ---------------------------------------------------------------- rules
+
+
+def static_rules(amount: int | None, currency: str | None,
+                 overdraft_limit: int | None) -> tuple[str, str]:
+    """Rules that need no state, in order: the amount, the currency, the limit."""
+    if amount is not None and not 0 < amount <= MAX_AMOUNT_MINOR:
+        return INVALID_AMOUNT, "".join(["amount_minor must be between 1 and ",
+                                        str(MAX_AMOUNT_MINOR), ", got ", str(amount)])
+    if currency is not None and currency not in CURRENCY_SCALE:
+        return UNSUPPORTED_CURRENCY, "unsupported currency " + repr(currency)
+    if overdraft_limit is not None and not 0 <= overdraft_limit <= MAX_AMOUNT_MINOR:
+        return INVALID_OVERDRAFT_LIMIT, "".join(["overdraft_limit_minor must be between 0 and ",
+                                                 str(MAX_AMOUNT_MINOR)])
+    return OK
+
+
+def opening_rules(exists: bool, account_id: str, expected_version: int | None) -> tuple[str, str]:
+    """Opening an account: it must not exist; a version given must be 0."""
+    if exists:
+        return ACCOUNT_ALREADY_EXISTS, "account " + repr(account_id) + " exists"
+    if expected_version is not None and expected_version != 0:
+        return VERSION_CONFLICT, "a new account is at version 0"
+    return OK
+
+
+def open_account_rules(exists: bool, account_id: str, status: str, version: int,
+                       expected_version: int | None, account_currency: str,
+                       currency: str | None) -> tuple[str, str]:
+    """Any command but opening: the account exists, is open, at the version given, in
+    the command's currency."""
+    if not exists:
+        return ACCOUNT_NOT_FOUND, "account " + repr(account_id) + " does not exist"
+    if status != "open":
+        return ACCOUNT_CLOSED, "account " + repr(account_id) + " is closed"
+    if expected_version is not None and expected_version != version:
+        return VERSION_CONFLICT, "".join(["expected version ", str(expected_version),
+                                          ", account is at ", str(version)])
+    if currency is not None and currency != account_currency:
+        return CURRENCY_MISMATCH, "".join(["account is in ", account_currency, ", not ",
+                                           currency])
+    return OK
+
+
+def funds_rule(available: int, overdraft_limit: int, amount: int) -> tuple[str, str]:
+    """Taking ``amount`` may not bring the available balance below the overdraft limit."""
+    if available - amount < -overdraft_limit:
+        return INSUFFICIENT_FUNDS, "".join(["available ", str(available), " minus ",
+                                            str(amount), " is below the limit -",
+                                            str(overdraft_limit)])
+    return OK
+
+
+def fits_rule(total: int, amount: int) -> tuple[str, str]:
+    """A balance (or the held total) stays at most MAX_BALANCE_MINOR."""
+    if total + amount > MAX_BALANCE_MINOR:
+        return BALANCE_OUT_OF_RANGE, "would exceed " + str(MAX_BALANCE_MINOR)
+    return OK
+
+
+def valid_id(value: str) -> bool:
+    """What the models' ``Id`` takes: 1-200 characters, no control characters."""
+    if not 0 < len(value) <= 200:
+        return False
+    for ch in value:
+        o = ord(ch)
+        if o < 0x20 or o == 0x7F:
+            return False
+    return True
+
+
+# ---------------------------------------------------------------- ids and digests
+
+_EVENT_ID_HASH: Final = hashlib.blake2b(digest_size=16, key=b"ledger-event-id-v1")
+_HEX: Final = "0123456789abcdef"
+
+
+def event_id(causation_id: str, account_id: str, version: int) -> str:
+    """Deterministic: the same command (or leg) deciding the same version of the same
+    account, the same id. The version keeps ids unique when a command_id comes back
+    as a new command after the idempotency window. A version-4 UUID of a keyed hash."""
+    h = _EVENT_ID_HASH.copy()
+    h.update("/".join([causation_id, account_id, str(version)]).encode())
+    b = bytearray(h.digest())
+    b[6] = b[6] & 0x0F | 0x40  # version 4
+    b[8] = b[8] & 0x3F | 0x80  # RFC 4122 variant
+    x = b.hex()
+    return "-".join([x[:8], x[8:12], x[12:16], x[16:20], x[20:]])
+
+
+def content_digest(content: str) -> bytes:
+    """The digest of a command's content (``repr`` of its type and content fields)."""
+    return hashlib.blake2b(content.encode(), digest_size=16).digest()
+
+
+# ---------------------------------------------------------------- Avro
+
+
+def write_long(out: bytearray, n: int) -> None:
+    """An Avro long: zigzag, then a little-endian base-128 varint."""
+    z = (n << 1) ^ (n >> 63)
+    if z < 0 or z >> 64:
+        raise OverflowError("does not fit an Avro long: " + str(n))
+    while z > 127:
+        out.append((z & 0x7F) | 0x80)
+        z >>= 7
+    out.append(z)
+
+
+def write_str(out: bytearray, s: str) -> None:
+    b = s.encode()
+    write_long(out, len(b))
+    out += b
+
+
+def write_bytes(out: bytearray, b: bytes) -> None:
+    write_long(out, len(b))
+    out += b
+
+
+def write_opt_str(out: bytearray, s: str | None) -> None:
+    if s is None:
+        out.append(0)
+    else:
+        out.append(2)
+        write_str(out, s)
+
+
+class Reader:
+    """Avro values read in order from ``buf`` (IndexError or ValueError on bad bytes)."""
+
+    def __init__(self, buf: bytes, i: int) -> None:
+        self.buf = buf
+        self.i = i
+
+    def long(self) -> int:
+        buf = self.buf
+        i = self.i
+        b = buf[i]
+        n = b & 0x7F
+        shift = 7
+        i += 1
+        while b & 0x80:
+            if shift > 63:
+                raise ValueError("varint too long")
+            b = buf[i]
+            i += 1
+            n |= (b & 0x7F) << shift
+            shift += 7
+        self.i = i
+        return (n >> 1) ^ -(n & 1)
+
+    def string(self) -> str:
+        n = self.long()
+        i = self.i
+        if n < 0 or i + n > len(self.buf):
+            raise ValueError("bad string length")
+        self.i = i + n
+        return self.buf[i:i + n].decode()
+
+    def opt_long(self) -> int | None:
+        branch = self.long()
+        if branch == 0:
+            return None
+        if branch != 1:
+            raise ValueError("bad union branch")
+        return self.long()
+
+    def opt_str(self) -> str | None:
+        branch = self.long()
+        if branch == 0:
+            return None
+        if branch != 1:
+            raise ValueError("bad union branch")
+        return self.string()
+
+    def done(self) -> bool:
+        return self.i == len(self.buf)
+
+
+class Cmd:
+    """One command as read from a CommandBatch: the fields of every type (those a type
+    does not have stay None)."""
+
+    def __init__(self, kind: int, command_id: str, account_id: str, actor: str,
+                 issued_at: int, expected_version: int | None,
+                 correlation_id: str | None) -> None:
+        self.kind = kind
+        self.command_id = command_id
+        self.account_id = account_id
+        self.actor = actor
+        self.issued_at = issued_at
+        self.expected_version = expected_version
+        self.correlation_id = correlation_id
+        self.currency: str | None = None
+        self.amount_minor: int | None = None
+        self.overdraft_limit_minor: int | None = None
+        self.to_account_id: str | None = None
+        self.hold_id: str | None = None
+        self.expires_at: int | None = None
+
+    @property
+    def name(self) -> str:
+        return COMMAND_NAMES[self.kind]
+
+    def body(self) -> dict[str, object]:
+        """The Avro datum of the command (as ``schemas.codec`` reads it), for the
+        processor's general path."""
+        d: dict[str, object] = {
+            "command_id": self.command_id, "account_id": self.account_id, "actor": self.actor,
+            "issued_at": self.issued_at, "expected_version": self.expected_version,
+            "correlation_id": self.correlation_id}
+        k = self.kind
+        if k == OPEN_ACCOUNT:
+            d["currency"] = self.currency
+            d["overdraft_limit_minor"] = self.overdraft_limit_minor
+        elif k in (DEPOSIT, WITHDRAW):
+            d["amount_minor"] = self.amount_minor
+            d["currency"] = self.currency
+        elif k == TRANSFER:
+            d["to_account_id"] = self.to_account_id
+            d["amount_minor"] = self.amount_minor
+            d["currency"] = self.currency
+        elif k == PLACE_HOLD:
+            d["hold_id"] = self.hold_id
+            d["amount_minor"] = self.amount_minor
+            d["currency"] = self.currency
+            d["expires_at"] = self.expires_at
+        elif k == CAPTURE_HOLD:
+            d["hold_id"] = self.hold_id
+            d["amount_minor"] = self.amount_minor
+        elif k in (RELEASE_HOLD, EXPIRE_HOLD):
+            d["hold_id"] = self.hold_id
+        return d
+
+
+def read_commands(buf: bytes, start: int) -> list[Cmd]:
+    """The commands of a CommandBatch body (current schema) that starts at ``start``."""
+    r = Reader(buf, start)
+    out: list[Cmd] = []
+    while True:
+        count = r.long()
+        if count == 0:
+            break
+        if count < 0:
+            count = -count
+            r.long()  # the block's size in bytes
+        for _ in range(count):
+            kind = r.long()
+            if not 0 <= kind <= CLOSE_ACCOUNT:
+                raise ValueError("bad command type")
+            c = Cmd(kind, r.string(), r.string(), r.string(), r.long(), r.opt_long(), r.opt_str())
+            if kind == OPEN_ACCOUNT:
+                c.currency = r.string()
+                c.overdraft_limit_minor = r.long()
+            elif kind in (DEPOSIT, WITHDRAW):
+                c.amount_minor = r.long()
+                c.currency = r.string()
+            elif kind == TRANSFER:
+                c.to_account_id = r.string()
+                c.amount_minor = r.long()
+                c.currency = r.string()
+            elif kind == PLACE_HOLD:
+                c.hold_id = r.string()
+                c.amount_minor = r.long()
+                c.currency = r.string()
+                c.expires_at = r.long()
+            elif kind == CAPTURE_HOLD:
+                c.hold_id = r.string()
+                c.amount_minor = r.opt_long()
+            elif kind in (RELEASE_HOLD, EXPIRE_HOLD):
+                c.hold_id = r.string()
+            out.append(c)
+    if not r.done():
+        raise ValueError("bytes after the batch")
+    return out
+
+
+# ---------------------------------------------------------------- account state
+
+
+class Account:
+    """An account's state (``ledger.state.AccountState``) as plain mutable fields."""
+
+    def __init__(self, account_id: str, currency: str, status: str, overdraft_limit_minor: int,
+                 balance_minor: int, held_minor: int, version: int, updated_at: int,
+                 holds: dict[str, tuple[int, int]]) -> None:
+        self.account_id = account_id
+        self.currency = currency
+        self.status = status
+        self.overdraft_limit_minor = overdraft_limit_minor
+        self.balance_minor = balance_minor
+        self.held_minor = held_minor
+        self.version = version
+        self.updated_at = updated_at
+        self.holds = holds  # hold id -> (amount_minor, expires_at)
+
+    @property
+    def available_minor(self) -> int:
+        return self.balance_minor - self.held_minor
+
+    def encode(self, header: bytes) -> bytes:
+        out = bytearray(header)
+        write_str(out, self.account_id)
+        write_str(out, self.currency)
+        write_str(out, self.status)
+        write_long(out, self.overdraft_limit_minor)
+        write_long(out, self.balance_minor)
+        write_long(out, self.held_minor)
+        write_long(out, self.version)
+        write_long(out, self.updated_at)
+        if self.holds:
+            write_long(out, len(self.holds))
+            for hold_id, (amount, expires_at) in self.holds.items():
+                write_str(out, hold_id)
+                write_long(out, amount)
+                write_long(out, expires_at)
+        out.append(0)
+        return bytes(out)
+
+
+def read_account(buf: bytes, start: int) -> Account:
+    r = Reader(buf, start)
+    a = Account(r.string(), r.string(), r.string(), r.long(), r.long(), r.long(), r.long(),
+                r.long(), {})
+    while True:
+        count = r.long()
+        if count == 0:
+            break
+        if count < 0:
+            count = -count
+            r.long()
+        for _ in range(count):
+            hold_id = r.string()
+            amount = r.long()
+            a.holds[hold_id] = (amount, r.long())
+    if not r.done():
+        raise ValueError("bytes after the account")
+    return a
+
+
+# ---------------------------------------------------------------- outputs
+
+
+class Output:
+    """One record to produce: ``kind`` names the topic (events, rejections, ...)."""
+
+    def __init__(self, kind: str, key: bytes | None, value: bytes,
+                 headers: list[tuple[str, str | bytes | None]] | None = None) -> None:
+        self.kind = kind
+        self.key = key
+        self.value = value
+        self.headers = headers
+
+
+class Stats:
+    """What a batch did, for metrics and logs."""
+
+    def __init__(self) -> None:
+        self.commands = 0
+        self.events = 0
+        self.rejections = 0
+        self.legs = 0
+        self.dead_letters = 0
+        self.replays = 0
+        self.reasons: dict[str, int] = {}
+        self.types: dict[str, int] = {}
+        self.issued_at: list[int] = []
+
+
+class Headers:
+    """The single-object headers of the current schemas (magic + fingerprint)."""
+
+    def __init__(self, event: bytes, rejection: bytes, outcome: bytes, account: bytes,
+                 batch: bytes) -> None:
+        self.event = event
+        self.rejection = rejection
+        self.outcome = outcome
+        self.account = account
+        self.batch = batch
+
+
+def encode_rejection(h: Headers, command_id: str, account_id: str, command_type: str,
+                     reason: str, detail: str, occurred_at: int, correlation_id: str | None,
+                     actor: str) -> bytes:
+    out = bytearray(h.rejection)
+    write_str(out, command_id)
+    write_str(out, account_id)
+    write_str(out, command_type)
+    write_str(out, reason)
+    write_str(out, detail)
+    write_long(out, occurred_at)
+    write_opt_str(out, correlation_id)
+    write_str(out, actor)
+    return bytes(out)
+
+
+def encode_outcome(h: Headers, digest: bytes, record: bytes, rejected: bool,
+                   expires_at: int) -> bytes:
+    out = bytearray(h.outcome)
+    write_bytes(out, digest)
+    out.append(2)  # an array of one record
+    write_bytes(out, record)
+    out.append(0)
+    out.append(1 if rejected else 0)
+    write_long(out, expires_at)
+    return bytes(out)
+
+
+# ---------------------------------------------------------------- deciding
+
+
+class Core:
+    """Decides one partition's commands of the types it takes, within a batch.
+
+    It shares the batch's state with the processor: ``accounts`` (account id ->
+    Account, None if it does not exist), ``writes`` (store key -> value, None
+    deletes), ``retained`` ((expires_at, outcome key) of each outcome stored),
+    ``outputs`` and ``stats``. ``account(id)`` loads an account into ``accounts``;
+    ``read(key)`` is the committed store."""
+
+    def __init__(self, headers: Headers, partition: int,
+                 partition_of: Callable[[str], int],
+                 account: Callable[[str], Account | None],
+                 read: Callable[[bytes], bytes | None],
+                 accounts: dict[str, Account | None], dirty: set[str],
+                 writes: dict[bytes, bytes | None], retained: list[tuple[int, bytes]],
+                 outputs: list[Output], stats: Stats, window_ms: int) -> None:
+        self.h = headers
+        self.partition = partition
+        self.partition_of = partition_of
+        self.account = account
+        self.read = read
+        self.accounts = accounts
+        self.dirty = dirty
+        self.writes = writes
+        self.retained = retained
+        self.outputs = outputs
+        self.stats = stats
+        self.window_ms = window_ms
+        self.partitions: dict[str, int] = {}  # account id -> its partition, as met
+
+    def _load(self, account_id: str) -> Account | None:
+        raw = self.read(b"a" + account_id.encode())
+        if raw is None or raw[:len(self.h.account)] != self.h.account:
+            return self.account(account_id)  # none, or another schema: the processor reads it
+        state = read_account(raw, len(self.h.account))
+        self.accounts[account_id] = state
+        return state
+
+    def command(self, c: Cmd, now: int) -> bool:
+        """Decide ``c`` if this core takes it (True); False leaves it to the processor."""
+        k = c.kind
+        if k != OPEN_ACCOUNT and k != DEPOSIT and k != WITHDRAW:
+            return False
+        if not (valid_id(c.command_id) and valid_id(c.account_id) and valid_id(c.actor)):
+            return False
+        corr = c.correlation_id
+        if corr is not None and len(corr) > 200:
+            return False
+        account_id = c.account_id
+        p = self.partitions.get(account_id, -1)
+        if p < 0:
+            p = self.partitions[account_id] = self.partition_of(account_id)
+        if p != self.partition:
+            return False
+        okey = b"i" + account_id.encode() + b"\0" + c.command_id.encode()
+        if okey in self.writes:
+            if self.writes[okey] is not None:
+                return False  # seen before: a retry, or the id reused
+        elif self.read(okey) is not None:
+            return False
+        name = COMMAND_NAMES[k]
+        stats = self.stats
+        stats.types[name] = stats.types.get(name, 0) + 1
+        stats.issued_at.append(c.issued_at)
+        state = self.accounts[account_id] if account_id in self.accounts else self._load(account_id)
+        amount = c.amount_minor
+        currency = c.currency
+        if k == OPEN_ACCOUNT:
+            assert currency is not None and c.overdraft_limit_minor is not None
+            content = repr((name, (c.command_id, account_id, c.actor, c.expected_version,
+                                   currency, c.overdraft_limit_minor)))
+            reason, detail = static_rules(None, currency, c.overdraft_limit_minor)
+            if not reason:
+                reason, detail = opening_rules(state is not None, account_id,
+                                               c.expected_version)
+        else:
+            assert amount is not None and currency is not None
+            content = repr((name, (c.command_id, account_id, c.actor, c.expected_version,
+                                   amount, currency)))
+            reason, detail = static_rules(amount, currency, None)
+            if not reason:
+                if state is None:
+                    reason, detail = open_account_rules(False, account_id, "", 0,
+                                                        c.expected_version, "", currency)
+                else:
+                    reason, detail = open_account_rules(True, account_id, state.status,
+                                                        state.version, c.expected_version,
+                                                        state.currency, currency)
+            if not reason and state is not None:
+                if k == DEPOSIT:
+                    reason, detail = fits_rule(state.balance_minor, amount)
+                else:
+                    reason, detail = funds_rule(state.available_minor,
+                                                state.overdraft_limit_minor, amount)
+        expires_at = now + self.window_ms
+        key = account_id.encode()
+        if reason:
+            value = encode_rejection(self.h, c.command_id, account_id, name, reason, detail,
+                                     c.issued_at, corr, c.actor)
+            stats.rejections += 1
+            stats.reasons[reason] = stats.reasons.get(reason, 0) + 1
+            self.outputs.append(Output("rejections", key, value))
+        else:
+            value = self._event(c, state)
+            stats.events += 1
+            self.outputs.append(Output("events", key, value))
+        self.writes[okey] = encode_outcome(self.h, content_digest(content), value,
+                                           bool(reason), expires_at)
+        self.retained.append((expires_at, okey))
+        return True
+
+    def _event(self, c: Cmd, state: Account | None) -> bytes:
+        """Apply an accepted open, deposit or withdrawal; its event's bytes."""
+        account_id = c.account_id
+        if state is None:
+            assert c.currency is not None and c.overdraft_limit_minor is not None
+            state = Account(account_id, c.currency, "open", c.overdraft_limit_minor, 0, 0, 1,
+                            c.issued_at, {})
+            self.accounts[account_id] = state
+            branch = 0
+            field = c.overdraft_limit_minor
+        else:
+            amount = c.amount_minor
+            assert amount is not None
+            state.version += 1
+            if c.issued_at > state.updated_at:
+                state.updated_at = c.issued_at
+            if c.kind == DEPOSIT:
+                state.balance_minor += amount
+                branch = 1
+            else:
+                state.balance_minor -= amount
+                branch = 2
+            field = amount
+        self.dirty.add(account_id)
+        out = bytearray(self.h.event)
+        write_str(out, event_id(c.command_id, account_id, state.version))
+        write_str(out, account_id)
+        write_long(out, state.version)
+        write_str(out, state.currency)
+        write_long(out, state.balance_minor)
+        write_long(out, state.balance_minor - state.held_minor)
+        write_long(out, state.updated_at)
+        write_str(out, c.command_id)
+        write_str(out, c.command_id)
+        write_opt_str(out, c.correlation_id)
+        write_str(out, c.actor)
+        out.append(branch * 2)
+        write_long(out, field)
+        return bytes(out)

@@ -1,0 +1,99 @@
+"""The compiled core (``streams.core``) against the processor's general path.
+
+The core takes the commands it knows straight from their Avro bytes; everything
+else, and anything it is unsure of, goes to the general path (the pydantic models and
+``streams.domain``). Both must give the same bytes: here every history is run twice,
+once as the worker runs it and once with the core switched off (as with a schema
+registry), and the outputs and the whole store are compared byte for byte. CI runs
+this file against the compiled build and against the plain source.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from schemas.models import CommandBase, Deposit, encode_batch
+from streams import processor
+from streams.processor import REJECTIONS, BatchProcessor
+from tests.unit.conftest import T0, Partition, accounts_on, deposit, open_account, triples
+from tests.unit.test_properties import ACCOUNTS, build, steps
+
+
+def run(commands: list[CommandBase], cuts: list[int], general: bool,
+        monkeypatch: pytest.MonkeyPatch) -> tuple[list[tuple[str, bytes | None, bytes]],
+                                                  dict[bytes, bytes]]:
+    """Outputs and final store of ``commands``, in records cut at ``cuts``, one batch
+    per record (with the clock moving, so some ids are forgotten on the way)."""
+    with monkeypatch.context() as m:
+        if general:
+            m.setattr(processor, "_headers", lambda: None)
+        part = Partition(window_ms=200)
+        outputs = []
+        bounds = [0, *sorted({c % (len(commands) + 1) for c in cuts}), len(commands)]
+        for start, end in itertools.pairwise(bounds):
+            if start < end:
+                outputs += triples(part.batch([encode_batch(commands[start:end])]).outputs)
+            part.clock += 50
+        return outputs, dict(part.store)
+
+
+def odd_ids(commands: list[CommandBase], picks: list[int]) -> list[CommandBase]:
+    """Some commands with ids the models refuse (bypassing validation to send them)."""
+    bad = ["", "x" * 201, "new\nline", "nul\x00", "del\x7f", "ok-" + "é" * 190]
+    out = list(commands)
+    for i, pick in enumerate(picks):
+        if out:
+            c = out[pick % len(out)]
+            field = ("command_id", "account_id", "actor")[i % 3]
+            out[pick % len(out)] = type(c).model_construct(
+                **{**c.__dict__, field: bad[pick % len(bad)]})
+    return out
+
+
+@settings(max_examples=120, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(script=steps, cuts=st.lists(st.integers(0, 200), max_size=6),
+       picks=st.lists(st.integers(0, 1000), max_size=4))
+def test_the_core_and_the_general_path_give_the_same_bytes(script, cuts, picks, monkeypatch):
+    names = accounts_on(0, len(ACCOUNTS))
+    alias = dict(zip([*ACCOUNTS, "nowhere"], [*names, "acct-nowhere"], strict=True))
+    a, b, c = names[:3]
+    clock, commands = T0, [open_account(a, "USD", 100, issued_at=T0),
+                           open_account(b, "USD", 0, issued_at=T0),
+                           open_account(c, "EUR", 0, issued_at=T0),
+                           deposit(200, a, "USD", issued_at=T0),
+                           deposit(150, b, "USD", issued_at=T0)]
+    for i, step in enumerate(script):
+        clock += step.dt
+        if step.kind == "deliver":
+            if commands:  # a retry (of the same id, or the id reused for another command)
+                commands.append(commands[step.pick % len(commands)])
+            continue
+        cid = f"c{i}" if step.pick % 5 else f"c{step.pick % 3}"
+        commands.append(build(step, cid, clock, alias[step.account], alias[step.other]))
+    commands = odd_ids(commands, picks)
+
+    fast = run(commands, cuts, general=False, monkeypatch=monkeypatch)
+    general = run(commands, cuts, general=True, monkeypatch=monkeypatch)
+    assert fast[0] == general[0]
+    assert fast[1] == general[1]
+
+
+def test_the_core_takes_opens_deposits_and_withdrawals(part, monkeypatch):
+    general: list[str] = []
+    item = BatchProcessor._item
+    monkeypatch.setattr(BatchProcessor, "_item",
+                        lambda self, it: (general.append(it[0]), item(self, it))[1])
+    (a,) = accounts_on(0, 1)
+    part.batch([encode_batch([open_account(a, issued_at=T0), deposit(50, a, issued_at=T0)])])
+    assert general == []
+    bp = part.batch([encode_batch([Deposit.model_construct(
+        command_id="y" * 201, account_id=a, actor="t", issued_at=T0, amount_minor=1,
+        currency="USD", expected_version=None, correlation_id=None)])])
+    [(kind, _, _)] = triples(bp.outputs)
+    assert kind == REJECTIONS and bp.stats.reasons == {"invalid_command": 1}
+    assert general == ["ledger.Deposit"]
