@@ -201,7 +201,9 @@ def create_app(s: Settings) -> faust.App:
     async def ledger(stream: Any) -> None:
         async for events in take_while_deciding(stream, s.batch_max_records,
                                                 s.batch_within_ms / 1000):
-            batch = asyncio.ensure_future(_handle_in_steps(events))
+            if app.should_stop:  # the tables may be closing: the next owner decides these
+                continue
+            batch = deciding["in_hand"] = asyncio.ensure_future(_handle_in_steps(events))
             try:
                 await asyncio.shield(batch)
             except asyncio.CancelledError:
@@ -218,7 +220,25 @@ def create_app(s: Settings) -> faust.App:
                 log.exception("batch failed")
                 die(f"batch failed: {type(exc).__name__}: {exc}")
 
-    deciding: dict[str, asyncio.Future[Any] | None] = {"batch": None}
+    # the step being decided, and the whole batch in hand (all its steps)
+    deciding: dict[str, asyncio.Future[Any] | None] = {"batch": None, "in_hand": None}
+
+    wait_empty = app._consumer_wait_empty
+
+    async def finish_batch_before_tables_close(consumer: Any, logger: Any) -> None:
+        # On a clean stop Faust closes the tables' stores before it stops the agents:
+        # the batch in hand would write to (or open) a closed store. This runs between
+        # the consumer's stop and the tables' (where Faust would wait for its streams).
+        batch = deciding["in_hand"]
+        if batch is not None and not batch.done():
+            log.info("stopping: finishing the batch in hand before the tables close")
+            try:
+                await asyncio.wait_for(asyncio.shield(batch), timeout=s.flush_timeout_s)
+            except BaseException as exc:
+                die(f"stopping: the batch in hand did not finish: {exc!r}")
+        await wait_empty(consumer, logger)
+
+    app._consumer_wait_empty = finish_batch_before_tables_close  # type: ignore[method-assign]
 
     async def _handle_in_steps(events: list[EventT[Any]]) -> None:
         # Faust hands over whatever it has fetched: over a backlog, hundreds of
