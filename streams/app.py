@@ -223,19 +223,24 @@ def create_app(s: Settings) -> faust.App:
     # the step being decided, and the whole batch in hand (all its steps)
     deciding: dict[str, asyncio.Future[Any] | None] = {"batch": None, "in_hand": None}
 
+    async def finish(which: str, why: str) -> None:
+        """Wait for ``deciding[which]`` to finish; a worker whose batch cannot finish
+        exits before anything else happens."""
+        batch = deciding[which]
+        if batch is not None and not batch.done():
+            log.info("%s: finishing the batch in hand first", why)
+            try:
+                await asyncio.wait_for(asyncio.shield(batch), timeout=s.flush_timeout_s)
+            except BaseException as exc:
+                die(f"{why}: the batch in hand did not finish: {exc!r}")
+
     wait_empty = app._consumer_wait_empty
 
     async def finish_batch_before_tables_close(consumer: Any, logger: Any) -> None:
         # On a clean stop Faust closes the tables' stores before it stops the agents:
         # the batch in hand would write to (or open) a closed store. This runs between
         # the consumer's stop and the tables' (where Faust would wait for its streams).
-        batch = deciding["in_hand"]
-        if batch is not None and not batch.done():
-            log.info("stopping: finishing the batch in hand before the tables close")
-            try:
-                await asyncio.wait_for(asyncio.shield(batch), timeout=s.flush_timeout_s)
-            except BaseException as exc:
-                die(f"stopping: the batch in hand did not finish: {exc!r}")
+        await finish("in_hand", "stopping")
         await wait_empty(consumer, logger)
 
     app._consumer_wait_empty = finish_batch_before_tables_close  # type: ignore[method-assign]
@@ -293,13 +298,7 @@ def create_app(s: Settings) -> faust.App:
         # (stream_wait_empty=False, see DESIGN.md). The rebalance cannot complete
         # while this receiver runs, so no new owner starts on a partition whose
         # outputs and state are still being written here.
-        batch = deciding["batch"]
-        if batch is not None and not batch.done():
-            log.info("rebalance: finishing the batch in hand first")
-            try:
-                await asyncio.wait_for(asyncio.shield(batch), timeout=s.flush_timeout_s)
-            except BaseException as exc:
-                die(f"rebalance: the batch in hand did not finish: {exc!r}")
+        await finish("batch", "rebalance")
 
     @app.timer(2.0)  # type: ignore[untyped-decorator]
     async def stall_watchdog() -> None:

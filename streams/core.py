@@ -209,21 +209,18 @@ class Reader:
         self.i = i + n
         return self.buf[i:i + n].decode()
 
-    def opt_long(self) -> int | None:
+    def present(self) -> bool:
+        """The branch of a ``["null", T]`` union: False for null."""
         branch = self.long()
-        if branch == 0:
-            return None
-        if branch != 1:
+        if branch != 0 and branch != 1:
             raise ValueError("bad union branch")
-        return self.long()
+        return branch == 1
+
+    def opt_long(self) -> int | None:
+        return self.long() if self.present() else None
 
     def opt_str(self) -> str | None:
-        branch = self.long()
-        if branch == 0:
-            return None
-        if branch != 1:
-            raise ValueError("bad union branch")
-        return self.string()
+        return self.string() if self.present() else None
 
     def done(self) -> bool:
         return self.i == len(self.buf)
