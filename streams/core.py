@@ -33,6 +33,15 @@ VERSION_CONFLICT: Final = "version_conflict"
 CURRENCY_MISMATCH: Final = "currency_mismatch"
 INSUFFICIENT_FUNDS: Final = "insufficient_funds"
 BALANCE_OUT_OF_RANGE: Final = "balance_out_of_range"
+INVALID_EXPIRY: Final = "invalid_expiry"
+TRANSFER_TO_SELF: Final = "transfer_to_self"
+HOLD_NOT_FOUND: Final = "hold_not_found"
+HOLD_ALREADY_EXISTS: Final = "hold_already_exists"
+HOLD_EXPIRED: Final = "hold_expired"
+HOLD_NOT_EXPIRED: Final = "hold_not_expired"
+CAPTURE_EXCEEDS_HOLD: Final = "capture_exceeds_hold"
+BALANCE_NOT_ZERO: Final = "balance_not_zero"
+HOLDS_OPEN: Final = "holds_open"
 
 OK: Final = ("", "")  # no rule broken
 
@@ -52,9 +61,11 @@ COMMAND_NAMES: Final = ("OpenAccount", "Deposit", "Withdraw", "Transfer", "Place
 # ---------------------------------------------------------------- rules
 
 
-def static_rules(amount: int | None, currency: str | None,
-                 overdraft_limit: int | None) -> tuple[str, str]:
-    """Rules that need no state, in order: the amount, the currency, the limit."""
+def static_rules(amount: int | None, currency: str | None, overdraft_limit: int | None,
+                 expires_at: int | None = None, issued_at: int = 0,
+                 to_self: bool = False) -> tuple[str, str]:
+    """Rules that need no state, in order: the amount, the currency, the limit, a
+    hold's expiry, a transfer's destination."""
     if amount is not None and not 0 < amount <= MAX_AMOUNT_MINOR:
         return INVALID_AMOUNT, "".join(["amount_minor must be between 1 and ",
                                         str(MAX_AMOUNT_MINOR), ", got ", str(amount)])
@@ -63,6 +74,10 @@ def static_rules(amount: int | None, currency: str | None,
     if overdraft_limit is not None and not 0 <= overdraft_limit <= MAX_AMOUNT_MINOR:
         return INVALID_OVERDRAFT_LIMIT, "".join(["overdraft_limit_minor must be between 0 and ",
                                                  str(MAX_AMOUNT_MINOR)])
+    if expires_at is not None and expires_at <= issued_at:
+        return INVALID_EXPIRY, "expires_at must be after issued_at"
+    if to_self:
+        return TRANSFER_TO_SELF, "cannot transfer to the same account"
     return OK
 
 
@@ -106,6 +121,50 @@ def fits_rule(total: int, amount: int) -> tuple[str, str]:
     """A balance (or the held total) stays at most MAX_BALANCE_MINOR."""
     if total + amount > MAX_BALANCE_MINOR:
         return BALANCE_OUT_OF_RANGE, "would exceed " + str(MAX_BALANCE_MINOR)
+    return OK
+
+
+def place_hold_rules(exists: bool, hold_id: str, expires_at: int, at: int, held: int,
+                     amount: int, available: int, overdraft_limit: int) -> tuple[str, str]:
+    """Placing a hold at instant ``at``: a new hold id, a future expiry, within range
+    and within the funds."""
+    if exists:
+        return HOLD_ALREADY_EXISTS, "hold " + repr(hold_id) + " is already open"
+    if expires_at <= at:
+        return INVALID_EXPIRY, "expires_at is not after " + str(at)
+    broken = fits_rule(held, amount)
+    if broken[0]:
+        return broken
+    return funds_rule(available, overdraft_limit, amount)
+
+
+def hold_rules(kind: int, hold_id: str, hold: tuple[int, int] | None, at: int,
+               amount: int | None) -> tuple[str, str]:
+    """Capturing, releasing or expiring a hold (``hold``: its amount and expiry, None if
+    it is not open) at instant ``at``; ``amount``: what a capture takes (None: all)."""
+    if hold is None:
+        return HOLD_NOT_FOUND, "no open hold " + repr(hold_id)
+    held, expires_at = hold
+    if kind == CAPTURE_HOLD:
+        if at >= expires_at:
+            return HOLD_EXPIRED, "".join(["hold ", repr(hold_id), " expired at ",
+                                          str(expires_at)])
+        captured = held if amount is None else amount
+        if captured > held:
+            return CAPTURE_EXCEEDS_HOLD, "".join(["capture ", str(captured), " exceeds hold ",
+                                                  str(held)])
+    elif kind == EXPIRE_HOLD and at < expires_at:
+        return HOLD_NOT_EXPIRED, "".join(["hold ", repr(hold_id), " expires at ",
+                                          str(expires_at)])
+    return OK
+
+
+def close_rules(balance: int, holds: int) -> tuple[str, str]:
+    """Closing: a zero balance and no open hold."""
+    if balance != 0:
+        return BALANCE_NOT_ZERO, "".join(["balance is ", str(balance), ", not 0"])
+    if holds:
+        return HOLDS_OPEN, str(holds) + " hold(s) still open"
     return OK
 
 
@@ -499,9 +558,11 @@ class Core:
     def command(self, c: Cmd, now: int) -> bool:
         """Decide ``c`` if this core takes it (True); False leaves it to the processor."""
         k = c.kind
-        if k != OPEN_ACCOUNT and k != DEPOSIT and k != WITHDRAW:
+        if k == TRANSFER:
             return False
         if not (valid_id(c.command_id) and valid_id(c.account_id) and valid_id(c.actor)):
+            return False
+        if c.hold_id is not None and not valid_id(c.hold_id):
             return False
         corr = c.correlation_id
         if corr is not None and len(corr) > 200:
@@ -523,35 +584,7 @@ class Core:
         stats.types[name] = stats.types.get(name, 0) + 1
         stats.issued_at.append(c.issued_at)
         state = self.accounts[account_id] if account_id in self.accounts else self._load(account_id)
-        amount = c.amount_minor
-        currency = c.currency
-        if k == OPEN_ACCOUNT:
-            assert currency is not None and c.overdraft_limit_minor is not None
-            content = repr((name, (c.command_id, account_id, c.actor, c.expected_version,
-                                   currency, c.overdraft_limit_minor)))
-            reason, detail = static_rules(None, currency, c.overdraft_limit_minor)
-            if not reason:
-                reason, detail = opening_rules(state is not None, account_id,
-                                               c.expected_version)
-        else:
-            assert amount is not None and currency is not None
-            content = repr((name, (c.command_id, account_id, c.actor, c.expected_version,
-                                   amount, currency)))
-            reason, detail = static_rules(amount, currency, None)
-            if not reason:
-                if state is None:
-                    reason, detail = open_account_rules(False, account_id, "", 0,
-                                                        c.expected_version, "", currency)
-                else:
-                    reason, detail = open_account_rules(True, account_id, state.status,
-                                                        state.version, c.expected_version,
-                                                        state.currency, currency)
-            if not reason and state is not None:
-                if k == DEPOSIT:
-                    reason, detail = fits_rule(state.balance_minor, amount)
-                else:
-                    reason, detail = funds_rule(state.available_minor,
-                                                state.overdraft_limit_minor, amount)
+        reason, detail = self._rules(c, state)
         expires_at = now + self.window_ms
         key = account_id.encode()
         if reason:
@@ -564,34 +597,96 @@ class Core:
             value = self._event(c, state)
             stats.events += 1
             self.outputs.append(Output("events", key, value))
-        self.writes[okey] = encode_outcome(self.h, content_digest(content), value,
+        self.writes[okey] = encode_outcome(self.h, content_digest(_content(c)), value,
                                            bool(reason), expires_at)
         self.retained.append((expires_at, okey))
         return True
 
-    def _event(self, c: Cmd, state: Account | None) -> bytes:
-        """Apply an accepted open, deposit or withdrawal; its event's bytes."""
-        account_id = c.account_id
+    def _rules(self, c: Cmd, state: Account | None) -> tuple[str, str]:
+        """The first rule ``c`` breaks, in the order of ``streams.domain.Reason``."""
+        k = c.kind
+        broken = static_rules(c.amount_minor, c.currency, c.overdraft_limit_minor,
+                              c.expires_at, c.issued_at)
+        if broken[0]:
+            return broken
+        if k == OPEN_ACCOUNT:
+            return opening_rules(state is not None, c.account_id, c.expected_version)
         if state is None:
+            return open_account_rules(False, c.account_id, "", 0, c.expected_version, "",
+                                      c.currency)
+        broken = open_account_rules(True, c.account_id, state.status, state.version,
+                                    c.expected_version, state.currency, c.currency)
+        if broken[0]:
+            return broken
+        at = max(c.issued_at, state.updated_at)
+        amount = c.amount_minor
+        if k == DEPOSIT:
+            assert amount is not None
+            return fits_rule(state.balance_minor, amount)
+        if k == WITHDRAW:
+            assert amount is not None
+            return funds_rule(state.available_minor, state.overdraft_limit_minor, amount)
+        if k == PLACE_HOLD:
+            assert amount is not None and c.hold_id is not None and c.expires_at is not None
+            return place_hold_rules(c.hold_id in state.holds, c.hold_id, c.expires_at, at,
+                                    state.held_minor, amount, state.available_minor,
+                                    state.overdraft_limit_minor)
+        if k == CLOSE_ACCOUNT:
+            return close_rules(state.balance_minor, len(state.holds))
+        assert c.hold_id is not None
+        return hold_rules(k, c.hold_id, state.holds.get(c.hold_id), at, amount)
+
+    def _event(self, c: Cmd, state: Account | None) -> bytes:
+        """Apply an accepted command to its account; its event's bytes."""
+        account_id = c.account_id
+        k = c.kind
+        payload = bytearray()
+        if state is None:  # an opening
             assert c.currency is not None and c.overdraft_limit_minor is not None
             state = Account(account_id, c.currency, "open", c.overdraft_limit_minor, 0, 0, 1,
                             c.issued_at, {})
             self.accounts[account_id] = state
-            branch = 0
-            field = c.overdraft_limit_minor
+            payload.append(0)
+            write_long(payload, c.overdraft_limit_minor)
         else:
-            amount = c.amount_minor
-            assert amount is not None
             state.version += 1
             if c.issued_at > state.updated_at:
                 state.updated_at = c.issued_at
-            if c.kind == DEPOSIT:
-                state.balance_minor += amount
-                branch = 1
-            else:
-                state.balance_minor -= amount
-                branch = 2
-            field = amount
+            amount = c.amount_minor
+            hold_id = c.hold_id
+            if k in (DEPOSIT, WITHDRAW):
+                assert amount is not None
+                state.balance_minor += amount if k == DEPOSIT else -amount
+                payload.append(2 if k == DEPOSIT else 4)
+                write_long(payload, amount)
+            elif k == PLACE_HOLD:
+                assert amount is not None and hold_id is not None and c.expires_at is not None
+                state.held_minor += amount
+                state.holds[hold_id] = (amount, c.expires_at)
+                self.writes[expiry_key(c.expires_at, account_id, hold_id)] = b""
+                payload.append(12)
+                write_str(payload, hold_id)
+                write_long(payload, amount)
+                write_long(payload, c.expires_at)
+            elif k == CLOSE_ACCOUNT:
+                state.status = "closed"
+                payload.append(18)
+            else:  # a capture, a release or an expiry: the hold ends
+                assert hold_id is not None
+                held, hold_expires_at = state.holds.pop(hold_id)
+                state.held_minor -= held
+                self.writes[expiry_key(hold_expires_at, account_id, hold_id)] = None
+                write_str(payload, hold_id)
+                if k == CAPTURE_HOLD:
+                    captured = held if amount is None else amount
+                    state.balance_minor -= captured
+                    payload.insert(0, 14)
+                    write_long(payload, captured)
+                    write_long(payload, held - captured)
+                else:
+                    payload.insert(0, 16)
+                    write_long(payload, held)
+                    write_str(payload, "released" if k == RELEASE_HOLD else "expired")
         self.dirty.add(account_id)
         out = bytearray(self.h.event)
         write_str(out, event_id(c.command_id, account_id, state.version))
@@ -605,6 +700,31 @@ class Core:
         write_str(out, c.command_id)
         write_opt_str(out, c.correlation_id)
         write_str(out, c.actor)
-        out.append(branch * 2)
-        write_long(out, field)
+        out += payload
         return bytes(out)
+
+
+def expiry_key(expires_at: int, account_id: str, hold_id: str) -> bytes:
+    """The hold expiry index: ``x<expires_at:8><account>\\0<hold_id>``."""
+    return b"".join([b"x", expires_at.to_bytes(8, "big", signed=True), account_id.encode(),
+                     b"\0", hold_id.encode()])
+
+
+def _content(c: Cmd) -> str:
+    """What a command asks for, as ``streams.processor.command_digest`` hashes it: its
+    type and its fields but ``issued_at`` and ``correlation_id``, in the model's order."""
+    k = c.kind
+    base = (c.command_id, c.account_id, c.actor, c.expected_version)
+    if k == OPEN_ACCOUNT:
+        fields: tuple[object, ...] = (*base, c.currency, c.overdraft_limit_minor)
+    elif k in (DEPOSIT, WITHDRAW):
+        fields = (*base, c.amount_minor, c.currency)
+    elif k == PLACE_HOLD:
+        fields = (*base, c.hold_id, c.amount_minor, c.currency, c.expires_at)
+    elif k == CAPTURE_HOLD:
+        fields = (*base, c.hold_id, c.amount_minor)
+    elif k in (RELEASE_HOLD, EXPIRE_HOLD):
+        fields = (*base, c.hold_id)
+    else:
+        fields = base
+    return repr((COMMAND_NAMES[k], fields))

@@ -110,11 +110,9 @@ def check_command(command: CommandBase) -> None:
     """Rules that need no state. The client runs these before it sends anything."""
     _check(core.static_rules(
         getattr(command, "amount_minor", None), getattr(command, "currency", None),
-        command.overdraft_limit_minor if isinstance(command, OpenAccount) else None))
-    if isinstance(command, PlaceHold) and command.expires_at <= command.issued_at:
-        raise Refused(Reason.INVALID_EXPIRY, "expires_at must be after issued_at")
-    if isinstance(command, Transfer) and command.to_account_id == command.account_id:
-        raise Refused(Reason.TRANSFER_TO_SELF, "cannot transfer to the same account")
+        command.overdraft_limit_minor if isinstance(command, OpenAccount) else None,
+        command.expires_at if isinstance(command, PlaceHold) else None, command.issued_at,
+        isinstance(command, Transfer) and command.to_account_id == command.account_id))
 
 
 # ---------------------------------------------------------------- decide
@@ -168,10 +166,13 @@ def _fits(total: int, amount: int) -> None:
     _check(core.fits_rule(total, amount))
 
 
-def _hold(state: AccountState, hold_id: str) -> Hold:
-    hold = state.holds.get(hold_id)
-    if hold is None:
-        raise Refused(Reason.HOLD_NOT_FOUND, f"no open hold {hold_id!r}")
+def _hold(state: AccountState, c: CaptureHold | ReleaseHold | ExpireHold, kind: int,
+          at: int) -> Hold:
+    hold = state.holds.get(c.hold_id)
+    _check(core.hold_rules(kind, c.hold_id,
+                           None if hold is None else (hold.amount_minor, hold.expires_at), at,
+                           c.amount_minor if isinstance(c, CaptureHold) else None))
+    assert hold is not None
     return hold
 
 
@@ -193,40 +194,26 @@ def _rules(state: AccountState | None, c: CommandBase) -> Payload:
         return TransferDebited.trusted(transfer_id=c.command_id, to_account_id=c.to_account_id,
                                amount_minor=c.amount_minor)
     if isinstance(c, PlaceHold):
-        if c.hold_id in s.holds:
-            raise Refused(Reason.HOLD_ALREADY_EXISTS, f"hold {c.hold_id!r} is already open")
-        if c.expires_at <= at:
-            raise Refused(Reason.INVALID_EXPIRY, f"expires_at is not after {at}")
-        _fits(s.held_minor, c.amount_minor)
-        _funds(s, c.amount_minor)
+        _check(core.place_hold_rules(c.hold_id in s.holds, c.hold_id, c.expires_at, at,
+                                     s.held_minor, c.amount_minor, s.available_minor,
+                                     s.overdraft_limit_minor))
         return HoldPlaced.trusted(hold_id=c.hold_id, amount_minor=c.amount_minor,
                                   expires_at=c.expires_at)
     if isinstance(c, CaptureHold):
-        hold = _hold(s, c.hold_id)
-        if at >= hold.expires_at:
-            raise Refused(Reason.HOLD_EXPIRED, f"hold {c.hold_id!r} expired at {hold.expires_at}")
+        hold = _hold(s, c, core.CAPTURE_HOLD, at)
         captured = hold.amount_minor if c.amount_minor is None else c.amount_minor
-        if captured > hold.amount_minor:
-            raise Refused(Reason.CAPTURE_EXCEEDS_HOLD,
-                          f"capture {captured} exceeds hold {hold.amount_minor}")
         return HoldCaptured.trusted(hold_id=c.hold_id, captured_minor=captured,
-                            released_minor=hold.amount_minor - captured)
+                                    released_minor=hold.amount_minor - captured)
     if isinstance(c, ReleaseHold):
-        hold = _hold(s, c.hold_id)
+        hold = _hold(s, c, core.RELEASE_HOLD, at)
         return HoldReleased.trusted(hold_id=c.hold_id, amount_minor=hold.amount_minor,
                                     reason="released")
     if isinstance(c, ExpireHold):
-        hold = _hold(s, c.hold_id)
-        if at < hold.expires_at:
-            raise Refused(Reason.HOLD_NOT_EXPIRED,
-                          f"hold {c.hold_id!r} expires at {hold.expires_at}")
+        hold = _hold(s, c, core.EXPIRE_HOLD, at)
         return HoldReleased.trusted(hold_id=c.hold_id, amount_minor=hold.amount_minor,
                                     reason="expired")
     if isinstance(c, CloseAccount):
-        if s.balance_minor != 0:
-            raise Refused(Reason.BALANCE_NOT_ZERO, f"balance is {s.balance_minor}, not 0")
-        if s.holds:
-            raise Refused(Reason.HOLDS_OPEN, f"{len(s.holds)} hold(s) still open")
+        _check(core.close_rules(s.balance_minor, len(s.holds)))
         return AccountClosed.trusted()
     raise Refused(Reason.INVALID_COMMAND, f"unknown command type {type(c).__name__}")
 

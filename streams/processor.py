@@ -57,7 +57,16 @@ from schemas.models import (
     encode,
 )
 from streams import core as _core
-from streams.core import Account, Core, Headers, Output, Stats, read_account, read_commands
+from streams.core import (
+    Account,
+    Core,
+    Headers,
+    Output,
+    Stats,
+    expiry_key,
+    read_account,
+    read_commands,
+)
 from streams.domain import Outcome, Reason, decide, decide_leg, reject
 
 EVENTS, REJECTIONS, TRANSFERS, DLQ = "events", "rejections", "transfers", "dlq"
@@ -118,10 +127,6 @@ def leg_outcome_key(account_id: str, leg_id: str, from_account_id: str) -> bytes
     NUL) it is never a command's key, though a client may name a command of the source
     ``<transfer id>:refund``, as its refund leg is."""
     return outcome_key(account_id, leg_id) + b"\0" + from_account_id.encode()
-
-
-def expiry_key(expires_at: int, account_id: str, hold_id: str) -> bytes:
-    return b"x" + _MS.pack(expires_at) + account_id.encode() + b"\0" + hold_id.encode()
 
 
 def parse_expiry_key(key: bytes) -> tuple[int, str, str]:

@@ -36,11 +36,11 @@ from schemas.models import (
     TransferReversed,
     encode,
 )
+from streams.core import expiry_key
 from streams.domain import evolve
 from streams.eventlog import read_all
 from streams.processor import (
     account_key,
-    expiry_key,
     leg_outcome_key,
     outcome_key,
     partition_for,

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from schemas.models import CommandBase, Deposit, encode_batch
+from schemas.models import CommandBase, Deposit, PlaceHold, encode_batch
 from streams import processor
 from streams.processor import REJECTIONS, BatchProcessor
 from tests.unit.conftest import T0, Partition, accounts_on, deposit, open_account, triples
@@ -67,6 +67,7 @@ def test_the_core_and_the_general_path_give_the_same_bytes(script, cuts, picks, 
                            open_account(c, "EUR", 0, issued_at=T0),
                            deposit(200, a, "USD", issued_at=T0),
                            deposit(150, b, "USD", issued_at=T0)]
+    placed: list[tuple[str, str, int]] = []
     for i, step in enumerate(script):
         clock += step.dt
         if step.kind == "deliver":
@@ -74,7 +75,15 @@ def test_the_core_and_the_general_path_give_the_same_bytes(script, cuts, picks, 
                 commands.append(commands[step.pick % len(commands)])
             continue
         cid = f"c{i}" if step.pick % 5 else f"c{step.pick % 3}"
-        commands.append(build(step, cid, clock, alias[step.account], alias[step.other]))
+        account, hold, at = alias[step.account], None, clock
+        if step.kind in ("capture_hold", "release_hold", "expire_hold") and placed:
+            account, hold, expires_at = placed[step.pick % len(placed)]  # aim at a hold
+            if step.kind == "expire_hold" and step.pick % 3:
+                at = max(clock, expires_at)  # mostly when it is due
+        command = build(step, cid, at, account, alias[step.other], hold)
+        if isinstance(command, PlaceHold):
+            placed.append((command.account_id, command.hold_id, command.expires_at))
+        commands.append(command)
     commands = odd_ids(commands, picks)
 
     fast = run(commands, cuts, general=False, monkeypatch=monkeypatch)
