@@ -26,7 +26,8 @@ def test_a_small_bench_run_reports_every_key_and_checks_itself(kafka_bootstrap, 
         assert set(doc[phase]) == {"workers", "bench"} and min(doc[phase].values()) > 0, doc
     figures = {k: v for k, v in doc.items()
                if k not in ("commands", "mix", "workers", "check_ok", "backlog_cores",
-                            "latency_cores")}
+                            "latency_cores", "core")}
+    assert doc["core"] in ("compiled", "interpreted")
     bad = {k: v for k, v in figures.items()
            if not isinstance(v, int | float) or math.isnan(v) or v <= 0}
     assert not bad, bad
