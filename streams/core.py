@@ -15,6 +15,7 @@ runs unchanged without a C compiler; ``COMPILED`` says which one is running.
 from __future__ import annotations
 
 import hashlib
+import hmac
 from collections.abc import Callable
 from typing import Final
 
@@ -479,12 +480,13 @@ class Headers:
     """The single-object headers of the current schemas (magic + fingerprint)."""
 
     def __init__(self, event: bytes, rejection: bytes, outcome: bytes, account: bytes,
-                 batch: bytes) -> None:
+                 batch: bytes, leg: bytes) -> None:
         self.event = event
         self.rejection = rejection
         self.outcome = outcome
         self.account = account
         self.batch = batch
+        self.leg = leg
 
 
 def encode_rejection(h: Headers, command_id: str, account_id: str, command_type: str,
@@ -532,8 +534,10 @@ class Core:
                  read: Callable[[bytes], bytes | None],
                  accounts: dict[str, Account | None], dirty: set[str],
                  writes: dict[bytes, bytes | None], retained: list[tuple[int, bytes]],
-                 outputs: list[Output], stats: Stats, window_ms: int) -> None:
+                 outputs: list[Output], stats: Stats, window_ms: int,
+                 leg_secret: bytes) -> None:
         self.h = headers
+        self.leg_secret = leg_secret
         self.partition = partition
         self.partition_of = partition_of
         self.account = account
@@ -558,11 +562,11 @@ class Core:
     def command(self, c: Cmd, now: int) -> bool:
         """Decide ``c`` if this core takes it (True); False leaves it to the processor."""
         k = c.kind
-        if k == TRANSFER:
-            return False
         if not (valid_id(c.command_id) and valid_id(c.account_id) and valid_id(c.actor)):
             return False
         if c.hold_id is not None and not valid_id(c.hold_id):
+            return False
+        if c.to_account_id is not None and not valid_id(c.to_account_id):
             return False
         corr = c.correlation_id
         if corr is not None and len(corr) > 200:
@@ -597,6 +601,9 @@ class Core:
             value = self._event(c, state)
             stats.events += 1
             self.outputs.append(Output("events", key, value))
+            if k == TRANSFER:
+                assert state is not None
+                self._credit_leg(c, state.updated_at)
         self.writes[okey] = encode_outcome(self.h, content_digest(_content(c)), value,
                                            bool(reason), expires_at)
         self.retained.append((expires_at, okey))
@@ -606,7 +613,7 @@ class Core:
         """The first rule ``c`` breaks, in the order of ``streams.domain.Reason``."""
         k = c.kind
         broken = static_rules(c.amount_minor, c.currency, c.overdraft_limit_minor,
-                              c.expires_at, c.issued_at)
+                              c.expires_at, c.issued_at, c.to_account_id == c.account_id)
         if broken[0]:
             return broken
         if k == OPEN_ACCOUNT:
@@ -623,7 +630,7 @@ class Core:
         if k == DEPOSIT:
             assert amount is not None
             return fits_rule(state.balance_minor, amount)
-        if k == WITHDRAW:
+        if k in (WITHDRAW, TRANSFER):
             assert amount is not None
             return funds_rule(state.available_minor, state.overdraft_limit_minor, amount)
         if k == PLACE_HOLD:
@@ -658,6 +665,13 @@ class Core:
                 assert amount is not None
                 state.balance_minor += amount if k == DEPOSIT else -amount
                 payload.append(2 if k == DEPOSIT else 4)
+                write_long(payload, amount)
+            elif k == TRANSFER:
+                assert amount is not None and c.to_account_id is not None
+                state.balance_minor -= amount
+                payload.append(6)
+                write_str(payload, c.command_id)
+                write_str(payload, c.to_account_id)
                 write_long(payload, amount)
             elif k == PLACE_HOLD:
                 assert amount is not None and hold_id is not None and c.expires_at is not None
@@ -703,6 +717,29 @@ class Core:
         out += payload
         return bytes(out)
 
+    def _credit_leg(self, c: Cmd, occurred_at: int) -> None:
+        """The credit leg of an accepted transfer, signed, to the destination's partition."""
+        assert c.to_account_id is not None and c.amount_minor is not None
+        assert c.currency is not None
+        body = bytearray()
+        body.append(0)  # CREDIT
+        write_str(body, c.command_id)
+        write_str(body, c.account_id)
+        write_str(body, c.to_account_id)
+        write_long(body, c.amount_minor)
+        write_str(body, c.currency)
+        write_long(body, occurred_at)
+        write_str(body, c.actor)
+        write_opt_str(body, c.correlation_id)
+        body.append(0)  # no reason
+        unsigned = bytes(body)
+        signature = hmac.new(self.leg_secret, unsigned + b"\0", hashlib.sha256).digest()
+        out = bytearray(self.h.leg)
+        out += unsigned
+        write_bytes(out, signature)
+        self.stats.legs += 1
+        self.outputs.append(Output("transfers", c.to_account_id.encode(), bytes(out)))
+
 
 def expiry_key(expires_at: int, account_id: str, hold_id: str) -> bytes:
     """The hold expiry index: ``x<expires_at:8><account>\\0<hold_id>``."""
@@ -719,6 +756,8 @@ def _content(c: Cmd) -> str:
         fields: tuple[object, ...] = (*base, c.currency, c.overdraft_limit_minor)
     elif k in (DEPOSIT, WITHDRAW):
         fields = (*base, c.amount_minor, c.currency)
+    elif k == TRANSFER:
+        fields = (*base, c.to_account_id, c.amount_minor, c.currency)
     elif k == PLACE_HOLD:
         fields = (*base, c.hold_id, c.amount_minor, c.currency, c.expires_at)
     elif k == CAPTURE_HOLD:

@@ -164,11 +164,11 @@ class LegSigner:
     """HMAC over a leg's content: only a worker that recorded the debit can make one."""
 
     def __init__(self, secret: bytes) -> None:
-        self._secret = secret
+        self.secret = secret
 
     def _mac(self, leg: TransferLeg) -> bytes:
         body = CODEC.body(TransferLeg.avro_name, {**leg.to_avro(), "signature": b""})
-        return hmac.new(self._secret, body, hashlib.sha256).digest()
+        return hmac.new(self.secret, body, hashlib.sha256).digest()
 
     def sign(self, leg: TransferLeg) -> TransferLeg:
         return leg.replace(signature=self._mac(leg))
@@ -205,7 +205,7 @@ def _headers() -> Headers | None:
     h = CODEC._single_object_headers
     return Headers(h[LedgerEvent.avro_name], h[Rejection.avro_name],
                    h[CommandOutcome.avro_name], h[AccountState.avro_name],
-                   h["ledger.CommandBatch"])
+                   h["ledger.CommandBatch"], h[TransferLeg.avro_name])
 
 
 def to_account(s: AccountState) -> Account:
@@ -249,7 +249,7 @@ class BatchProcessor:
         if self._headers is not None:
             self._core = Core(self._headers, partition, self._partition_of, self._account,
                               read, self._accounts, self._dirty, self._writes, self._retained,
-                              self.outputs, self.stats, window_ms)
+                              self.outputs, self.stats, window_ms, signer.secret)
 
     # ------------------------------------------------------------ reads
 
