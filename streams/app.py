@@ -12,6 +12,7 @@ Run it with ``ledger worker`` (see ``streams.cli``).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import threading
@@ -432,6 +433,7 @@ def create_app(s: Settings) -> faust.App:
 
     @app.task  # type: ignore[untyped-decorator]
     async def announce() -> None:
+        gc.freeze()  # what start-up made lives as long as the worker: never scan it again
         threading.Thread(target=watch_for_crashes, name="ledger-crash-watch",
                          daemon=True).start()
         log.info("worker started", extra={"bootstrap": s.bootstrap_servers,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import logging
 import os
@@ -85,11 +86,16 @@ def cmd_topics(args: argparse.Namespace) -> int:
 # ``python bench/flush.py`` measured a flush of 40 records at 10.5 ms p50 and 71 ms p90
 # next to a busy thread, and 6.4 and 24 ms at 0.5 ms (3.8 and 12 ms with no thread).
 WORKER_SWITCH_INTERVAL_S = 0.0005
+WORKER_GC_THRESHOLD = 50_000
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     os.environ.setdefault("FAUST_LOOP", "uvloop")  # read by faust at import time
     sys.setswitchinterval(WORKER_SWITCH_INTERVAL_S)
+    # A batch makes hundreds of thousands of short-lived objects: collecting the young
+    # generation every 700 of them (CPython's default) cost a quarter of the worker's
+    # deciding time over a backlog (bench/backlog.py, interleaved runs).
+    gc.set_threshold(WORKER_GC_THRESHOLD, 20, 100)
     from streams import logs
 
     logs.setup(args.loglevel.upper())
