@@ -1,11 +1,14 @@
 # The ledger worker (and CLI) as an image. Used by docker-compose.yml.
 FROM python:3.11-slim
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY schemas ./schemas
 COPY streams ./streams
 COPY producers ./producers
-RUN pip install --no-cache-dir .
+# gcc builds the worker's compiled core (mypyc) and is removed after the install
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && pip install --no-cache-dir . \
+    && apt-get purge -y gcc libc6-dev && apt-get autoremove -y && rm -rf /var/lib/apt/lists/*
 ENV LEDGER_DATA_DIR=/var/lib/ledger \
     LEDGER_WEB_HOST=0.0.0.0 \
     LEDGER_WEB_PORT=6066

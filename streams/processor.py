@@ -187,7 +187,8 @@ def core_build() -> str:
         return "interpreted"
     built = Path(_core.__file__ or "")
     source = built.with_name("core.py")
-    if source.exists() and source.stat().st_mtime > built.stat().st_mtime:
+    checkout = (built.parent.parent / "pyproject.toml").exists()  # not an installed copy
+    if checkout and source.exists() and source.stat().st_mtime > built.stat().st_mtime:
         raise ImportError(f"{source} changed after it was compiled to {built.name}: rebuild "
                           "it (make, or pip install -e .), or delete streams/core*.so to run "
                           "the source")

@@ -43,6 +43,7 @@ def test_dockerfile_runs_the_worker_and_readme_shows_compose():
     assert "EXPOSE 6066" in dockerfile
     for package in ("schemas", "streams", "producers"):
         assert f"COPY {package} " in dockerfile
+    assert "setup.py" in dockerfile  # what compiles the worker's core
     assert "docker compose up" in (ROOT / "README.md").read_text()
 
 
