@@ -269,6 +269,14 @@ class Reader:
         self.i = i + n
         return self.buf[i:i + n].decode()
 
+    def block(self) -> int:
+        """The item count of an array's or map's next block (0: the end)."""
+        count = self.long()
+        if count < 0:  # a negative count is followed by the block's size in bytes
+            count = -count
+            self.long()
+        return count
+
     def present(self) -> bool:
         """The branch of a ``["null", T]`` union: False for null."""
         branch = self.long()
@@ -347,12 +355,9 @@ def read_commands(buf: bytes, start: int) -> list[Cmd]:
     r = Reader(buf, start)
     out: list[Cmd] = []
     while True:
-        count = r.long()
+        count = r.block()
         if count == 0:
             break
-        if count < 0:
-            count = -count
-            r.long()  # the block's size in bytes
         for _ in range(count):
             kind = r.long()
             if not 0 <= kind <= CLOSE_ACCOUNT:
@@ -432,12 +437,9 @@ def read_account(buf: bytes, start: int) -> Account:
     a = Account(r.string(), r.string(), r.string(), r.long(), r.long(), r.long(), r.long(),
                 r.long(), {})
     while True:
-        count = r.long()
+        count = r.block()
         if count == 0:
             break
-        if count < 0:
-            count = -count
-            r.long()
         for _ in range(count):
             hold_id = r.string()
             amount = r.long()
