@@ -189,9 +189,7 @@ class LedgerClient:
             raise CommandRefused(r.reason.value, r.detail) from None
         if self._closed.is_set():
             raise RuntimeError("client is closed")
-        room = self._room.acquire(timeout=block_s) if block_s > 0 else \
-            self._room.acquire(blocking=False)
-        if not room:
+        if not self._room.acquire(timeout=max(block_s, 0.0)):  # 0: do not wait
             raise QueueFull(f"{self.max_in_flight} commands already queued or awaiting "
                             f"their outcome; waited {block_s}s for room")
         fut: Future[Outcome] = Future()

@@ -527,12 +527,12 @@ class Core:
     It shares the batch's state with the processor: ``accounts`` (account id ->
     Account, None if it does not exist), ``writes`` (store key -> value, None
     deletes), ``retained`` ((expires_at, outcome key) of each outcome stored),
-    ``outputs`` and ``stats``. ``account(id)`` loads an account into ``accounts``;
-    ``read(key)`` is the committed store."""
+    ``outputs`` and ``stats``. ``read(key)`` is the committed store;
+    ``decode_other(raw)`` reads an account stored in another schema version."""
 
     def __init__(self, headers: Headers, partition: int,
                  partition_of: Callable[[str], int],
-                 account: Callable[[str], Account | None],
+                 decode_other: Callable[[bytes], Account],
                  read: Callable[[bytes], bytes | None],
                  accounts: dict[str, Account | None], dirty: set[str],
                  writes: dict[bytes, bytes | None], retained: list[tuple[int, bytes]],
@@ -542,7 +542,7 @@ class Core:
         self.leg_secret = leg_secret
         self.partition = partition
         self.partition_of = partition_of
-        self.account = account
+        self.decode_other = decode_other
         self.read = read
         self.accounts = accounts
         self.dirty = dirty
@@ -553,11 +553,13 @@ class Core:
         self.window_ms = window_ms
         self.partitions: dict[str, int] = {}  # account id -> its partition, as met
 
-    def _load(self, account_id: str) -> Account | None:
+    def load(self, account_id: str) -> Account | None:
+        """An account not yet in ``accounts``, read from the store into it."""
         raw = self.read(b"a" + account_id.encode())
-        if raw is None or raw[:len(self.h.account)] != self.h.account:
-            return self.account(account_id)  # none, or another schema: the processor reads it
-        state = read_account(raw, len(self.h.account))
+        n = len(self.h.account)
+        state: Account | None = None
+        if raw is not None:
+            state = read_account(raw, n) if raw[:n] == self.h.account else self.decode_other(raw)
         self.accounts[account_id] = state
         return state
 
@@ -589,7 +591,7 @@ class Core:
         stats = self.stats
         stats.types[name] = stats.types.get(name, 0) + 1
         stats.issued_at.append(c.issued_at)
-        state = self.accounts[account_id] if account_id in self.accounts else self._load(account_id)
+        state = self.accounts[account_id] if account_id in self.accounts else self.load(account_id)
         reason, detail = self._rules(c, state)
         expires_at = now + self.window_ms
         key = account_id.encode()

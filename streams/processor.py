@@ -64,7 +64,6 @@ from streams.core import (
     Output,
     Stats,
     expiry_key,
-    read_account,
     read_commands,
 )
 from streams.domain import Outcome, Reason, decide, decide_leg, reject
@@ -215,6 +214,12 @@ def to_account(s: AccountState) -> Account:
                    {k: (h.amount_minor, h.expires_at) for k, h in s.holds.items()})
 
 
+def _decode_account(raw: bytes) -> Account:
+    """An account stored in any schema version (or framing) the codec reads."""
+    return to_account(AccountState.from_avro(
+        CODEC.decode(raw, expect=AccountState.avro_name)[1]))
+
+
 def to_state(a: Account) -> AccountState:
     return AccountState.trusted(
         account_id=a.account_id, currency=a.currency, status=a.status,
@@ -248,7 +253,7 @@ class BatchProcessor:
         self._headers = _headers()
         self._core: Core | None = None
         if self._headers is not None:
-            self._core = Core(self._headers, partition, self._partition_of, self._account,
+            self._core = Core(self._headers, partition, self._partition_of, _decode_account,
                               read, self._accounts, self._dirty, self._writes, self._retained,
                               self.outputs, self.stats, window_ms, signer.secret)
 
@@ -258,19 +263,14 @@ class BatchProcessor:
         return partition_for(account_id, self.partitions)
 
     def _account(self, account_id: str) -> Account | None:
-        try:
+        if account_id in self._accounts:
             return self._accounts[account_id]
-        except KeyError:
-            raw = self._read(account_key(account_id))
-            h = self._headers
-            state: Account | None = None
-            if raw is not None and h is not None and raw[:HEADER_LEN] == h.account:
-                state = read_account(raw, HEADER_LEN)
-            elif raw is not None:
-                state = to_account(AccountState.from_avro(
-                    CODEC.decode(raw, expect=AccountState.avro_name)[1]))
-            self._accounts[account_id] = state
-            return state
+        if self._core is not None:
+            return self._core.load(account_id)
+        raw = self._read(account_key(account_id))
+        state = None if raw is None else _decode_account(raw)
+        self._accounts[account_id] = state
+        return state
 
     def _state(self, account_id: str) -> AccountState | None:
         """The account as the rules' models (the general path)."""
