@@ -185,13 +185,19 @@ def core_build() -> str:
     if not _core.COMPILED:
         return "interpreted"
     built = Path(_core.__file__ or "")
-    source = built.with_name("core.py")
-    checkout = (built.parent.parent / "pyproject.toml").exists()  # not an installed copy
-    if checkout and source.exists() and source.stat().st_mtime > built.stat().st_mtime:
-        raise ImportError(f"{source} changed after it was compiled to {built.name}: rebuild "
-                          "it (make, or pip install -e .), or delete streams/core*.so to run "
-                          "the source")
+    if stale(built):
+        raise ImportError(f"{built.with_name('core.py')} changed after it was compiled to "
+                          f"{built.name}: rebuild it (make, or pip install -e .), or delete "
+                          "streams/core*.so to run the source")
     return "compiled"
+
+
+def stale(built: Path) -> bool:
+    """A compiled core in a source checkout, older than its source (an installed copy
+    has no pyproject.toml beside its package, and its files' times are the installer's)."""
+    source = built.with_name("core.py")
+    checkout = (built.parent.parent / "pyproject.toml").exists()
+    return checkout and source.exists() and source.stat().st_mtime > built.stat().st_mtime
 
 
 core_build()

@@ -11,6 +11,7 @@ this file against the compiled build and against the plain source.
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -106,3 +107,18 @@ def test_the_core_takes_opens_deposits_and_withdrawals(part, monkeypatch):
     [(kind, _, _)] = triples(bp.outputs)
     assert kind == REJECTIONS and bp.stats.reasons == {"invalid_command": 1}
     assert general == ["ledger.Deposit"]
+
+
+def test_a_compiled_core_older_than_its_source_is_stale(tmp_path):
+    (tmp_path / "streams").mkdir()
+    built = tmp_path / "streams" / "core.cpython-311-x86_64-linux-gnu.so"
+    source = tmp_path / "streams" / "core.py"
+    built.write_bytes(b"")
+    source.write_text("")
+    os.utime(built, (1_000, 1_000))
+    os.utime(source, (2_000, 2_000))
+    assert not processor.stale(built)  # an installed copy: no pyproject.toml beside it
+    (tmp_path / "pyproject.toml").write_text("")
+    assert processor.stale(built)  # a checkout whose core.py was edited after the build
+    os.utime(built, (3_000, 3_000))
+    assert not processor.stale(built)
