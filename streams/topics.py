@@ -110,16 +110,27 @@ def ensure_topics(s: Settings, timeout_s: float = 30.0) -> list[str]:
 
 
 def _wait_for_leaders(admin: AdminClient, names: list[str], timeout_s: float) -> None:
-    """New topics are usable once every partition has a leader; until then clients fail."""
+    """New topics are usable once every partition answers a list-offsets request.
+
+    Metadata lists a leader before the broker has made the partition (Kafka 4.1
+    updates its metadata cache first): for about a second after creation a
+    produce or a watermark query gets NOT_LEADER_OR_FOLLOWER, so leaders alone
+    are not enough.
+    """
     deadline = time.monotonic() + timeout_s
     while True:
         topics = admin.list_topics(timeout=timeout_s).topics
         missing = [n for n in names if n not in topics or topics[n].error is not None
                    or any(p.leader < 0 for p in topics[n].partitions.values())]
         if not missing:
-            return
+            try:
+                end_offsets(admin, [(n, p) for n in names for p in topics[n].partitions],
+                            timeout_s=max(1.0, deadline - time.monotonic()))
+                return
+            except KafkaException as exc:
+                missing = [f"{names} ({exc.args[0].str()})"]
         if time.monotonic() > deadline:
-            raise TimeoutError(f"topics without leaders after {timeout_s}s: {missing}")
+            raise TimeoutError(f"topics not ready after {timeout_s}s: {missing}")
         time.sleep(0.1)
 
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
+from pydantic import SecretStr
 
 from streams.kafka_local import LocalBroker
+from streams.settings import Settings
+from streams.topics import ensure_topics, specs
 
 pytestmark = pytest.mark.kafka
 
@@ -105,3 +109,23 @@ def test_restart_keeps_topic_and_messages(
     metadata = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=TIMEOUT_S)
     assert topic in metadata.topics
     assert consume(bootstrap, topic, unique_name("group-after-restart"), MESSAGE_COUNT) == sent
+
+
+def test_new_topics_answer_on_every_partition(kafka_bootstrap: str,
+                                              unique_name: Callable[..., str],
+                                              tmp_path: Path) -> None:
+    """Once ensure_topics returns, every partition answers at once (no NOT_LEADER window)."""
+    for round_ in range(3):
+        s = Settings(bootstrap_servers=kafka_bootstrap).isolated(
+            unique_name(f"r{round_}"), data_dir=tmp_path / f"d{round_}",
+            leg_secret=SecretStr("x"))
+        assert ensure_topics(s)
+        consumer = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": "probe"})
+        try:
+            for spec in specs(s):
+                for p in range(spec.partitions):
+                    low, high = consumer.get_watermark_offsets(
+                        TopicPartition(spec.name, p), timeout=10)
+                    assert (low, high) == (0, 0), (spec.name, p)
+        finally:
+            consumer.close()
