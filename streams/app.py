@@ -89,7 +89,8 @@ async def take_while_deciding(stream: Any, max_records: int,
     at ~600 records/s with more than 10,000 waiting. Here the next batch is whatever
     arrived meanwhile (at most ``max_records``; the stream waits while it is full).
     An idle stream waits for its first event, then gathers for ``within_s`` more.
-    Events are acked only after the agent is done with their batch.
+    Acking is the agent's: it acks a batch's events once their outputs and state are
+    written, which can be after it has taken the next batch.
     """
     events: list[EventT[Any]] = []
     arrived, full, room = asyncio.Event(), asyncio.Event(), asyncio.Event()
@@ -123,11 +124,7 @@ async def take_while_deciding(stream: Any, max_records: int,
             arrived.clear()
             full.clear()
             room.set()
-            try:
-                yield batch
-            finally:
-                for event in batch:
-                    await stream.ack(event)
+            yield batch
     finally:
         stream._processors.remove(add)
 
@@ -204,36 +201,36 @@ def create_app(s: Settings) -> faust.App:
                                                 s.batch_within_ms / 1000):
             if app.should_stop:  # the tables may be closing: the next owner decides these
                 continue
-            batch = deciding["in_hand"] = asyncio.ensure_future(_handle_in_steps(events))
+            batch = deciding["in_hand"] = asyncio.ensure_future(_handle_in_steps(stream,
+                                                                                 events))
             try:
                 await asyncio.shield(batch)
             except asyncio.CancelledError:
                 # Stopping (SIGTERM): finish the batch in hand, so that the acks Faust
                 # sends on the way out cover only inputs whose outputs and state are
                 # written; if it cannot finish, exit before anything is acked.
-                try:
-                    await asyncio.wait_for(batch, timeout=s.flush_timeout_s)
-                except BaseException as exc:
-                    die(f"stopping: the batch in hand did not finish: {exc!r}")
+                await finish("stopping", "in_hand", "step")
                 log.info("stopping: batch in hand finished")
                 raise
             except BaseException as exc:  # any failure here must stop the worker
                 log.exception("batch failed")
                 die(f"batch failed: {type(exc).__name__}: {exc}")
 
-    # the step being decided, and the whole batch in hand (all its steps)
-    deciding: dict[str, asyncio.Future[Any] | None] = {"batch": None, "in_hand": None}
+    # The batch the agent has in hand (all its steps), and the last step taken: a task
+    # that decides it, waits for the step before to be committed, then commits it.
+    deciding: dict[str, asyncio.Future[Any] | None] = {"in_hand": None, "step": None}
 
-    async def finish(which: str, why: str) -> None:
-        """Wait for ``deciding[which]`` to finish; a worker whose batch cannot finish
+    async def finish(why: str, *which: str) -> None:
+        """Wait for ``deciding[which]`` in turn; a worker whose steps cannot finish
         exits before anything else happens."""
-        batch = deciding[which]
-        if batch is not None and not batch.done():
-            log.info("%s: finishing the batch in hand first", why)
-            try:
-                await asyncio.wait_for(asyncio.shield(batch), timeout=s.flush_timeout_s)
-            except BaseException as exc:
-                die(f"{why}: the batch in hand did not finish: {exc!r}")
+        for which_one in which:
+            batch = deciding[which_one]
+            if batch is not None and not batch.done():
+                log.info("%s: finishing the batch in hand first", why)
+                try:
+                    await asyncio.wait_for(asyncio.shield(batch), timeout=s.flush_timeout_s)
+                except BaseException as exc:
+                    die(f"{why}: the batch in hand did not finish: {exc!r}")
 
     wait_empty = app._consumer_wait_empty
 
@@ -241,26 +238,28 @@ def create_app(s: Settings) -> faust.App:
         # On a clean stop Faust closes the tables' stores before it stops the agents:
         # the batch in hand would write to (or open) a closed store. This runs between
         # the consumer's stop and the tables' (where Faust would wait for its streams).
-        await finish("in_hand", "stopping")
+        await finish("stopping", "in_hand", "step")
         await wait_empty(consumer, logger)
 
     app._consumer_wait_empty = finish_batch_before_tables_close  # type: ignore[method-assign]
 
-    async def _handle_in_steps(events: list[EventT[Any]]) -> None:
+    async def _handle_in_steps(stream: Any, events: list[EventT[Any]]) -> None:
         # Faust hands over whatever it has fetched: over a backlog, hundreds of
         # thousands of commands at once. Deciding them in bounded steps keeps the
-        # worker's memory bounded; Faust acks the inputs after the last step.
-        for step in split_by_size(events, lambda ev: len(ev.message.value or b""),
-                                  s.batch_max_bytes):
-            await _handle(step)
+        # worker's memory bounded; the batch's events are acked after its last step.
+        steps = split_by_size(events, lambda ev: len(ev.message.value or b""),
+                              s.batch_max_bytes)
+        for i, step in enumerate(steps):
+            await _take(stream, step, events if i == len(steps) - 1 else [])
 
-    async def _handle(events: list[EventT[Any]]) -> None:
+    async def _take(stream: Any, events: list[EventT[Any]], ack: list[EventT[Any]]) -> None:
         # A batch taken just before a rebalance is decided after it: against the state
         # recovered for the new assignment, and only for partitions this worker owns.
         # Records of a partition it lost are left to the new owner, which reads them
         # again from its own checkpoint.
         while app.rebalancing and not app.should_stop:
             await asyncio.sleep(0.05)
+        before = deciding["step"]
         if app.rebalancing:  # stopping mid-rebalance: what it holds may be another's now
             return
         owned = {tp.partition for tp in app.assignor.assigned_actives()
@@ -273,16 +272,25 @@ def create_app(s: Settings) -> faust.App:
             part = inputs[m.partition]
             (part.legs if m.topic == s.transfers_topic else part.commands).append(
                 Record(m.key, m.value, m.offset, round((m.timestamp or 0) * 1000)))
-        batch = deciding["batch"] = asyncio.ensure_future(engine.process(inputs))
-        try:
-            report = await batch
-        finally:
-            deciding["batch"] = None
+        deciding["step"] = asyncio.ensure_future(_step(stream, inputs, before, ack))
+        # This step is decided while the one before is committed; the next is taken
+        # once the one before is done, so at most two are in hand.
+        if before is not None:
+            await before
+
+    async def _step(stream: Any, inputs: dict[int, PartitionInput],
+                    before: asyncio.Future[Any] | None, ack: list[EventT[Any]]) -> None:
+        decided = await engine.decide(inputs)
+        if before is not None:
+            await before
+        report = await engine.commit(decided)
+        for event in ack:
+            await stream.ack(event)
         health["progress_at"] = time.monotonic()
         metrics.record_batch(report, int(time.time() * 1000))
         totals["commands"] += report.stats.commands
         totals["batches"] += 1
-        log.debug("batch", extra={"records": len(events), "commands": report.stats.commands,
+        log.debug("batch", extra={"commands": report.stats.commands,
                                   "decide_ms": round(report.decide_ms, 2),
                                   "flush_ms": round(report.flush_ms, 2)})
         now = time.monotonic()
@@ -298,8 +306,9 @@ def create_app(s: Settings) -> faust.App:
         # Faust does not wait for an agent's batch before it gives partitions away
         # (stream_wait_empty=False, see DESIGN.md). The rebalance cannot complete
         # while this receiver runs, so no new owner starts on a partition whose
-        # outputs and state are still being written here.
-        await finish("batch", "rebalance")
+        # outputs and state are still being written here. (Not the batch in hand: its
+        # next step waits for the rebalance to end.)
+        await finish("rebalance", "step")
 
     @app.timer(2.0)  # type: ignore[untyped-decorator]
     async def stall_watchdog() -> None:

@@ -17,6 +17,11 @@ the next owner of the partition reads exactly those inputs again, decides them
 from the same state in the same order and sends byte-identical outputs, which
 consumers drop as duplicates by ``(account_id, version)``.
 All outputs go through one librdkafka producer, with one flush per step.
+
+Steps are decided and committed in turn, but the worker decides the next step while
+this one's flushes are out (see ``decide``): a partition whose step is being
+committed is read through that step's changes, as if it were done. Commits stay one
+at a time, in order, so the changelog and the outputs hold the steps in order.
 """
 
 from __future__ import annotations
@@ -74,6 +79,16 @@ class _Work:
     view: PartitionView
     processor: BatchProcessor
     tag: tuple[int, int]
+    changes: dict[bytes, bytes | None] = field(default_factory=dict)
+
+
+@dataclass
+class Step:
+    """A decided step: its partitions' outputs and changes, to commit in turn."""
+
+    work: list[_Work]
+    report: BatchReport
+    committed: asyncio.Future[None]
 
 
 @dataclass
@@ -94,9 +109,12 @@ class Engine:
         if settings.schema_registry_url:
             CODEC.use_registry(settings.schema_registry_url)
         self.producer = Producer(settings.producer_config(**{
-            # Every produce here is followed by a flush: waiting to fill a batch only
-            # adds latency (a 12-partition flush: 8.3 ms p50 at linger 1 ms, 6.0 ms at 0).
-            "linger.ms": 0,
+            # Every step ends in a flush, which sends at once whatever linger says
+            # (librdkafka >= 1.8), so lingering adds no latency. With 0, librdkafka's
+            # threads took each record while the hot path was still producing the
+            # step's others, and contended with it for the queues: 23-27k commands/s
+            # over a backlog against 28-31k at 20 ms (bench/backlog.py, interleaved).
+            "linger.ms": 20,
             "batch.num.messages": 10_000,
             "queue.buffering.max.messages": 2_000_000,
             "queue.buffering.max.kbytes": 1_048_576,
@@ -105,6 +123,11 @@ class Engine:
         # What the hot path is doing, for the stall watchdog's last words.
         self.phase = "idle"
         self._changelog_offsets: dict[int, int] = {}
+        # per partition: the work of a decided step not yet written to RocksDB
+        self._staged: dict[int, _Work] = {}
+        # one per step decided and not yet committed, done when its commit is
+        self._uncommitted: list[asyncio.Future[None]] = []
+        self._deciding = asyncio.Lock()
         self._topics = {EVENTS: settings.events_topic, REJECTIONS: settings.rejections_topic,
                         TRANSFERS: settings.transfers_topic, DLQ: settings.dlq_topic}
 
@@ -141,15 +164,39 @@ class Engine:
     # ------------------------------------------------------------ batches
 
     async def process(self, inputs: dict[int, PartitionInput]) -> BatchReport:
+        """Decide and commit one step."""
+        return await self.commit(await self.decide(inputs))
+
+    def _view(self, p: int) -> PartitionView:
+        """Partition ``p`` as the next step must see it: through the changes of a step
+        still being committed (decided, not yet in RocksDB), as if that step were done."""
+        view = PartitionView(self.db_for(p))
+        staged = self._staged.get(p)
+        if staged is not None:
+            view.checkpoint, view.overlay = staged.view.checkpoint.advanced(*staged.tag), \
+                staged.changes
+        return view
+
+    async def decide(self, inputs: dict[int, PartitionInput]) -> Step:
+        """Decide a step's inputs; a step being committed meanwhile is read through.
+
+        A partition left half-done by a crashed worker is finished first, once the
+        step being committed is done (its commit and this one's share the producer).
+        """
+        async with self._deciding:  # one at a time: each reads the one before's changes
+            return await self._decide_step(inputs)
+
+    async def _decide_step(self, inputs: dict[int, PartitionInput]) -> Step:
         report = BatchReport()
         self.phase = "decide"
         t0 = time.perf_counter()
         work: list[_Work] = []
         for p in sorted(inputs):
-            view = PartitionView(self.db_for(p))
+            view = self._view(p)
             if view.checkpoint.pending is not None:
+                await self.settled()
                 await self._resolve_pending(p, view, report)
-                view = PartitionView(self.db_for(p))
+                view = self._view(p)
             ck = view.checkpoint
             inp = PartitionInput(
                 commands=await self._contiguous(self.s.commands_topic, p, ck.commands,
@@ -158,15 +205,38 @@ class Engine:
                                             inputs[p].legs, report))
             w = self._decide(p, view, inp)
             if w is not None:
+                w.changes = w.processor.finish()
                 work.append(w)
-        report.decide_ms = (time.perf_counter() - t0) * 1000
-        if work:
-            report.flush_ms = await self._commit(work)
-        for w in work:
+        for w in work:  # the next step reads these partitions through this one's changes
+            self._staged[w.partition] = w
             _merge(report.stats, w.processor.stats)
+        report.decide_ms = (time.perf_counter() - t0) * 1000
         report.partitions = len(work)
         self.phase = "idle"
-        return report
+        step = Step(work, report, asyncio.get_running_loop().create_future())
+        self._uncommitted.append(step.committed)
+        return step
+
+    async def commit(self, step: Step) -> BatchReport:
+        """Make a decided step durable (the order in the module's docstring). Steps are
+        committed in the order they were decided."""
+        assert self._uncommitted and self._uncommitted[0] is step.committed, "out of order"
+        try:
+            if step.work:
+                step.report.flush_ms = await self._commit(step.work)
+        finally:
+            for w in step.work:
+                if self._staged.get(w.partition) is w:
+                    del self._staged[w.partition]
+            self._uncommitted.pop(0)
+            step.committed.set_result(None)
+            self.phase = "idle"
+        return step.report
+
+    async def settled(self) -> None:
+        """Wait until every step decided so far is committed."""
+        for committed in list(self._uncommitted):
+            await asyncio.shield(committed)
 
     async def _contiguous(self, topic: str, p: int, after: int, records: list[Record],
                           report: BatchReport) -> list[Record]:
@@ -221,7 +291,7 @@ class Engine:
         self._changelog_offsets.clear()
         staged = []
         for w in work:
-            records = w.view.changes_to_records(w.processor.finish(), w.tag)
+            records = w.view.changes_to_records(w.changes, w.tag)
             done = w.view.checkpoint.advanced(*w.tag)
             for key, value in records.items():
                 self._produce(changelog, key, value, w.partition)
@@ -258,6 +328,7 @@ class Engine:
         if w is None:  # nothing was in the range after all
             raise DeliveryFailed(f"partition {p}: pending batch {ck.pending} has no inputs")
         w.tag = ck.pending
+        w.changes = w.processor.finish()
         await self._commit([w])
         report.resolved_pending += 1
 

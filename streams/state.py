@@ -89,13 +89,17 @@ class PartitionView:
     def __init__(self, db: Any) -> None:
         self.db = db
         self.checkpoint = Checkpoint.decode(db.get(CHECKPOINT_KEY))
+        # the changes of a step decided before and not yet written here (read first)
+        self.overlay: Mapping[bytes, bytes | None] = {}
         self._read: dict[bytes, bytes | None] = {}
 
     def get(self, key: bytes) -> bytes | None:
         try:
             return self._read[key]
         except KeyError:
-            value = self._read[key] = unwrap(self.db.get(key), self.checkpoint)
+            overlay = self.overlay
+            value = self._read[key] = overlay[key] if key in overlay else \
+                unwrap(self.db.get(key), self.checkpoint)
             return value
 
     def changes_to_records(self, changes: Mapping[bytes, bytes | None],

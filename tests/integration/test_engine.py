@@ -67,3 +67,53 @@ def test_a_hole_in_the_given_records_is_read_from_the_log(ledger_settings, tmp_p
     assert [e["version"] for e in events] == list(range(1, 22))
     assert [e["command_id"] for e in events] == [c.command_id for c in commands]
     assert events[-1]["balance_after_minor"] == sum(range(1, 21))
+
+
+def test_a_step_decided_while_the_one_before_commits_sees_its_changes(ledger_settings,
+                                                                      tmp_path):
+    """The worker decides the next step while this one's flushes are out: the next must
+    read the accounts as this one leaves them, and the store end as a serial run's."""
+    s = ledger_settings
+    p = partition_for("acct-pipe", s.partitions)
+    now = int(time.time() * 1000)
+    commands = [OpenAccount(command_id="open", account_id="acct-pipe", actor="test",
+                            issued_at=now, currency="USD")]
+    commands += [Deposit(command_id=f"d{i}", account_id="acct-pipe", actor="test",
+                         issued_at=now + i, amount_minor=i, currency="USD")
+                 for i in range(1, 7)]
+    producer = Producer(s.producer_config())
+    for c in commands:
+        producer.produce(s.commands_topic, encode_batch([c]), b"acct-pipe", partition=p)
+    assert producer.flush(30) == 0
+    records = [Record(m.key(), m.value(), m.offset() or 0, m.timestamp()[1])
+               for m in read_all(s, s.commands_topic) if m.partition() == p]
+    steps = [records[:1], records[1:4], records[4:]]
+
+    async def pipelined(engine: Engine) -> list[int]:
+        # step k+1 is decided before step k is committed, as the worker does
+        decided = [await engine.decide({p: PartitionInput(commands=steps[0])})]
+        reports = []
+        for nxt in steps[1:]:
+            decided.append(await engine.decide({p: PartitionInput(commands=nxt)}))
+            reports.append(await engine.commit(decided[-2]))
+        reports.append(await engine.commit(decided[-1]))
+        return [r.stats.events for r in reports]
+
+    async def serial(engine: Engine) -> list[int]:
+        return [(await engine.process({p: PartitionInput(commands=st)})).stats.events
+                for st in steps]
+
+    stores = []
+    for name, how in (("serial", serial), ("pipelined", pipelined)):
+        db = Rdict(str(tmp_path / name), Options(raw_mode=True))
+        try:
+            engine = Engine(s, lambda _, db=db: db)
+            assert run(how(engine)) == [1, 3, 3], name  # no deposit refused: the account is open
+            engine.close()
+            stores.append({k: v for k, v in db.items() if not k.startswith(b"__faust")})
+        finally:
+            db.close()
+    assert stores[0] == stores[1]
+    events = [CODEC.decode(m.value())[1] for m in read_all(s, s.events_topic)]
+    assert [e["version"] for e in events] == list(range(1, 8)) * 2
+    assert events[-1]["balance_after_minor"] == sum(range(1, 7))
