@@ -175,6 +175,10 @@ def create_app(s: Settings) -> faust.App:
         broker_heartbeat_interval=min(1.0, s.session_timeout_s / 3),
         table_standby_replicas=0,
         web_enabled=True,
+        # Faust's own pages would list every worker's URL (/router/) and serve the
+        # hot path's raw store (/table/): the worker serves its own API only
+        web_router_enabled=False,
+        web_tables_enabled=False,
         web_bind=s.web_host,
         web_port=s.web_port,
         web_in_thread=False,

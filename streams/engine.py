@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -53,6 +55,40 @@ from streams.settings import Settings
 from streams.state import CHECKPOINT_KEY, FAUST_OFFSET_KEY, PartitionView
 
 log = logging.getLogger("ledger.engine")
+
+
+# The steps of the commit path a crash test can stop the worker at (LEDGER_CRASH_AT):
+# after the intent is acked; with half of the outputs acked; after all outputs; with
+# half of the state's changelog records acked; after the state's changelog, before
+# RocksDB; after RocksDB, before the inputs are acked; and while deciding a step with
+# the step before it being committed.
+CRASH_POINTS = ("intent", "outputs-half", "outputs", "state-half", "state", "stored",
+                "deciding-next")
+
+
+class CrashPoint:
+    """Kills the worker (SIGKILL: no cleanup, no flush) at a named point, once armed."""
+
+    def __init__(self, spec: str | None) -> None:
+        self.point, self.left = "", 0
+        if spec:
+            point, n = spec.split(":")
+            if point not in CRASH_POINTS:
+                raise ValueError(f"LEDGER_CRASH_AT: {point!r} is not one of {CRASH_POINTS}")
+            self.point, self.left = point, int(n)
+
+    def armed(self, point: str) -> bool:
+        return point == self.point
+
+    def reached(self, point: str) -> None:
+        if point != self.point:
+            return
+        self.left -= 1
+        if self.left == 0:
+            log.critical("crash test: killing the worker at %s", point)
+            for h in logging.getLogger().handlers:
+                h.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class DeliveryFailed(RuntimeError):
@@ -128,6 +164,7 @@ class Engine:
         # one per step decided and not yet committed, done when its commit is
         self._uncommitted: list[asyncio.Future[None]] = []
         self._deciding = asyncio.Lock()
+        self.crash = CrashPoint(settings.crash_at)
         self._topics = {EVENTS: settings.events_topic, REJECTIONS: settings.rejections_topic,
                         TRANSFERS: settings.transfers_topic, DLQ: settings.dlq_topic}
 
@@ -207,6 +244,8 @@ class Engine:
             if w is not None:
                 w.changes = w.processor.finish()
                 work.append(w)
+                if self._uncommitted:
+                    self.crash.reached("deciding-next")
         for w in work:  # the next step reads these partitions through this one's changes
             self._staged[w.partition] = w
             _merge(report.stats, w.processor.stats)
@@ -281,23 +320,31 @@ class Engine:
             pending = replace(w.view.checkpoint, pending=w.tag)
             self._produce(changelog, CHECKPOINT_KEY, pending.encode(), w.partition)
         flush_ms = await self._flush("checkpoint intent")
-        for w in work:
-            for out in w.processor.outputs:
-                partition = w.partition
-                if out.kind in (TRANSFERS, REJECTIONS) and out.key:
-                    partition = partition_for(out.key.decode(), self.s.partitions)
-                self._produce(self._topics[out.kind], out.key, out.value, partition, out.headers)
+        self.crash.reached("intent")
+        outputs = [(w.partition, out) for w in work for out in w.processor.outputs]
+        for i, (partition, out) in enumerate(outputs):
+            if i == len(outputs) // 2 and self.crash.armed("outputs-half"):
+                await self._flush("outputs")
+                self.crash.reached("outputs-half")
+            if out.kind in (TRANSFERS, REJECTIONS) and out.key:
+                partition = partition_for(out.key.decode(), self.s.partitions)
+            self._produce(self._topics[out.kind], out.key, out.value, partition, out.headers)
         flush_ms += await self._flush("outputs")
+        self.crash.reached("outputs")
         self._changelog_offsets.clear()
         staged = []
         for w in work:
             records = w.view.changes_to_records(w.changes, w.tag)
             done = w.view.checkpoint.advanced(*w.tag)
-            for key, value in records.items():
+            for i, (key, value) in enumerate(records.items()):
+                if i == len(records) // 2 and self.crash.armed("state-half"):
+                    await self._flush("state")
+                    self.crash.reached("state-half")
                 self._produce(changelog, key, value, w.partition)
             self._produce(changelog, CHECKPOINT_KEY, done.encode(), w.partition)
             staged.append((w, records, done))
         flush_ms += await self._flush("state")
+        self.crash.reached("state")
         for w, records, done in staged:
             wb = WriteBatch(raw_mode=True)
             for key, value in records.items():
@@ -308,6 +355,7 @@ class Engine:
             wb.put(CHECKPOINT_KEY, done.encode())
             wb.put(FAUST_OFFSET_KEY, str(self._changelog_offsets[w.partition]).encode())
             w.view.db.write(wb)
+        self.crash.reached("stored")
         return flush_ms
 
     async def _resolve_pending(self, p: int, view: PartitionView, report: BatchReport) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 CHECKPOINT_KEY = b"\x00checkpoint"
 FAUST_OFFSET_KEY = b"__faust\0offset__"
 _HEAD = struct.Struct(">qqi")
+_CK, _CK_PENDING = struct.Struct(">Bqq"), struct.Struct(">Bqqqq")
 
 
 @dataclass(frozen=True)
@@ -42,16 +43,24 @@ class Checkpoint:
     pending: tuple[int, int] | None = None
 
     def encode(self) -> bytes:
-        return json.dumps({"commands": self.commands, "transfers": self.transfers,
-                           "pending": self.pending}).encode()
+        """Packed: a format byte, then the offsets (and the pending pair, if any)."""
+        if self.pending is None:
+            return _CK.pack(1, self.commands, self.transfers)
+        return _CK_PENDING.pack(2, self.commands, self.transfers, *self.pending)
 
     @classmethod
     def decode(cls, raw: bytes | None) -> Checkpoint:
         if raw is None:
             return cls()
-        d = json.loads(raw)
-        pending = tuple(d["pending"]) if d.get("pending") is not None else None
-        return cls(d["commands"], d["transfers"], pending)
+        if raw[:1] == b"{":  # written as JSON before the packed form
+            d = json.loads(raw)
+            pending = tuple(d["pending"]) if d.get("pending") is not None else None
+            return cls(d["commands"], d["transfers"], pending)
+        if raw[0] == 1:
+            _, commands, transfers = _CK.unpack(raw)
+            return cls(commands, transfers)
+        _, commands, transfers, pc, pt = _CK_PENDING.unpack(raw)
+        return cls(commands, transfers, (pc, pt))
 
     def covers(self, tag_commands: int, tag_transfers: int) -> bool:
         return tag_commands <= self.commands and tag_transfers <= self.transfers

@@ -560,7 +560,9 @@ def register(app: faust.App, s: Settings) -> None:
             if s.api_token is not None:
                 given = request.headers.get("Authorization", "")
                 expected = f"Bearer {s.api_token.get_secret_value()}"
-                if not hmac.compare_digest(given.encode(), expected.encode()):
+                # a header's bytes that are not UTF-8 arrive as surrogates: compare bytes
+                if not hmac.compare_digest(given.encode(errors="surrogateescape"),
+                                           expected.encode()):
                     raise ApiError(401, "unauthorized",
                                    "submitting needs an Authorization: Bearer token")
             media = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
@@ -574,6 +576,8 @@ def register(app: faust.App, s: Settings) -> None:
                 body = json.loads(await request.read())
             except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
                 raise ApiError(400, "malformed_json", f"the body is not JSON: {exc}") from None
+            except RecursionError:  # arrays or objects nested thousands deep
+                raise ApiError(400, "malformed_json", "the body is nested too deep") from None
             command = parse_command(body)
             client = await api.client()
             try:

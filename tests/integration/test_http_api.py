@@ -262,12 +262,16 @@ def test_post_commands(ledger_settings, start_worker):
                                                   amount_minor=1, currency="USD"),
                        headers={"Content-Type": "text/plain"})  # what a cross-site form sends
     assert (status, doc["error"]) == (415, "unsupported_media_type")
-    status, doc = call(url, "/commands", raw=b"{not json")
-    assert (status, doc["error"]) == (400, "malformed_json")
+    for raw in (b"{not json", b"[" * 200_000, b'{"a":' * 100_000):
+        status, doc = call(url, "/commands", raw=raw)
+        assert (status, doc["error"]) == (400, "malformed_json"), raw[:10]
     status, doc = call(url, "/commands?wait=maybe", command("CloseAccount", "c", "bob", T0))
     assert (status, doc["error"]) == (422, "invalid_parameter")
     status, _ = call(url, "/commands", method="GET")
     assert status == 405
+    for path in ("/router/", "/table/accounts/bob/"):  # Faust's own pages are off
+        status, doc = call(url, path)
+        assert (status, doc["error"]) == (404, "not_found"), path
 
     final = call(url, "/accounts/bob")[1]
     assert (final["version"], final["balance_minor"]) == (3, 1200)
@@ -278,7 +282,8 @@ def test_submitting_needs_the_token_when_one_is_set(ledger_settings, start_worke
     open_bob = command("OpenAccount", "o1", "bob", T0, currency="USD")
 
     for headers in ({}, {"Authorization": "Bearer wrong"},
-                    {"Authorization": "t0ken-for-this-test"}):
+                    {"Authorization": "t0ken-for-this-test"},
+                    {"Authorization": "Bearer \xff"}):  # not UTF-8 on the wire
         status, doc = call(w.url, "/commands?wait=true", open_bob, headers=headers)
         assert (status, doc["error"]) == (401, "unauthorized"), headers
         assert "t0ken" not in json.dumps(doc)

@@ -105,3 +105,19 @@ def test_partition_view_wraps_changes_with_the_committed_prev():
     for key, prev in ((b"k", b"v1"), (b"torn", b"v1"), (b"fresh", None)):
         assert unwrap(records[key], Checkpoint(7, 7)) == b"v2"
         assert unwrap(records[key], Checkpoint(5, 5)) == prev
+
+
+@pytest.mark.parametrize("ck", [Checkpoint(), Checkpoint(5, -1),
+                                Checkpoint(2**40, 7, (2**40 + 3, 9)), Checkpoint(-1, -1, (4, -1))])
+def test_a_checkpoint_is_packed_and_reads_back(ck):
+    raw = ck.encode()
+    assert raw[:1] in (b"\x01", b"\x02") and len(raw) <= 33
+    assert Checkpoint.decode(raw) == ck
+
+
+def test_a_checkpoint_written_as_json_still_reads():
+    """Stores and changelogs written before the packed form hold JSON checkpoints."""
+    assert Checkpoint.decode(b'{"commands": 9, "transfers": 3, "pending": null}') == \
+        Checkpoint(9, 3)
+    assert Checkpoint.decode(b'{"commands": 9, "transfers": 3, "pending": [12, 4]}') == \
+        Checkpoint(9, 3, (12, 4))
