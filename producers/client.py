@@ -44,6 +44,7 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
+from confluent_kafka.admin import AdminClient
 
 from schemas.codec import CODEC, DecodeError
 from schemas.models import CommandBase, LedgerEvent, Rejection, Transfer, encode_batch
@@ -51,6 +52,7 @@ from streams.acl import check_login
 from streams.domain import Refused, check_command
 from streams.processor import partition_for
 from streams.settings import Settings
+from streams.topics import end_offsets
 
 log = logging.getLogger("ledger.client")
 
@@ -108,15 +110,18 @@ class Outcome:
         return None if self.rejection is None else self.rejection.reason
 
 
-def _high_watermark(consumer: Consumer, tp: TopicPartition, deadline: float) -> int:
-    """The partition's end offset; retries while a new topic's leader is being elected."""
+def _end_offsets(admin: AdminClient, tps: list[tuple[str, int]],
+                 deadline: float) -> dict[tuple[str, int], int]:
+    """The partitions' end offsets, asked on the admin client's own connection (the
+    consumer's would wait behind its fetch in flight, up to fetch.wait.max.ms, for
+    each); retries while a new topic's leader is being elected."""
     while True:
         try:
-            return int(consumer.get_watermark_offsets(tp, timeout=10)[1])
+            return end_offsets(admin, tps)
         except KafkaException as exc:
             # NOT_LEADER and friends are not flagged retriable, yet pass in a moment.
             if time.monotonic() > deadline:
-                raise DeliveryError(f"cannot read the end of {tp.topic}[{tp.partition}]: "
+                raise DeliveryError(f"cannot read the end of {tps}: "
                                     f"{exc.args[0].str()}") from exc
             time.sleep(0.1)
 
@@ -157,15 +162,20 @@ class LedgerClient:
         self._threads = [threading.Thread(target=self._send_loop, name="ledger-send",
                                           daemon=True)]
         self._consumer: Consumer | None = None
+        self._admin: AdminClient | None = None  # asks the outcome partitions' ends
         self._reading: set[tuple[str, int]] = set()  # outcome partitions assigned so far
         self._assigning: queue.Queue[_Assign] = queue.Queue()
         if wait_outcomes:
             self._consumer = Consumer({
                 **settings.kafka_config(), "group.id": "ledger-client-unused",
                 "enable.auto.commit": False, "fetch.min.bytes": 1,
-                # A fetch returns as soon as an outcome lands, so a long wait costs no
-                # latency; a short one keeps the broker answering empty fetches.
-                "fetch.wait.max.ms": 500})
+                # A fetch returns as soon as an outcome lands, but a partition assigned
+                # meanwhile joins the next fetch only: at 500 ms the first command to
+                # each new partition waited that long (the client reads only the
+                # partitions of accounts it submitted to); 100 ms, an empty fetch every
+                # 100 ms when idle, as the worker's consumer does.
+                "fetch.wait.max.ms": 100})
+            self._admin = AdminClient(settings.kafka_config())
             self._threads.append(threading.Thread(target=self._outcome_loop,
                                                   name="ledger-outcomes", daemon=True))
         for t in self._threads:
@@ -261,8 +271,9 @@ class LedgerClient:
         try:
             deadline = time.monotonic() + 30
             tps = []
-            for topic, p in sorted(request.partitions):
-                high = _high_watermark(self._consumer, TopicPartition(topic, p), deadline)
+            assert self._admin is not None
+            ends = _end_offsets(self._admin, sorted(request.partitions), deadline)
+            for (topic, p), high in sorted(ends.items()):
                 tps.append(TopicPartition(topic, p, high if high >= 0 else OFFSET_END))
             self._consumer.incremental_assign(tps)
         except (DeliveryError, KafkaException) as exc:
@@ -323,7 +334,7 @@ class LedgerClient:
                 self._assign(self._assigning.get())
             # consume(n, timeout) waits for n records or the whole timeout: take the
             # first record as soon as it lands, then whatever else is already here.
-            first = self._consumer.poll(0.1)
+            first = self._consumer.poll(0.02)  # a command waits for its assignment
             if first is None:
                 continue
             for m in [first, *self._consumer.consume(1000, timeout=0)]:
@@ -396,6 +407,7 @@ class LedgerClient:
             t.join(5)
         if self._consumer is not None:
             self._consumer.close()
+        self._admin = None  # destroys it
         self._fail([*self._waiting, *self._settling],
                    RuntimeError("client closed before the outcome"))
 

@@ -52,7 +52,7 @@ from streams.processor import (
     partition_for,
 )
 from streams.settings import Settings
-from streams.state import CHECKPOINT_KEY, FAUST_OFFSET_KEY, PartitionView
+from streams.state import CHECKPOINT_KEY, FAUST_OFFSET_KEY, Checkpoint, PartitionView
 
 log = logging.getLogger("ledger.engine")
 
@@ -125,6 +125,7 @@ class Step:
     work: list[_Work]
     report: BatchReport
     committed: asyncio.Future[None]
+    intent_sent: bool = False  # its intent went out with the state of the step before
 
 
 @dataclass
@@ -161,8 +162,8 @@ class Engine:
         self._changelog_offsets: dict[int, int] = {}
         # per partition: the work of a decided step not yet written to RocksDB
         self._staged: dict[int, _Work] = {}
-        # one per step decided and not yet committed, done when its commit is
-        self._uncommitted: list[asyncio.Future[None]] = []
+        # the steps decided and not yet committed, in order
+        self._uncommitted: list[Step] = []
         self._deciding = asyncio.Lock()
         self.crash = CrashPoint(settings.crash_at)
         self._topics = {EVENTS: settings.events_topic, REJECTIONS: settings.rejections_topic,
@@ -253,16 +254,16 @@ class Engine:
         report.partitions = len(work)
         self.phase = "idle"
         step = Step(work, report, asyncio.get_running_loop().create_future())
-        self._uncommitted.append(step.committed)
+        self._uncommitted.append(step)
         return step
 
     async def commit(self, step: Step) -> BatchReport:
         """Make a decided step durable (the order in the module's docstring). Steps are
         committed in the order they were decided."""
-        assert self._uncommitted and self._uncommitted[0] is step.committed, "out of order"
+        assert self._uncommitted and self._uncommitted[0] is step, "out of order"
         try:
             if step.work:
-                step.report.flush_ms = await self._commit(step.work)
+                step.report.flush_ms = await self._commit(step.work, step)
         finally:
             for w in step.work:
                 if self._staged.get(w.partition) is w:
@@ -274,8 +275,8 @@ class Engine:
 
     async def settled(self) -> None:
         """Wait until every step decided so far is committed."""
-        for committed in list(self._uncommitted):
-            await asyncio.shield(committed)
+        for step in list(self._uncommitted):
+            await asyncio.shield(step.committed)
 
     async def _contiguous(self, topic: str, p: int, after: int, records: list[Record],
                           report: BatchReport) -> list[Record]:
@@ -314,13 +315,14 @@ class Engine:
         tag = (cmds[-1].offset if cmds else ck.commands, legs[-1].offset if legs else ck.transfers)
         return _Work(p, view, bp, tag)
 
-    async def _commit(self, work: list[_Work]) -> float:
+    async def _commit(self, work: list[_Work], step: Step | None = None) -> float:
         changelog = self.s.changelog_topic
-        for w in work:
-            pending = replace(w.view.checkpoint, pending=w.tag)
-            self._produce(changelog, CHECKPOINT_KEY, pending.encode(), w.partition)
-        flush_ms = await self._flush("checkpoint intent")
-        self.crash.reached("intent")
+        flush_ms = 0.0
+        if step is None or not step.intent_sent:
+            for w in work:
+                self._produce(changelog, CHECKPOINT_KEY, _intent(w).encode(), w.partition)
+            flush_ms = await self._flush("checkpoint intent")
+            self.crash.reached("intent")
         outputs = [(w.partition, out) for w in work for out in w.processor.outputs]
         for i, (partition, out) in enumerate(outputs):
             if i == len(outputs) // 2 and self.crash.armed("outputs-half"):
@@ -343,7 +345,21 @@ class Engine:
                 self._produce(changelog, key, value, w.partition)
             self._produce(changelog, CHECKPOINT_KEY, done.encode(), w.partition)
             staged.append((w, records, done))
+        # The next step, if it is decided already, sends its intent with this state: it
+        # saves that step a flush. Where both steps have a partition, RocksDB gets the
+        # intent as its checkpoint, as the changelog has it last (Faust's persisted
+        # offset then lies past it, and a restart must still find it pending).
+        following = self._uncommitted[1] if step is not None and \
+            len(self._uncommitted) > 1 else None
+        intents: dict[int, Checkpoint] = {}
+        if following is not None:
+            for w in following.work:
+                intents[w.partition] = _intent(w)
+                self._produce(changelog, CHECKPOINT_KEY, intents[w.partition].encode(),
+                              w.partition)
         flush_ms += await self._flush("state")
+        if following is not None:
+            following.intent_sent = True
         self.crash.reached("state")
         for w, records, done in staged:
             wb = WriteBatch(raw_mode=True)
@@ -352,7 +368,7 @@ class Engine:
                     wb.delete(key)
                 else:
                     wb.put(key, value)
-            wb.put(CHECKPOINT_KEY, done.encode())
+            wb.put(CHECKPOINT_KEY, intents.get(w.partition, done).encode())
             wb.put(FAUST_OFFSET_KEY, str(self._changelog_offsets[w.partition]).encode())
             w.view.db.write(wb)
         self.crash.reached("stored")
@@ -414,6 +430,11 @@ class Engine:
 
     def close(self) -> None:
         self.producer.flush(self.s.flush_timeout_s)
+
+
+def _intent(w: _Work) -> Checkpoint:
+    """The checkpoint that says a step's outputs for ``w`` may be partly out."""
+    return replace(w.view.checkpoint, pending=w.tag)
 
 
 def _merge(into: Stats, s: Stats) -> None:

@@ -89,17 +89,22 @@ def test_a_step_decided_while_the_one_before_commits_sees_its_changes(ledger_set
                for m in read_all(s, s.commands_topic) if m.partition() == p]
     steps = [records[:1], records[1:4], records[4:]]
 
-    async def pipelined(engine: Engine) -> list[int]:
+    async def pipelined(engine: Engine, db: Rdict) -> list[int]:
         # step k+1 is decided before step k is committed, as the worker does
         decided = [await engine.decide({p: PartitionInput(commands=steps[0])})]
         reports = []
         for nxt in steps[1:]:
             decided.append(await engine.decide({p: PartitionInput(commands=nxt)}))
             reports.append(await engine.commit(decided[-2]))
+            # the store says the next step is pending, as the changelog does last: a
+            # worker restarted on this store must decide those inputs again first
+            assert PartitionView(db).checkpoint.pending == decided[-1].work[0].tag
         reports.append(await engine.commit(decided[-1]))
+        # each later step's intent went out with the state of the one before
+        assert [d.intent_sent for d in decided] == [False, True, True]
         return [r.stats.events for r in reports]
 
-    async def serial(engine: Engine) -> list[int]:
+    async def serial(engine: Engine, _db: Rdict) -> list[int]:
         return [(await engine.process({p: PartitionInput(commands=st)})).stats.events
                 for st in steps]
 
@@ -108,7 +113,8 @@ def test_a_step_decided_while_the_one_before_commits_sees_its_changes(ledger_set
         db = Rdict(str(tmp_path / name), Options(raw_mode=True))
         try:
             engine = Engine(s, lambda _, db=db: db)
-            assert run(how(engine)) == [1, 3, 3], name  # no deposit refused: the account is open
+            # no deposit refused: the account is open
+            assert run(how(engine, db)) == [1, 3, 3], name
             engine.close()
             stores.append({k: v for k, v in db.items() if not k.startswith(b"__faust")})
         finally:
