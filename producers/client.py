@@ -129,15 +129,6 @@ def _end_offsets(admin: AdminClient, tps: list[tuple[str, int]],
 Key = tuple[str, str]  # (account_id, command_id)
 
 
-@dataclass
-class _Assign:
-    """Outcome partitions for the outcome thread to start reading."""
-
-    partitions: set[tuple[str, int]]
-    done: threading.Event = field(default_factory=threading.Event)
-    error: DeliveryError | None = None
-
-
 class LedgerClient:
     def __init__(self, settings: Settings, *, linger_ms: float = 2.0,
                  max_batch_commands: int = 1000, max_batch_bytes: int = 512 * 1024,
@@ -164,7 +155,7 @@ class LedgerClient:
         self._consumer: Consumer | None = None
         self._admin: AdminClient | None = None  # asks the outcome partitions' ends
         self._reading: set[tuple[str, int]] = set()  # outcome partitions assigned so far
-        self._assigning: queue.Queue[_Assign] = queue.Queue()
+        self._assigning: queue.Queue[list[TopicPartition]] = queue.Queue()
         if wait_outcomes:
             self._consumer = Consumer({
                 **settings.kafka_config(), "group.id": "ledger-client-unused",
@@ -255,31 +246,25 @@ class LedgerClient:
         new = wanted - self._reading
         if not new:
             return
-        # The consumer is the outcome thread's: a call from another thread waits for
-        # its poll, and can wait for ever behind the next one.
-        request = _Assign(new)
-        self._assigning.put(request)
-        if not request.done.wait(40):
-            raise DeliveryError("outcome partitions not assigned within 40s")
-        if request.error is not None:
-            raise request.error
+        # Their ends now, before the commands are sent: reading from there misses none.
+        # The consumer is the outcome thread's (a call from another thread waits for its
+        # poll, and can wait for ever behind the next one): it assigns them there, while
+        # the commands go out.
+        assert self._admin is not None
+        ends = _end_offsets(self._admin, sorted(new), time.monotonic() + 30)
+        self._assigning.put([TopicPartition(t, p, high if high >= 0 else OFFSET_END)
+                             for (t, p), high in sorted(ends.items())])
         self._reading |= new
 
-    def _assign(self, request: _Assign) -> None:
-        """On the outcome thread: read these partitions from their current ends."""
+    def _assign(self, tps: list[TopicPartition]) -> None:
+        """On the outcome thread: start reading these partitions at these offsets."""
         assert self._consumer is not None
         try:
-            deadline = time.monotonic() + 30
-            tps = []
-            assert self._admin is not None
-            ends = _end_offsets(self._admin, sorted(request.partitions), deadline)
-            for (topic, p), high in sorted(ends.items()):
-                tps.append(TopicPartition(topic, p, high if high >= 0 else OFFSET_END))
             self._consumer.incremental_assign(tps)
-        except (DeliveryError, KafkaException) as exc:
-            request.error = DeliveryError(f"cannot read outcomes: {exc}")
-        finally:
-            request.done.set()
+        except KafkaException as exc:  # a consumer that cannot read leaves no outcome
+            log.error("cannot read outcomes: %s", exc)
+            self._fail([*self._waiting, *self._settling],
+                       DeliveryError(f"cannot read outcomes: {exc}"))
 
     def _chunks(self, commands: list[CommandBase]) -> list[list[CommandBase]]:
         out: list[list[CommandBase]] = [[]]
