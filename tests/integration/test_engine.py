@@ -28,23 +28,30 @@ def run(coro):
         return pool.submit(asyncio.run, coro).result()
 
 
+def open_and_deposit(s, account: str, deposits: int):
+    """An open and ``deposits`` deposits (1, 2, ...) on the log, one record each:
+    (partition, commands, records)."""
+    p = partition_for(account, s.partitions)
+    now = int(time.time() * 1000)
+    commands = [OpenAccount(command_id="open", account_id=account, actor="test",
+                            issued_at=now, currency="USD")]
+    commands += [Deposit(command_id=f"d{i}", account_id=account, actor="test",
+                         issued_at=now + i, amount_minor=i, currency="USD")
+                 for i in range(1, deposits + 1)]
+    producer = Producer(s.producer_config())
+    for c in commands:
+        producer.produce(s.commands_topic, encode_batch([c]), account.encode(), partition=p)
+    assert producer.flush(30) == 0
+    records = [Record(m.key(), m.value(), m.offset() or 0, m.timestamp()[1])
+               for m in read_all(s, s.commands_topic) if m.partition() == p]
+    return p, commands, records
+
+
 def test_a_hole_in_the_given_records_is_read_from_the_log(ledger_settings, tmp_path):
     """Faust can skip offsets after a rebalance; the checkpoint must not pass them undecided."""
     s = ledger_settings
     ensure_topics(s)
-    p = partition_for("acct-gap", s.partitions)
-    now = int(time.time() * 1000)
-    commands = [OpenAccount(command_id="open", account_id="acct-gap", actor="test",
-                            issued_at=now, currency="USD")]
-    commands += [Deposit(command_id=f"d{i}", account_id="acct-gap", actor="test",
-                         issued_at=now + i, amount_minor=i, currency="USD")
-                 for i in range(1, 21)]
-    producer = Producer(s.producer_config())
-    for c in commands:  # one record each
-        producer.produce(s.commands_topic, encode_batch([c]), b"acct-gap", partition=p)
-    assert producer.flush(30) == 0
-    records = [Record(m.key(), m.value(), m.offset() or 0, m.timestamp()[1])
-               for m in read_all(s, s.commands_topic) if m.partition() == p]
+    p, commands, records = open_and_deposit(s, "acct-gap", 20)
     assert len(records) == 21
 
     db = Rdict(str(tmp_path / "p"), Options(raw_mode=True))
@@ -74,19 +81,7 @@ def test_a_step_decided_while_the_one_before_commits_sees_its_changes(ledger_set
     """The worker decides the next step while this one's flushes are out: the next must
     read the accounts as this one leaves them, and the store end as a serial run's."""
     s = ledger_settings
-    p = partition_for("acct-pipe", s.partitions)
-    now = int(time.time() * 1000)
-    commands = [OpenAccount(command_id="open", account_id="acct-pipe", actor="test",
-                            issued_at=now, currency="USD")]
-    commands += [Deposit(command_id=f"d{i}", account_id="acct-pipe", actor="test",
-                         issued_at=now + i, amount_minor=i, currency="USD")
-                 for i in range(1, 7)]
-    producer = Producer(s.producer_config())
-    for c in commands:
-        producer.produce(s.commands_topic, encode_batch([c]), b"acct-pipe", partition=p)
-    assert producer.flush(30) == 0
-    records = [Record(m.key(), m.value(), m.offset() or 0, m.timestamp()[1])
-               for m in read_all(s, s.commands_topic) if m.partition() == p]
+    p, _, records = open_and_deposit(s, "acct-pipe", 6)
     steps = [records[:1], records[1:4], records[4:]]
 
     async def pipelined(engine: Engine, db: Rdict) -> list[int]:
