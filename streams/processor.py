@@ -415,10 +415,15 @@ class BatchProcessor:
                              "wrong_partition")
             return
         okey = leg_outcome_key(leg.account_id, leg.leg_id, leg.from_account_id)
-        digest = hashlib.sha256(value or b"").digest()[:16]
+        # What the leg says, not its bytes: the signature covers the decoded content, so
+        # the same leg in other bytes (a non-minimal varint) verifies too, and must not
+        # pass for another leg.
+        digest = leg.signature[:16]
         prior = self._prior(okey)
         if prior is None and leg.kind == "REFUND":  # stored when a refund's key had two parts
             prior = self._prior(outcome_key(leg.account_id, leg.leg_id))
+        if prior is not None and prior.digest == hashlib.sha256(value or b"").digest()[:16]:
+            digest = prior.digest  # stored when a leg's digest was of its bytes
         if prior is not None and self._replayed(okey, prior, digest):
             return
         state = self._state(leg.account_id)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
 from schemas.codec import CODEC, MAGIC
@@ -568,6 +570,38 @@ def test_credits_of_two_sources_with_one_transfer_id_are_told_apart(part):
 
     assert again.stats.replays == 2
     assert state_in(part, B).balance_minor == 45
+
+
+def test_a_replayed_leg_re_encoded_has_no_second_effect(part):
+    """The same leg in other bytes (a non-minimal varint: the decoder reads it, and the
+    signature covers the decoded content) is still the same leg: credited once."""
+    part.batch([encode_batch([open_account(B)])])
+    leg = part.signer.sign(credit_leg(40, transfer_id="t-9"))
+    value = encode(leg)
+    at = value.index(b"\x06t-9")  # the transfer id's length, zigzag 3 -> one byte
+    padded = value[:at] + b"\x86\x00" + value[at + 1:]  # the same length in two bytes
+    assert padded != value and CODEC.decode(padded)[1] == CODEC.decode(value)[1]
+    part.batch(legs=[value])
+
+    again = part.batch(legs=[padded])
+
+    assert again.stats.replays == 1 and events_of(again)[0].balance_after_minor == 40
+    assert state_in(part, B).balance_minor == 40
+
+
+def test_a_leg_stored_with_the_digest_of_its_bytes_is_still_a_replay(part):
+    """Outcomes stored before a leg's digest was its content's hold its bytes' digest."""
+    part.batch([encode_batch([open_account(B)])])
+    value = encode(part.signer.sign(credit_leg(40)))
+    part.batch(legs=[value])
+    okey = leg_outcome_key(B, "t-1:credit", A)
+    stored = CommandOutcome.from_avro(CODEC.decode(part.store[okey])[1])
+    part.store[okey] = encode(stored.replace(digest=hashlib.sha256(value).digest()[:16]))
+
+    again = part.batch(legs=[value])
+
+    assert again.stats.replays == 1
+    assert state_in(part, B).balance_minor == 40
 
 
 def test_a_replayed_leg_in_the_same_batch_has_no_second_effect(part):
