@@ -43,6 +43,7 @@ HOLD_NOT_EXPIRED: Final = "hold_not_expired"
 CAPTURE_EXCEEDS_HOLD: Final = "capture_exceeds_hold"
 BALANCE_NOT_ZERO: Final = "balance_not_zero"
 HOLDS_OPEN: Final = "holds_open"
+ISSUED_IN_FUTURE: Final = "issued_in_future"
 
 OK: Final = ("", "")  # no rule broken
 
@@ -166,6 +167,16 @@ def close_rules(balance: int, holds: int) -> tuple[str, str]:
         return BALANCE_NOT_ZERO, "".join(["balance is ", str(balance), ", not 0"])
     if holds:
         return HOLDS_OPEN, str(holds) + " hold(s) still open"
+    return OK
+
+
+def future_rule(issued_at: int, now: int, max_skew_ms: int) -> tuple[str, str]:
+    """A command may not say it was issued later than the ledger's clock (the broker's
+    append times) plus ``max_skew_ms``: its time would become its events' times."""
+    ahead = issued_at - now
+    if ahead > max_skew_ms:
+        return ISSUED_IN_FUTURE, "".join(["issued_at is ", str(ahead), " ms ahead of the "
+                                          "ledger's clock; at most ", str(max_skew_ms)])
     return OK
 
 
@@ -537,8 +548,9 @@ class Core:
                  accounts: dict[str, Account | None], dirty: set[str],
                  writes: dict[bytes, bytes | None], retained: list[tuple[int, bytes]],
                  outputs: list[Output], stats: Stats, window_ms: int,
-                 leg_secret: bytes) -> None:
+                 leg_secret: bytes, max_skew_ms: int) -> None:
         self.h = headers
+        self.max_skew_ms = max_skew_ms
         self.leg_secret = leg_secret
         self.partition = partition
         self.partition_of = partition_of
@@ -592,7 +604,9 @@ class Core:
         stats.types[name] = stats.types.get(name, 0) + 1
         stats.issued_at.append(c.issued_at)
         state = self.accounts[account_id] if account_id in self.accounts else self.load(account_id)
-        reason, detail = self._rules(c, state)
+        reason, detail = future_rule(c.issued_at, now, self.max_skew_ms)
+        if not reason:
+            reason, detail = self._rules(c, state)
         expires_at = now + self.window_ms
         key = account_id.encode()
         if reason:

@@ -56,6 +56,7 @@ class Reason(StrEnum):
     IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
     INVALID_COMMAND = "invalid_command"
     WRONG_PARTITION = "wrong_partition"
+    ISSUED_IN_FUTURE = "issued_in_future"
     INVALID_AMOUNT = "invalid_amount"
     UNSUPPORTED_CURRENCY = "unsupported_currency"
     INVALID_OVERDRAFT_LIMIT = "invalid_overdraft_limit"

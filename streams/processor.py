@@ -64,6 +64,7 @@ from streams.core import (
     Output,
     Stats,
     expiry_key,
+    future_rule,
     read_commands,
 )
 from streams.domain import Outcome, Reason, decide, decide_leg, reject
@@ -241,7 +242,8 @@ class BatchProcessor:
 
     def __init__(self, read: Callable[[bytes], bytes | None],
                  keys: Callable[[bytes], Iterable[bytes]], partition: int, partitions: int,
-                 signer: LegSigner, *, window_ms: int, max_record_bytes: int = 1_000_000) -> None:
+                 signer: LegSigner, *, window_ms: int, max_record_bytes: int = 1_000_000,
+                 max_skew_ms: int = 300_000) -> None:
         self._read = read
         self._keys = keys
         self.window_ms = window_ms
@@ -250,6 +252,7 @@ class BatchProcessor:
         self.partitions = partitions
         self.signer = signer
         self.max_record_bytes = max_record_bytes
+        self.max_skew_ms = max_skew_ms
         self.outputs: list[Output] = []
         self.stats = Stats()
         self._accounts: dict[str, Account | None] = {}
@@ -261,7 +264,8 @@ class BatchProcessor:
         if self._headers is not None:
             self._core = Core(self._headers, partition, self._partition_of, _decode_account,
                               read, self._accounts, self._dirty, self._writes, self._retained,
-                              self.outputs, self.stats, window_ms, signer.secret)
+                              self.outputs, self.stats, window_ms, signer.secret,
+                              max_skew_ms)
 
     # ------------------------------------------------------------ reads
 
@@ -393,6 +397,12 @@ class BatchProcessor:
                 self._emit_rejection(reject(c, Reason.IDEMPOTENCY_KEY_REUSED,
                                             f"command_id {c.command_id!r} was used for another "
                                             "command"))
+            return
+        assert self._now is not None
+        reason, detail = future_rule(c.issued_at, self._now, self.max_skew_ms)
+        if reason:
+            self._apply(c.account_id, okey, digest,
+                        Outcome(rejection=reject(c, Reason(reason), detail)))
             return
         self._apply(c.account_id, okey, digest, decide(self._state(c.account_id), c))
 

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     # How long a command_id is remembered after its decision (partition clock: broker
     # append time). A retry within it gets the first outcome; after it, the id is new.
     idempotency_window_s: int = Field(default=7 * 86_400, ge=1)
+    # A command whose issued_at is more than this ahead of the broker's append time is
+    # rejected (issued_in_future): its time would become its events' times.
+    max_skew_s: int = Field(default=300, ge=0)
     # A command record bigger than this is dead-lettered unread.
     max_record_bytes: int = Field(default=1_000_000, ge=1024)
     # How fast the group notices a dead worker (its partitions move after this).

@@ -50,7 +50,7 @@ from tests.unit.conftest import (
 
 # Produced by BatchProcessor, not by decide/decide_leg: covered in test_processor.py.
 PROCESSOR_REASONS = {Reason.IDEMPOTENCY_KEY_REUSED, Reason.INVALID_COMMAND,
-                     Reason.WRONG_PARTITION}
+                     Reason.WRONG_PARTITION, Reason.ISSUED_IN_FUTURE}
 
 
 def funded(book: Book, balance: int = 0, account_id: str = "A", overdraft: int = 0,

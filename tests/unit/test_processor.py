@@ -747,7 +747,30 @@ def test_stored_outcomes_decode(part):
 # ================================================================ every Reason
 
 
+@pytest.mark.parametrize("path", ["core", "general"])
+def test_a_command_issued_ahead_of_the_clock_is_refused(part, path, monkeypatch):
+    """issued_at becomes the events' time: more than max_skew_ms ahead of the broker's
+    append time is refused, on the compiled core and on the general path alike."""
+    if path == "general":
+        monkeypatch.setattr(processor, "_headers", lambda: None)
+    part.batch([encode_batch([open_account(A, issued_at=T0)])])
+    late = deposit(5, A, command_id="late", issued_at=T0 + 300_001)
+    edge = deposit(7, A, command_id="edge", issued_at=T0 + 300_000)
+
+    bp = part.batch([encode_batch([late, edge])])
+
+    (rejection,) = rejections_of(bp)
+    assert (rejection["command_id"], rejection["reason"]) == ("late", "issued_in_future")
+    assert rejection["detail"] == ("issued_at is 300001 ms ahead of the ledger's clock; "
+                                   "at most 300000")
+    assert [e.command_id for e in events_of(bp)] == ["edge"]
+    part.clock = T0 + 400_000  # later, the same command is a retry: the same answer
+    again = part.batch([encode_batch([late])])
+    assert rejections_of(again) == [rejection] and again.stats.replays == 1
+
+
 PROCESSOR_REASON_CASES = {
+    Reason.ISSUED_IN_FUTURE: test_a_command_issued_ahead_of_the_clock_is_refused,
     Reason.IDEMPOTENCY_KEY_REUSED: test_same_command_id_with_other_content_is_refused,
     Reason.WRONG_PARTITION: test_a_command_for_an_account_of_another_partition_is_refused,
     Reason.INVALID_COMMAND: test_schema_valid_but_model_invalid_command_is_refused,
