@@ -87,6 +87,7 @@ def cmd_topics(args: argparse.Namespace) -> int:
 # next to a busy thread, and 6.4 and 24 ms at 0.5 ms (3.8 and 12 ms with no thread).
 WORKER_SWITCH_INTERVAL_S = 0.0005
 WORKER_GC_THRESHOLD = 50_000
+EXIT_CONFIG = 78  # EX_CONFIG: settings unsafe outside development mode; a restart won't help
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -105,6 +106,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.web_port:
         overrides["web_port"] = args.web_port
     s = Settings(**overrides)
+    problems = [] if s.dev_mode else s.production_problems()
+    if problems:
+        logging.getLogger("ledger.worker").critical(
+            "worker refusing to start: %s (on a developer's machine, LEDGER_DEV_MODE=true "
+            "allows it)", "; ".join(problems))
+        return EXIT_CONFIG
     from streams.topics import ensure_topics, wait_for_broker
 
     try:

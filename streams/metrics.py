@@ -63,7 +63,7 @@ REPLAYS = Counter("ledger_idempotent_replays",
 BATCH = Histogram("ledger_batch_commands", "Commands per batch", registry=REGISTRY,
                   buckets=(1, 10, 100, 1_000, 10_000, 100_000))
 DECIDE = Histogram("ledger_decide_seconds", "Deciding one batch", registry=REGISTRY)
-FLUSH = Histogram("ledger_flush_seconds", "Making one batch durable (three flushes)",
+FLUSH = Histogram("ledger_flush_seconds", "Making one step durable (its flushes)",
                   registry=REGISTRY)
 LATENCY = BatchHistogram("ledger_command_latency_seconds",
                          "From a command's issued_at to its outcome being durable",

@@ -7,6 +7,7 @@ printed.
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +15,11 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_LEG_SECRET = "dev-only-leg-secret-change-me"
+# Leg secrets a worker refuses outside development mode: the built-in one and the
+# placeholder the compose files once used; and anything shorter than this.
+WEAK_LEG_SECRETS = frozenset({DEV_LEG_SECRET, "change-me-in-production"})
+MIN_LEG_SECRET_BYTES = 16
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
 class Settings(BaseSettings):
@@ -42,6 +48,9 @@ class Settings(BaseSettings):
     web_host: str = "127.0.0.1"
     web_port: int = 6066
     leg_secret: SecretStr = SecretStr(DEV_LEG_SECRET)
+    # A developer's machine: the worker starts with the built-in leg secret, and serves
+    # the API on any address without a token. Never in production.
+    dev_mode: bool = False
     # When set, ``POST /commands`` answers 401 unless the request carries
     # ``Authorization: Bearer <token>``; reads stay open.
     api_token: SecretStr | None = None
@@ -97,12 +106,30 @@ class Settings(BaseSettings):
         return f"{self.app_id}-accounts-changelog"
 
     def isolated(self, prefix: str, **updates: Any) -> Settings:
-        """A ledger of its own on the same broker: app id and every topic under ``prefix``."""
+        """A ledger of its own on the same broker: app id and every topic under
+        ``prefix``, and a random leg secret (all its workers share this object's)."""
         return self.model_copy(update={
             "app_id": prefix, "commands_topic": f"{prefix}.commands",
             "transfers_topic": f"{prefix}.transfers", "events_topic": f"{prefix}.events",
             "rejections_topic": f"{prefix}.rejections", "dlq_topic": f"{prefix}.dlq",
-            **updates})
+            "leg_secret": SecretStr(secrets.token_urlsafe(32)), **updates})
+
+    def production_problems(self) -> list[str]:
+        """What makes a worker with these settings unsafe outside a developer's machine."""
+        problems = []
+        secret = self.leg_secret.get_secret_value()
+        if secret in WEAK_LEG_SECRETS:
+            problems.append("LEDGER_LEG_SECRET is the built-in placeholder: anyone who has "
+                            "read the source can sign transfer legs")
+        elif len(secret.encode()) < MIN_LEG_SECRET_BYTES:
+            problems.append(f"LEDGER_LEG_SECRET is {'empty' if not secret else 'short'}: "
+                            f"use {MIN_LEG_SECRET_BYTES}+ random bytes (32 recommended), "
+                            "the same on every worker")
+        if self.web_host not in LOOPBACK_HOSTS and self.api_token is None:
+            problems.append(f"the HTTP API would take commands from anyone who can reach "
+                            f"{self.web_host}:{self.web_port}: set LEDGER_API_TOKEN (or "
+                            "LEDGER_WEB_HOST=127.0.0.1)")
+        return problems
 
     def kafka_config(self) -> dict[str, Any]:
         """Connection and security options shared by every confluent-kafka client."""

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import SecretStr
 
 from producers.client import LedgerClient
 from streams.kafka_local import BrokerError, LocalBroker, ensure_jars, free_port
@@ -108,7 +107,7 @@ def ledger_settings(kafka_bootstrap: str, unique_name: Callable[..., str],
                     tmp_path: Path) -> Settings:
     """A ledger of its own: unique topic names and app id, topics created."""
     s = Settings(bootstrap_servers=kafka_bootstrap).isolated(
-        unique_name(), data_dir=tmp_path / "data", leg_secret=SecretStr("test-leg-secret"))
+        unique_name(), data_dir=tmp_path / "data")  # with a random leg secret of its own
     ensure_topics(s)
     return s
 

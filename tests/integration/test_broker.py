@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
-from pydantic import SecretStr
 
 from streams.kafka_local import LocalBroker
 from streams.settings import Settings
@@ -117,8 +116,7 @@ def test_new_topics_answer_on_every_partition(kafka_bootstrap: str,
     """Once ensure_topics returns, every partition answers at once (no NOT_LEADER window)."""
     for round_ in range(3):
         s = Settings(bootstrap_servers=kafka_bootstrap).isolated(
-            unique_name(f"r{round_}"), data_dir=tmp_path / f"d{round_}",
-            leg_secret=SecretStr("x"))
+            unique_name(f"r{round_}"), data_dir=tmp_path / f"d{round_}")
         assert ensure_topics(s)
         consumer = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": "probe"})
         try:

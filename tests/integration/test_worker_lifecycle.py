@@ -13,7 +13,7 @@ from streams.settings import Settings
 def test_worker_waits_for_an_unreachable_broker_then_exits_clearly(tmp_path):
     dead = f"127.0.0.1:{free_port()}"  # nothing listens there
     s = Settings(bootstrap_servers=dead, data_dir=tmp_path / "data", web_port=free_port(),
-                 startup_timeout_s=10.0)
+                 startup_timeout_s=10.0).isolated("lifecycle")  # its own leg secret
     w = WorkerProcess(s, tmp_path / "worker.log")
     try:
         deadline = time.monotonic() + 30

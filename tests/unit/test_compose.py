@@ -28,7 +28,8 @@ def test_compose_has_broker_and_worker_wired_together():
     assert worker["command"] == ["ledger", "worker"]
     assert worker["depends_on"]["kafka"]["condition"] == "service_healthy"
     assert worker["restart"] == "unless-stopped"
-    assert "6066:6066" in worker["ports"]
+    assert "127.0.0.1:6066:6066" in worker["ports"]  # development mode: loopback only
+    assert worker["environment"]["LEDGER_DEV_MODE"] == "true"
     wenv = worker["environment"]
     # the worker reaches the broker on the listener advertised inside the network
     assert wenv["LEDGER_BOOTSTRAP_SERVERS"] == "kafka:19092"
