@@ -10,12 +10,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Annotated, Any, ClassVar, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from schemas.codec import CODEC
+from schemas.text import MAX_ID_LENGTH, plain
 
-# An identifier: no control characters (NUL separates the parts of store keys).
-Id = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
+
+def _plain(value: str) -> str:
+    if not plain(value):
+        raise ValueError("must not hold control, format or line separator characters")
+    return value
+
+
+# An identifier: no control or invisible characters (schemas/text.py; NUL separates
+# the parts of store keys).
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH), AfterValidator(_plain)]
 
 
 class Model(BaseModel):
@@ -51,7 +60,8 @@ class CommandBase(Model):
     actor: Id
     issued_at: int
     expected_version: int | None = None
-    correlation_id: str | None = Field(default=None, max_length=200)
+    correlation_id: Annotated[str, Field(max_length=MAX_ID_LENGTH),
+                              AfterValidator(_plain)] | None = None
 
     @property
     def type(self) -> str:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Final
 
 from schemas.money import CURRENCY_SCALE, MAX_AMOUNT_MINOR, MAX_BALANCE_MINOR
+from schemas.text import MAX_ID_LENGTH, REFUSED
 
 COMPILED: Final = not __file__.endswith(".py")
 
@@ -181,12 +182,15 @@ def future_rule(issued_at: int, now: int, max_skew_ms: int) -> tuple[str, str]:
 
 
 def valid_id(value: str) -> bool:
-    """What the models' ``Id`` takes: 1-200 characters, no control characters."""
-    if not 0 < len(value) <= 200:
-        return False
+    """What the models' ``Id`` takes: 1-200 characters, none of schemas.text's refused."""
+    return 0 < len(value) <= MAX_ID_LENGTH and plain_text(value)
+
+
+def plain_text(value: str) -> bool:
+    """``schemas.text.plain``, compiled: ASCII is checked without the set."""
     for ch in value:
         o = ord(ch)
-        if o < 0x20 or o == 0x7F:
+        if o < 0x20 or o == 0x7F or (o >= 0x80 and o in REFUSED):
             return False
     return True
 
@@ -585,7 +589,7 @@ class Core:
         if c.to_account_id is not None and not valid_id(c.to_account_id):
             return False
         corr = c.correlation_id
-        if corr is not None and len(corr) > 200:
+        if corr is not None and (len(corr) > MAX_ID_LENGTH or not plain_text(corr)):
             return False
         account_id = c.account_id
         p = self.partitions.get(account_id, -1)

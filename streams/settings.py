@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     web_host: str = "127.0.0.1"
     web_port: int = 6066
     leg_secret: SecretStr = SecretStr(DEV_LEG_SECRET)
+    # Host names the HTTP API answers to besides loopback, web_host and the name the
+    # worker advertises to the others (comma-separated); any other Host gets 421, so a
+    # web page elsewhere cannot reach a worker through DNS rebinding.
+    allowed_hosts: str = ""
     # A developer's machine: the worker starts with the built-in leg secret, and serves
     # the API on any address without a token. Never in production.
     dev_mode: bool = False

@@ -41,6 +41,7 @@ from producers.client import CommandRefused, DeliveryError, LedgerClient, QueueF
 from schemas.codec import CODEC
 from schemas.models import COMMAND_TYPES, AccountState, CommandBase, ExpireHold, LedgerEvent
 from schemas.money import format_amount
+from schemas.text import MAX_ID_LENGTH, plain
 from streams import metrics
 from streams.history import History
 from streams.processor import account_key, partition_for
@@ -77,7 +78,6 @@ PUBLIC_COMMANDS = {n: c for n, c in COMMAND_TYPES.items() if c is not ExpireHold
 # Rejections that say "the ledger's state differs from what you assumed": 409.
 CONFLICT_REASONS = frozenset({"version_conflict", "idempotency_key_reused",
                               "account_already_exists", "hold_already_exists"})
-_ID = re.compile(r"^[^\x00-\x1f\x7f]{1,200}$")
 _DIGITS = re.compile(r"^[0-9]{1,19}$")
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 
@@ -119,6 +119,29 @@ async def json_errors(request: aioweb.Request,
         return aioweb.json_response({"error": "internal_error",
                                      "detail": "the worker failed to answer; see its log"},
                                     status=500)
+
+
+def allowed_hosts(s: Settings) -> frozenset[str]:
+    """The Host names the API answers to: loopback, its own addresses, the configured."""
+    names = {"127.0.0.1", "localhost", "::1", s.web_host.lower(),
+             (URL(advertised_url(s)).host or "").lower()}
+    names |= {h.strip().lower() for h in s.allowed_hosts.split(",")}
+    return frozenset(names - {"", "0.0.0.0", "::"})
+
+
+def host_check(allowed: frozenset[str]) -> Any:
+    @aioweb.middleware
+    async def check(request: aioweb.Request,
+                    handler: Callable[[aioweb.Request], Awaitable[aioweb.StreamResponse]]
+                    ) -> aioweb.StreamResponse:
+        host = (request.url.host or "").lower().strip("[]")
+        if host not in allowed:
+            raise ApiError(421, "misdirected_request",
+                           f"this worker does not answer for host {host[:100]!r}; "
+                           "add it to LEDGER_ALLOWED_HOSTS if it is yours")
+        return await handler(request)
+
+    return check
 
 
 class JsonView(View):
@@ -448,7 +471,7 @@ def aioweb_request(request: Request) -> aioweb.Request:
 
 def _account_id(account_id: str) -> str:
     """The id if an account could have it; else no such account (404)."""
-    if not _ID.match(account_id):
+    if not 0 < len(account_id) <= MAX_ID_LENGTH or not plain(account_id):
         raise ApiError(404, "account_not_found", "no account has this id",
                        account_id=account_id[:200])
     return account_id
@@ -460,6 +483,7 @@ def register(app: faust.App, s: Settings) -> None:
     # The URL the assignor hands to the other workers: Faust's default is the host name.
     app.conf.canonical_url = URL(api.url)
     app.web.web_app.middlewares.append(json_errors)  # type: ignore[attr-defined]
+    app.web.web_app.middlewares.append(host_check(allowed_hosts(s)))  # type: ignore[attr-defined]
 
     async def end_streams(_: aioweb.Application) -> None:
         api.closing = True  # before aiohttp waits for open requests to finish

@@ -272,6 +272,15 @@ def test_post_commands(ledger_settings, start_worker):
     for path in ("/router/", "/table/accounts/bob/"):  # Faust's own pages are off
         status, doc = call(url, path)
         assert (status, doc["error"]) == (404, "not_found"), path
+    # another site's name pointed at this worker (DNS rebinding): not answered
+    port = url.rsplit(":", 1)[1]
+    for host in ("attacker.example", f"attacker.example:{port}", "10.9.8.7"):
+        for path, body in (("/accounts/bob", None),
+                           ("/commands", command("Deposit", "d-rebound", "bob", T0 + 9,
+                                                 amount_minor=1, currency="USD"))):
+            status, doc = call(url, path, body, headers={"Host": host})
+            assert (status, doc["error"]) == (421, "misdirected_request"), (host, path)
+    assert call(url, "/accounts/bob", headers={"Host": f"localhost:{port}"})[0] == 200
 
     final = call(url, "/accounts/bob")[1]
     assert (final["version"], final["balance_minor"]) == (3, 1200)

@@ -823,6 +823,42 @@ def test_ids_with_control_characters_are_invalid_commands():
     assert parse_expiry_key(expiry_key(T0, "x", "h")) == (T0, "x", "h")
 
 
+INVISIBLE = ["\u202e", "\u200b", "\u0085", "\u2028", "\ufeff", "\U000e0041", "\u00ad"]
+
+
+@pytest.mark.parametrize("path", ["core", "general"])
+@pytest.mark.parametrize("char", INVISIBLE)
+def test_ids_with_invisible_characters_are_invalid_commands(char, path, monkeypatch):
+    """An id (or a correlation id) that reads as another, or reorders the text around
+    it (right-to-left override, zero-width space, C1 controls, tags, ...) is refused."""
+    if path == "general":
+        monkeypatch.setattr(processor, "_headers", lambda: None)
+    part = Partition()
+    bad = CODEC.encode("ledger.CommandBatch", {"commands": [
+        ("ledger.OpenAccount", {**open_account(A).__dict__, "command_id": f"o{char}1"}),
+        ("ledger.OpenAccount", {**open_account(A).__dict__, "actor": f"{char}admin"}),
+        ("ledger.OpenAccount", {**open_account(A).__dict__, "correlation_id": f"t{char}"}),
+    ]})
+
+    bp = part.batch([bad])
+
+    assert [r["reason"] for r in rejections_of(bp)] == ["invalid_command"] * 3
+    assert state_in(part, A) is None
+
+
+def test_the_refused_characters_cover_this_pythons_unicode_database():
+    """schemas.text lists them (workers on other Python versions must agree): every
+    control, format, separator and surrogate code point this Python knows is there."""
+    import unicodedata
+
+    from schemas.text import REFUSED
+
+    kinds = {"Cc", "Cf", "Zl", "Zp", "Cs"}
+    assert [hex(c) for c in range(0x110000)
+            if unicodedata.category(chr(c)) in kinds and c not in REFUSED] == []
+    assert all(unicodedata.category(chr(c)) in kinds | {"Cn"} for c in REFUSED)
+
+
 def test_rejection_model_matches_what_the_processor_writes(part):
     bp = part.batch([encode_batch([withdraw(1, A)])])
 
