@@ -237,8 +237,18 @@ def fetch_account(base_url: str, account_id: str, timeout_s: float = 5.0) -> dic
                     timeout_s)
 
 
+def worker_url() -> str:
+    """Where the CLI finds a worker: ``LEDGER_URL``, else this machine's web port
+    (``LEDGER_WEB_PORT``, the one ``ledger worker`` serves on)."""
+    return os.environ.get("LEDGER_URL") or f"http://127.0.0.1:{Settings().web_port}"
+
+
 def cmd_balance(args: argparse.Namespace) -> int:
-    doc = fetch_account(args.url, args.account)
+    try:
+        doc = fetch_account(args.url, args.account)
+    except OSError as exc:
+        print(f"error: no answer from {args.url}: {exc}", file=sys.stderr)
+        return 2
     if "error" in doc:
         _print(args, doc, f"{args.account}: {doc['error']}")
         return 1
@@ -457,6 +467,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--correlation-id")
     s.add_argument("--timeout", type=float, default=30.0)
     ss = s.add_subparsers(dest="kind", required=True)
+    _add_kind = ss.add_parser
+
+    def add_kind(name: str, **kw: Any) -> argparse.ArgumentParser:
+        return _add_kind(name, parents=[common], **kw)  # so --json goes after the command too
+
+    ss.add_parser = add_kind  # type: ignore[method-assign]
     o = ss.add_parser("open")
     o.add_argument("account")
     o.add_argument("currency")
@@ -487,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
 
     b = sub.add_parser("balance", help="an account's balance, from a worker")
     b.add_argument("account")
-    b.add_argument("--url", default=os.environ.get("LEDGER_URL", "http://127.0.0.1:6066"))
+    b.add_argument("--url", default=worker_url(),
+                   help="any worker (default: LEDGER_URL, else LEDGER_WEB_PORT on 127.0.0.1)")
     b.set_defaults(fn=cmd_balance)
 
     hi = sub.add_parser("history", help="an account's events, oldest first, read through a "
@@ -495,8 +512,9 @@ def main(argv: list[str] | None = None) -> int:
     hi.add_argument("account")
     hi.add_argument("--from-version", type=int, default=1)
     hi.add_argument("--limit", type=int, help="at most this many events (default: all)")
-    hi.add_argument("--url", default=os.environ.get("LEDGER_URL", "http://127.0.0.1:6066"),
-                    help="any worker: it forwards to the account's owner")
+    hi.add_argument("--url", default=worker_url(),
+                    help="any worker: it forwards to the account's owner (default: LEDGER_URL, "
+                         "else LEDGER_WEB_PORT on 127.0.0.1)")
     hi.set_defaults(fn=cmd_history)
 
     st = sub.add_parser("status", help="workers, partition owners, lag and rates at a glance")

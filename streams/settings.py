@@ -58,6 +58,13 @@ class Settings(BaseSettings):
     # When set, ``POST /commands`` answers 401 unless the request carries
     # ``Authorization: Bearer <token>``; reads stay open.
     api_token: SecretStr | None = None
+    # Several callers, each with a token of its own: "PRINCIPAL=TOKEN,...". A command
+    # submitted over HTTP records its caller's principal as its actor ("api" for
+    # LEDGER_API_TOKEN).
+    api_tokens: SecretStr | None = None
+    # With a token set, reads need it too: accounts, history, event streams, /metrics
+    # (the page's files, /openapi.yaml and /health/* stay open).
+    token_for_reads: bool = False
     # When set, records are written in the Confluent wire format with schemas registered
     # here (RecordNameStrategy); both framings are always read.
     schema_registry_url: str | None = None
@@ -118,6 +125,15 @@ class Settings(BaseSettings):
             "rejections_topic": f"{prefix}.rejections", "dlq_topic": f"{prefix}.dlq",
             "leg_secret": SecretStr(secrets.token_urlsafe(32)), **updates})
 
+    def tokens(self) -> dict[str, str]:
+        """The HTTP API's tokens: principal -> token (none: the API is open)."""
+        out = {} if self.api_token is None else {"api": self.api_token.get_secret_value()}
+        for pair in (self.api_tokens.get_secret_value() if self.api_tokens else "").split(","):
+            principal, _, token = pair.strip().partition("=")
+            if principal and token:
+                out[principal.strip()] = token.strip()
+        return out
+
     def production_problems(self) -> list[str]:
         """What makes a worker with these settings unsafe outside a developer's machine."""
         problems = []
@@ -129,7 +145,7 @@ class Settings(BaseSettings):
             problems.append(f"LEDGER_LEG_SECRET is {'empty' if not secret else 'short'}: "
                             f"use {MIN_LEG_SECRET_BYTES}+ random bytes (32 recommended), "
                             "the same on every worker")
-        if self.web_host not in LOOPBACK_HOSTS and self.api_token is None:
+        if self.web_host not in LOOPBACK_HOSTS and not self.tokens():
             problems.append(f"the HTTP API would take commands from anyone who can reach "
                             f"{self.web_host}:{self.web_port}: set LEDGER_API_TOKEN (or "
                             "LEDGER_WEB_HOST=127.0.0.1)")

@@ -129,6 +129,37 @@ def allowed_hosts(s: Settings) -> frozenset[str]:
     return frozenset(names - {"", "0.0.0.0", "::"})
 
 
+def caller(given: str, tokens: dict[str, str]) -> str | None:
+    """The principal whose token the Authorization header carries; "" when the API has
+    no tokens (open); None when it has and this is none of them."""
+    if not tokens:
+        return ""
+    # a header's bytes that are not UTF-8 arrive as surrogates: compare bytes
+    raw = given.encode(errors="surrogateescape")
+    found = None
+    for principal, token in tokens.items():  # every one, so the time says nothing
+        if hmac.compare_digest(raw, f"Bearer {token}".encode()):
+            found = principal
+    return found
+
+
+# What LEDGER_TOKEN_FOR_READS puts behind the token: the data, not the page's files.
+PROTECTED_READS = ("/accounts", "/metrics")
+
+
+def read_check(tokens: dict[str, str]) -> Any:
+    @aioweb.middleware
+    async def check(request: aioweb.Request,
+                    handler: Callable[[aioweb.Request], Awaitable[aioweb.StreamResponse]]
+                    ) -> aioweb.StreamResponse:
+        if request.method in ("GET", "HEAD") and request.path.startswith(PROTECTED_READS) \
+                and caller(request.headers.get("Authorization", ""), tokens) is None:
+            raise ApiError(401, "unauthorized", "reading needs an Authorization: Bearer token")
+        return await handler(request)
+
+    return check
+
+
 def host_check(allowed: frozenset[str]) -> Any:
     @aioweb.middleware
     async def check(request: aioweb.Request,
@@ -337,6 +368,14 @@ class Api:
                 return str(url)
         return None
 
+    def relayed(self, request: Request) -> dict[str, str]:
+        """The headers a forwarded request carries: who relayed it, and the caller's."""
+        headers = {ROUTED_HEADER: self.url}
+        for name in ("Authorization", "Last-Event-ID"):
+            if name in request.headers:
+                headers[name] = request.headers[name]
+        return headers
+
     async def forward(self, view: View, request: Request, partition: int) -> Response:
         """Relay the request to the worker that owns ``partition``."""
         url = self.owner_url(partition)
@@ -346,7 +385,7 @@ class Api:
         target = URL(url.rstrip("/") + request.rel_url.raw_path_qs, encoded=True)
         session: aiohttp.ClientSession = self.app.http_client
         try:
-            async with session.get(target, headers={ROUTED_HEADER: self.url},
+            async with session.get(target, headers=self.relayed(request),
                                    timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT_S)
                                    ) as resp:
                 body = await resp.read()
@@ -364,9 +403,7 @@ class Api:
             raise ApiError(503, "not_owner", f"partition {partition} is moving between "
                            "workers; try again", partition=partition)
         target = URL(url.rstrip("/") + request.rel_url.raw_path_qs, encoded=True)
-        headers = {ROUTED_HEADER: self.url}
-        if "Last-Event-ID" in request.headers:
-            headers["Last-Event-ID"] = request.headers["Last-Event-ID"]
+        headers = self.relayed(request)
         session: aiohttp.ClientSession = self.app.http_client
         out = aioweb.StreamResponse(headers=SSE_HEADERS)
         timeout = aiohttp.ClientTimeout(total=STREAM_MAX_S + FORWARD_TIMEOUT_S,
@@ -484,6 +521,9 @@ def register(app: faust.App, s: Settings) -> None:
     app.conf.canonical_url = URL(api.url)
     app.web.web_app.middlewares.append(json_errors)  # type: ignore[attr-defined]
     app.web.web_app.middlewares.append(host_check(allowed_hosts(s)))  # type: ignore[attr-defined]
+    tokens = s.tokens()
+    if s.token_for_reads and tokens:
+        app.web.web_app.middlewares.append(read_check(tokens))  # type: ignore[attr-defined]
 
     async def end_streams(_: aioweb.Application) -> None:
         api.closing = True  # before aiohttp waits for open requests to finish
@@ -581,14 +621,10 @@ def register(app: faust.App, s: Settings) -> None:
     @app.page("/commands")
     class CommandsView(JsonView):
         async def post(self, request: Request) -> Response:
-            if s.api_token is not None:
-                given = request.headers.get("Authorization", "")
-                expected = f"Bearer {s.api_token.get_secret_value()}"
-                # a header's bytes that are not UTF-8 arrive as surrogates: compare bytes
-                if not hmac.compare_digest(given.encode(errors="surrogateescape"),
-                                           expected.encode()):
-                    raise ApiError(401, "unauthorized",
-                                   "submitting needs an Authorization: Bearer token")
+            principal = caller(request.headers.get("Authorization", ""), tokens)
+            if principal is None:
+                raise ApiError(401, "unauthorized",
+                               "submitting needs an Authorization: Bearer token")
             media = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
             if media != "application/json":
                 # also what keeps another site's page from posting here: a cross-site
@@ -602,6 +638,8 @@ def register(app: faust.App, s: Settings) -> None:
                 raise ApiError(400, "malformed_json", f"the body is not JSON: {exc}") from None
             except RecursionError:  # arrays or objects nested thousands deep
                 raise ApiError(400, "malformed_json", "the body is nested too deep") from None
+            if principal and isinstance(body, dict):
+                body["actor"] = principal  # the caller, whatever the body says
             command = parse_command(body)
             client = await api.client()
             try:

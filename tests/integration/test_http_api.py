@@ -157,6 +157,15 @@ def test_account_events_paging_and_as_of(ledger_settings, start_worker, client, 
     assert "3.00 USD  balance 7.00 USD" in lines[1]
     assert main(["history", "nobody", "--url", w.url]) == 1
     assert "account_not_found" in capsys.readouterr().out
+    # without --url or LEDGER_URL: the worker on this machine's LEDGER_WEB_PORT
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("LEDGER_URL", raising=False)
+        env.setenv("LEDGER_WEB_PORT", w.url.rsplit(":", 1)[1])
+        assert main(["balance", "alice"]) == 0
+        assert capsys.readouterr().out.startswith("alice: balance")
+        env.setenv("LEDGER_WEB_PORT", "9")  # nothing listens: said, not a traceback
+        assert main(["balance", "alice"]) == 2
+        assert "no answer from http://127.0.0.1:9" in capsys.readouterr().err
 
 
 def test_duplicate_event_records_appear_once(ledger_settings, start_worker, client):
@@ -303,6 +312,54 @@ def test_submitting_needs_the_token_when_one_is_set(ledger_settings, start_worke
     assert status == 200 and doc["accepted"] is True
     assert answer(w.url, "/accounts/bob")["version"] == 1  # reads need no token
     assert "t0ken-for-this-test" not in w.log_path.read_text()
+
+
+def test_each_caller_has_a_token_and_is_recorded_as_the_actor(ledger_settings, start_worker):
+    w = start_worker(api_tokens="alice=tok-alice,bob=tok-bob")
+    as_bob = {"Authorization": "Bearer tok-bob"}
+    status, doc = call(w.url, "/commands?wait=true",
+                       command("OpenAccount", "o1", "x", T0, currency="USD"), headers=as_bob)
+    assert status == 200 and doc["events"][0]["actor"] == "bob"
+    body = {**command("Deposit", "d1", "x", T0 + 1, amount_minor=5, currency="USD"),
+            "actor": "cfo@bank"}  # what the caller writes is not who the caller is
+    status, doc = call(w.url, "/commands?wait=true", body,
+                       headers={"Authorization": "Bearer tok-alice"})
+    assert status == 200 and doc["events"][0]["actor"] == "alice"
+    for headers in ({}, {"Authorization": "Bearer tok-carol"}, {"Authorization": "tok-bob"}):
+        status, doc = call(w.url, "/commands?wait=true", body, headers=headers)
+        assert (status, doc["error"]) == (401, "unauthorized"), headers
+    events = answer(w.url, "/accounts/x/events")["events"]
+    assert [(e["version"], e["actor"]) for e in events] == [(1, "bob"), (2, "alice")]
+
+
+def test_reads_need_the_token_when_told(ledger_settings, start_worker, client):
+    token = {"Authorization": "Bearer read-t0ken"}
+    w1 = start_worker("w1", api_token="read-t0ken", token_for_reads=True)
+    w2 = start_worker("w2", api_token="read-t0ken", token_for_reads=True)
+
+    def split() -> dict[str, list[int]] | None:
+        parts = {w.url: call(w.url, "/health/ready")[1].get("partitions", [])
+                 for w in (w1, w2)}  # health stays open
+        ok = all(parts.values()) and sum(map(len, parts.values())) == ledger_settings.partitions
+        return parts if ok else None
+
+    parts = until(split, 90)
+    accounts = {}  # one account on a partition of each worker
+    for i in range(200):
+        owner = w1 if partition_for(f"r-{i}", ledger_settings.partitions) in parts[w1.url] \
+            else w2
+        accounts.setdefault(owner.url, f"r-{i}")
+    for account in accounts.values():
+        client.submit(OpenAccount(command_id="o", account_id=account, actor="t",
+                                  issued_at=T0, currency="USD")).result(timeout=60)
+    for account in accounts.values():  # one of the two is forwarded, with the token
+        for path in (f"/accounts/{account}", f"/accounts/{account}/events"):
+            assert call(w1.url, path)[1]["error"] == "unauthorized", path
+            assert until(lambda path=path: call(w1.url, path, headers=token)[0] == 200)
+    status, doc = call(w1.url, "/metrics")
+    assert (status, doc["error"]) == (401, "unauthorized")
+    with urllib.request.urlopen(w1.url + "/", timeout=10) as page:  # the page's files: open
+        assert page.status == 200
 
 
 def test_any_worker_answers_for_any_account(ledger_settings, start_worker, client):

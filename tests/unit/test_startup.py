@@ -50,3 +50,11 @@ def test_a_worker_with_the_built_in_leg_secret_refuses_to_start():
 
     allowed = _worker({"LEDGER_DEV_MODE": "true"})  # gets past the check, to the broker
     assert allowed.returncode not in (0, EXIT_CONFIG), allowed.stderr[-2000:]
+
+
+def test_tokens_name_their_principals():
+    s = Settings(api_token=SecretStr("one"), api_tokens=SecretStr(" alice=a1 , bob = b2,bad"))
+    assert s.tokens() == {"api": "one", "alice": "a1", "bob": "b2"}
+    assert Settings().tokens() == {}
+    open_to_all = Settings(leg_secret=GOOD, web_host="0.0.0.0", api_tokens=SecretStr("c=t"))
+    assert open_to_all.production_problems() == []
