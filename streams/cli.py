@@ -128,7 +128,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from streams.app import EXIT_INTERNAL_FAILURE, crash_reason, create_app
 
     app = create_app(s)
-    worker = faust.Worker(app, loglevel=args.loglevel, override_logging=False)
+    # The log is JSON for machines: no banner, and no progress spinner (Faust's writes
+    # terminal escape codes when start-up ends, terminal or not).
+    worker = faust.Worker(app, loglevel=args.loglevel, override_logging=False, quiet=True)
+    worker.spinner = None
     try:
         worker.execute_from_commandline()
     except SystemExit as exc:

@@ -47,6 +47,9 @@ def specs(s: Settings) -> list[TopicSpec]:
         TopicSpec(s.rejections_topic, s.partitions, {**keep}),
         TopicSpec(s.dlq_topic, s.partitions, {**keep, **big}),
         TopicSpec(s.changelog_topic, s.partitions, {"cleanup.policy": "compact", **big}),
+        # Faust's leader assignor looks for it at every start (and logs an error when
+        # it is missing: the worker does not declare topics itself)
+        TopicSpec(f"{s.app_id}-__assignor-__leader", 1, {}),
     ]
 
 

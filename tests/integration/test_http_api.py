@@ -293,6 +293,15 @@ def test_post_commands(ledger_settings, start_worker):
 
     final = call(url, "/accounts/bob")[1]
     assert (final["version"], final["balance_minor"]) == (3, 1200)
+    # the worker's log stays JSON for machines: no terminal escape codes, and no error
+    # at every start for Faust's leader topic (aiokafka may still log a transient one
+    # while a fresh broker makes its offsets topic)
+    text = w.log_path.read_text()
+    assert "\x1b" not in text
+    assert "__assignor-__leader not found" not in text
+    docs = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    assert [d for d in docs if d["logger"].startswith("ledger")
+            and d["level"] in ("error", "critical")] == []
 
 
 def test_submitting_needs_the_token_when_one_is_set(ledger_settings, start_worker):
