@@ -52,7 +52,7 @@ from streams.acl import check_login
 from streams.domain import Refused, check_command
 from streams.processor import partition_for
 from streams.settings import Settings
-from streams.topics import end_offsets
+from streams.topics import end_offsets_when_ready
 
 log = logging.getLogger("ledger.client")
 
@@ -108,22 +108,6 @@ class Outcome:
     @property
     def reason(self) -> str | None:
         return None if self.rejection is None else self.rejection.reason
-
-
-def _end_offsets(admin: AdminClient, tps: list[tuple[str, int]],
-                 deadline: float) -> dict[tuple[str, int], int]:
-    """The partitions' end offsets, asked on the admin client's own connection (the
-    consumer's would wait behind its fetch in flight, up to fetch.wait.max.ms, for
-    each); retries while a new topic's leader is being elected."""
-    while True:
-        try:
-            return end_offsets(admin, tps)
-        except KafkaException as exc:
-            # NOT_LEADER and friends are not flagged retriable, yet pass in a moment.
-            if time.monotonic() > deadline:
-                raise DeliveryError(f"cannot read the end of {tps}: "
-                                    f"{exc.args[0].str()}") from exc
-            time.sleep(0.1)
 
 
 Key = tuple[str, str]  # (account_id, command_id)
@@ -251,7 +235,12 @@ class LedgerClient:
         # poll, and can wait for ever behind the next one): it assigns them there, while
         # the commands go out.
         assert self._admin is not None
-        ends = _end_offsets(self._admin, sorted(new), time.monotonic() + 30)
+        # asked on the admin client's own connection: the consumer's would wait behind
+        # its fetch in flight (up to fetch.wait.max.ms) for each
+        try:
+            ends = end_offsets_when_ready(self._admin, sorted(new), time.monotonic() + 30)
+        except TimeoutError as exc:
+            raise DeliveryError(f"cannot read outcomes: {exc}") from exc
         self._assigning.put([TopicPartition(t, p, high if high >= 0 else OFFSET_END)
                              for (t, p), high in sorted(ends.items())])
         self._reading |= new

@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     # the API on any address without a token. Never in production.
     dev_mode: bool = False
     # When set, ``POST /commands`` answers 401 unless the request carries
-    # ``Authorization: Bearer <token>``; reads stay open.
+    # ``Authorization: Bearer <token>``; reads stay open unless token_for_reads.
     api_token: SecretStr | None = None
     # Several callers, each with a token of its own: "PRINCIPAL=TOKEN,...". A command
     # submitted over HTTP records its caller's principal as its actor ("api" for
@@ -147,8 +147,8 @@ class Settings(BaseSettings):
                             "the same on every worker")
         if self.web_host not in LOOPBACK_HOSTS and not self.tokens():
             problems.append(f"the HTTP API would take commands from anyone who can reach "
-                            f"{self.web_host}:{self.web_port}: set LEDGER_API_TOKEN (or "
-                            "LEDGER_WEB_HOST=127.0.0.1)")
+                            f"{self.web_host}:{self.web_port}: set LEDGER_API_TOKEN or "
+                            "LEDGER_API_TOKENS (or LEDGER_WEB_HOST=127.0.0.1)")
         return problems
 
     def kafka_config(self) -> dict[str, Any]:

@@ -127,14 +127,29 @@ def _wait_for_leaders(admin: AdminClient, names: list[str], timeout_s: float) ->
                    or any(p.leader < 0 for p in topics[n].partitions.values())]
         if not missing:
             try:
-                end_offsets(admin, [(n, p) for n in names for p in topics[n].partitions],
-                            timeout_s=max(1.0, deadline - time.monotonic()))
+                end_offsets_when_ready(admin, [(n, p) for n in names
+                                               for p in topics[n].partitions], deadline)
                 return
-            except KafkaException as exc:
-                missing = [f"{names} ({exc.args[0].str()})"]
+            except TimeoutError:
+                raise TimeoutError(f"topics not ready after {timeout_s}s: {names}") from None
         if time.monotonic() > deadline:
-            raise TimeoutError(f"topics not ready after {timeout_s}s: {missing}")
+            raise TimeoutError(f"topics without leaders after {timeout_s}s: {missing}")
         time.sleep(0.1)
+
+
+def end_offsets_when_ready(admin: AdminClient, tps: list[tuple[str, int]],
+                           deadline: float) -> dict[tuple[str, int], int]:
+    """``end_offsets``, asked again until ``deadline`` (monotonic) while the partitions'
+    leaders are still being made or elected: NOT_LEADER and friends are not flagged
+    retriable, yet pass in a moment. TimeoutError says the last error."""
+    while True:
+        try:
+            return end_offsets(admin, tps, timeout_s=max(1.0, deadline - time.monotonic()))
+        except KafkaException as exc:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no end offsets for {tps}: "
+                                   f"{exc.args[0].str()}") from exc
+            time.sleep(0.1)
 
 
 def end_offsets(admin: AdminClient, tps: Iterable[tuple[str, int]],

@@ -41,8 +41,8 @@ from producers.client import CommandRefused, DeliveryError, LedgerClient, QueueF
 from schemas.codec import CODEC
 from schemas.models import COMMAND_TYPES, AccountState, CommandBase, ExpireHold, LedgerEvent
 from schemas.money import format_amount
-from schemas.text import MAX_ID_LENGTH, plain
 from streams import metrics
+from streams.core import valid_id
 from streams.history import History
 from streams.processor import account_key, partition_for
 from streams.settings import Settings
@@ -508,7 +508,7 @@ def aioweb_request(request: Request) -> aioweb.Request:
 
 def _account_id(account_id: str) -> str:
     """The id if an account could have it; else no such account (404)."""
-    if not 0 < len(account_id) <= MAX_ID_LENGTH or not plain(account_id):
+    if not valid_id(account_id):
         raise ApiError(404, "account_not_found", "no account has this id",
                        account_id=account_id[:200])
     return account_id
