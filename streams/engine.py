@@ -36,7 +36,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from rocksdict import WriteBatch
 
 from schemas.codec import CODEC
@@ -95,6 +102,11 @@ class DeliveryFailed(RuntimeError):
     """The broker did not take a batch's records: the worker must stop, not carry on."""
 
 
+# A record to produce: topic, partition, key, value, headers.
+_Out = tuple[str, int, "bytes | None", "bytes | None",
+             "list[tuple[str, str | bytes | None]] | None"]
+
+
 @dataclass
 class Record:
     key: bytes | None
@@ -145,6 +157,7 @@ class Engine:
         self.signer = LegSigner(settings.leg_secret.get_secret_value().encode())
         if settings.schema_registry_url:
             CODEC.use_registry(settings.schema_registry_url)
+        self._errors: list[str] = []
         self.producer = Producer(settings.producer_config(**{
             # Every step ends in a flush, which sends at once whatever linger says
             # (librdkafka >= 1.8), so lingering adds no latency. With 0, librdkafka's
@@ -155,8 +168,13 @@ class Engine:
             "batch.num.messages": 10_000,
             "queue.buffering.max.messages": 2_000_000,
             "queue.buffering.max.kbytes": 1_048_576,
+            # A record that fails while a later one of its partition can still succeed
+            # is fatal (see _send). The guarantee leaves out records that time out:
+            # they cannot, as a flush gives up (and the worker stops) well before.
+            "enable.gapless.guarantee": True,
+            "message.timeout.ms": int(settings.flush_timeout_s * 1000) * 5,
+            "error_cb": self._on_error,
         }))
-        self._errors: list[str] = []
         # What the hot path is doing, for the stall watchdog's last words.
         self.phase = "idle"
         self._changelog_offsets: dict[int, int] = {}
@@ -179,21 +197,51 @@ class Engine:
             if off > self._changelog_offsets.get(p, -1):
                 self._changelog_offsets[p] = off
 
+    def _on_error(self, err: KafkaError) -> None:
+        if err.fatal():  # e.g. a gap the idempotent producer could not close
+            self._errors.append(f"producer: {err.str()}")
+
     def _produce(self, topic: str, key: bytes | None, value: bytes | None, partition: int,
-                 headers: list[tuple[str, str | bytes | None]] | None = None) -> None:
+                 headers: list[tuple[str, str | bytes | None]] | None = None,
+                 report: bool = True) -> None:
         while True:
             try:
-                self.producer.produce(topic, value, key, partition=partition,
-                                      on_delivery=self._on_delivery, headers=headers)
+                if report:
+                    self.producer.produce(topic, value, key, partition=partition,
+                                          on_delivery=self._on_delivery, headers=headers)
+                else:
+                    self.producer.produce(topic, value, key, partition=partition,
+                                          headers=headers)
                 return
             except BufferError:
                 self.producer.poll(0.05)
+            except KafkaException as exc:  # the producer failed for good (see _send)
+                raise DeliveryFailed(f"{topic}[{partition}]: {exc}") from exc
+
+    def _send(self, records: Sequence[_Out]) -> None:
+        """Produce records; only the last one of each topic partition reports its delivery.
+
+        The producer is idempotent with the gapless guarantee: records of a partition are
+        written in order, and a record that fails where a later one could still succeed
+        is a fatal error, which fails every record after it. So the last record's
+        delivery answers for the ones before it, and the flush pays for one Python
+        callback per partition, not one per record (they ran in the flush's thread,
+        taking the interpreter from the step being decided meanwhile).
+        """
+        last = {(r[0], r[1]): i for i, r in enumerate(records)}
+        reported = set(last.values())
+        for i, (topic, partition, key, value, headers) in enumerate(records):
+            self._produce(topic, key, value, partition, headers, i in reported)
 
     async def _flush(self, step: str) -> float:
         self.phase = f"flush {step}"
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
-        left = await loop.run_in_executor(None, self.producer.flush, self.s.flush_timeout_s)
+        try:
+            left = await loop.run_in_executor(None, self.producer.flush,
+                                              self.s.flush_timeout_s)
+        except Exception as exc:  # a fatal error (see _send) raises from the flush
+            raise DeliveryFailed(f"{step}: {exc!r}; {self._errors[:5]}") from exc
         if left or self._errors:
             errors, self._errors = self._errors[:5], []
             raise DeliveryFailed(f"{step}: {left} record(s) not delivered; {errors}")
@@ -320,32 +368,41 @@ class Engine:
         changelog = self.s.changelog_topic
         flush_ms = 0.0
         if step is None or not step.intent_sent:
-            for w in work:
-                self._produce(changelog, CHECKPOINT_KEY, _intent(w).encode(), w.partition)
+            self._send([(changelog, w.partition, CHECKPOINT_KEY, _intent(w).encode(), None)
+                        for w in work])
             flush_ms = await self._flush("checkpoint intent")
             self.crash.reached("intent")
-        outputs = [(w.partition, out) for w in work for out in w.processor.outputs]
-        for i, (partition, out) in enumerate(outputs):
-            if i == len(outputs) // 2 and self.crash.armed("outputs-half"):
-                await self._flush("outputs")
-                self.crash.reached("outputs-half")
-            if out.kind in (TRANSFERS, REJECTIONS) and out.key:
-                partition = partition_for(out.key.decode(), self.s.partitions)
-            self._produce(self._topics[out.kind], out.key, out.value, partition, out.headers)
+        outputs: list[_Out] = []
+        for w in work:
+            for out in w.processor.outputs:
+                partition = w.partition
+                if out.kind in (TRANSFERS, REJECTIONS) and out.key:
+                    partition = partition_for(out.key.decode(), self.s.partitions)
+                outputs.append((self._topics[out.kind], partition, out.key, out.value,
+                                out.headers))
+        if self.crash.armed("outputs-half"):
+            half, outputs = outputs[:len(outputs) // 2], outputs[len(outputs) // 2:]
+            self._send(half)
+            await self._flush("outputs")
+            self.crash.reached("outputs-half")
+        self._send(outputs)
         flush_ms += await self._flush("outputs")
         self.crash.reached("outputs")
         self._changelog_offsets.clear()
         staged = []
+        state: list[_Out] = []
         for w in work:
             records = w.view.changes_to_records(w.changes, w.tag)
             done = w.view.checkpoint.advanced(*w.tag)
-            for i, (key, value) in enumerate(records.items()):
-                if i == len(records) // 2 and self.crash.armed("state-half"):
-                    await self._flush("state")
-                    self.crash.reached("state-half")
-                self._produce(changelog, key, value, w.partition)
-            self._produce(changelog, CHECKPOINT_KEY, done.encode(), w.partition)
+            state.extend((changelog, w.partition, key, value, None)
+                         for key, value in records.items())
+            state.append((changelog, w.partition, CHECKPOINT_KEY, done.encode(), None))
             staged.append((w, records, done))
+        if self.crash.armed("state-half"):
+            half, state = state[:len(state) // 2], state[len(state) // 2:]
+            self._send(half)
+            await self._flush("state")
+            self.crash.reached("state-half")
         # The next step, if it is decided already, sends its intent with this state: it
         # saves that step a flush. Where both steps have a partition, RocksDB gets the
         # intent as its checkpoint, as the changelog has it last (Faust's persisted
@@ -356,8 +413,9 @@ class Engine:
         if following is not None:
             for w in following.work:
                 intents[w.partition] = _intent(w)
-                self._produce(changelog, CHECKPOINT_KEY, intents[w.partition].encode(),
-                              w.partition)
+                state.append((changelog, w.partition, CHECKPOINT_KEY,
+                              intents[w.partition].encode(), None))
+        self._send(state)
         flush_ms += await self._flush("state")
         if following is not None:
             following.intent_sent = True

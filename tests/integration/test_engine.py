@@ -7,15 +7,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
 from rocksdict import Options, Rdict
 
 from schemas.codec import CODEC
 from schemas.models import Deposit, OpenAccount, encode_batch
-from streams.engine import Engine, PartitionInput, Record
+from streams.engine import DeliveryFailed, Engine, PartitionInput, Record
 from streams.eventlog import read_all
 from streams.processor import partition_for
-from streams.state import PartitionView
+from streams.state import FAUST_OFFSET_KEY, PartitionView
 from streams.topics import ensure_topics
 
 pytestmark = pytest.mark.kafka
@@ -118,3 +119,70 @@ def test_a_step_decided_while_the_one_before_commits_sees_its_changes(ledger_set
     events = [CODEC.decode(m.value())[1] for m in read_all(s, s.events_topic)]
     assert [e["version"] for e in events] == list(range(1, 8)) * 2
     assert events[-1]["balance_after_minor"] == sum(range(1, 7))
+
+
+class CountingProducer:
+    """The engine's producer, counting the records that ask for a delivery report."""
+
+    def __init__(self, producer: Producer, slow_after: bytes | None = None) -> None:
+        self.producer = producer
+        self.records = self.reported = 0
+        self.slow_after = slow_after
+        self.unreported: list[bytes | None] = []
+
+    def produce(self, topic, value=None, key=None, **kw):
+        self.records += 1
+        self.reported += kw.get("on_delivery") is not None
+        if kw.get("on_delivery") is None:
+            self.unreported.append(value)
+        self.producer.produce(topic, value, key, **kw)
+        if value is not None and value == self.slow_after:
+            time.sleep(0.5)  # the records so far go out in a request of their own
+
+    def __getattr__(self, name):
+        return getattr(self.producer, name)
+
+
+def test_a_step_asks_one_delivery_report_per_partition(ledger_settings, tmp_path):
+    s = ledger_settings
+    p, _, records = open_and_deposit(s, "acct-reports", 30)
+    db = Rdict(str(tmp_path / "p"), Options(raw_mode=True))
+    try:
+        engine = Engine(s, lambda _: db)
+        counting = engine.producer = CountingProducer(engine.producer)
+        report = run(engine.process({p: PartitionInput(commands=records)}))
+        assert report.stats.events == 31
+        # intent; events; state: each on one partition, but the events' reports
+        assert counting.records > 31 * 2 and counting.reported == 3
+        # the store's changelog offset, from the last record's report, is the log's last
+        _, hi = Consumer({**s.kafka_config(), "group.id": "t"}).get_watermark_offsets(
+            TopicPartition(s.changelog_topic, p), timeout=10)
+        assert int(db[FAUST_OFFSET_KEY]) == hi - 1
+        engine.close()
+    finally:
+        db.close()
+
+
+def test_a_record_refused_before_a_partitions_last_fails_the_step(ledger_settings):
+    """Only a partition's last record reports its delivery: one refused before it, in an
+    earlier request, must still fail the flush (the producer's gapless guarantee)."""
+    s = ledger_settings
+    topic = f"{s.app_id}-small"
+    admin = AdminClient(s.kafka_config())
+    for f in admin.create_topics([NewTopic(topic, 1, 1, config={
+            "max.message.bytes": "2000"})]).values():
+        f.result(30)
+    too_big = b"x" * 5000
+    records = [(topic, 0, None, b"a", None), (topic, 0, None, too_big, None),
+               (topic, 0, None, b"b", None), (topic, 0, None, b"c", None)]
+
+    async def step(engine: Engine, records) -> None:
+        engine._send(records)
+        await engine._flush("small")
+
+    engine = Engine(s, lambda _: None)
+    counting = engine.producer = CountingProducer(engine.producer, slow_after=too_big)
+    run(step(engine, records[:1]))  # connected, and the partition's leader known
+    with pytest.raises(DeliveryFailed, match=r"(?i)fatal|too large"):
+        run(step(engine, records))
+    assert too_big in counting.unreported  # it failed, and only the producer said so

@@ -51,6 +51,19 @@ def test_key_of_reads_account_and_version():
     assert _key_of(b"not an event") is None
 
 
+def test_key_of_a_cut_or_bent_event_is_none_never_an_error():
+    raw = event("alice", 2**40, 1)
+    assert _key_of(raw) == b"alice\0" + (2**40).to_bytes(8, "big")
+    for cut in range(len(raw)):  # every prefix: None, or the key if the fields fit
+        assert _key_of(raw[:cut]) in (None, event_key("alice", 2**40))
+    assert _key_of(raw[:12]) is None
+    # a negative version, and an account id length past the end
+    head = raw[:10]
+    assert _key_of(head + b"\x02e" + b"\x02a" + b"\x01") is None
+    assert _key_of(head + b"\x02e" + b"\x7ea" + b"\x02") is None
+    assert _key_of(head + b"\x02e" + b"\x02a" + b"\x02") == event_key("a", 1)
+
+
 def test_paging_duplicates_and_offsets(history):
     records = [event("a", v, 100 * v) for v in range(1, 6)]
     msgs = [Msg(0, i, r) for i, r in enumerate(records)]
