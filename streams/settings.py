@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     # worker advertises to the others (comma-separated); any other Host gets 421, so a
     # web page elsewhere cannot reach a worker through DNS rebinding.
     allowed_hosts: str = ""
+    # The URLs of other workers this one relays requests to (a regular expression each
+    # advertised URL must match in full): narrow it to your workers' hosts and ports.
+    # A URL outside it, or a redirect from a worker, is never followed.
+    peer_url_pattern: str = r"http://[A-Za-z0-9.-]+:[0-9]{1,5}"
     # A developer's machine: the worker starts with the built-in leg secret, and serves
     # the API on any address without a token. Never in production.
     dev_mode: bool = False

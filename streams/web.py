@@ -345,6 +345,11 @@ def advertised_url(s: Settings) -> str:
     return f"http://{host}:{s.web_port}"
 
 
+def _unreachable(partition: int) -> ApiError:
+    return ApiError(503, "owner_unreachable", f"the worker that owns partition {partition} "
+                    "did not answer; try again", partition=partition)
+
+
 class Api:
     """The worker-wide objects behind the views: history index, command client, routing."""
 
@@ -352,6 +357,7 @@ class Api:
         self.app = app
         self.s = s
         self.url = advertised_url(s)
+        self.peer_url = re.compile(s.peer_url_pattern)
         self.history: History | None = None
         self._client: LedgerClient | None = None
         self._client_lock = asyncio.Lock()
@@ -376,33 +382,40 @@ class Api:
                 headers[name] = request.headers[name]
         return headers
 
-    async def forward(self, view: View, request: Request, partition: int) -> Response:
-        """Relay the request to the worker that owns ``partition``."""
+    def target(self, request: Request, partition: int) -> tuple[str, URL]:
+        """The owner of ``partition`` and the address to relay ``request`` to there: only a
+        member's advertised URL that matches ``LEDGER_PEER_URL_PATTERN``."""
         url = self.owner_url(partition)
         if request.headers.get(ROUTED_HEADER) or url is None or url == self.url:
             raise ApiError(503, "not_owner", f"partition {partition} is moving between "
                            "workers; try again", partition=partition)
-        target = URL(url.rstrip("/") + request.rel_url.raw_path_qs, encoded=True)
+        if not self.peer_url.fullmatch(url):
+            log.warning("not forwarding: the owner's URL does not match "
+                        "LEDGER_PEER_URL_PATTERN", extra={"owner": url, "partition": partition})
+            raise _unreachable(partition)
+        return url, URL(url.rstrip("/") + request.rel_url.raw_path_qs, encoded=True)
+
+    async def forward(self, view: View, request: Request, partition: int) -> Response:
+        """Relay the request to the worker that owns ``partition`` (never a redirect)."""
+        url, target = self.target(request, partition)
         session: aiohttp.ClientSession = self.app.http_client
         try:
-            async with session.get(target, headers=self.relayed(request),
+            async with session.get(target, headers=self.relayed(request), allow_redirects=False,
                                    timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT_S)
                                    ) as resp:
+                if 300 <= resp.status < 400:
+                    log.warning("not following a redirect from a worker",
+                                extra={"owner": url, "status": resp.status})
+                    raise _unreachable(partition)
                 body = await resp.read()
                 return view.bytes(body, content_type=resp.content_type, status=resp.status)
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.debug("forward failed", extra={"owner": url, "error": repr(exc)})
-            raise ApiError(503, "owner_unreachable", f"the worker that owns partition "
-                           f"{partition} did not answer; try again",
-                           partition=partition) from None
+            raise _unreachable(partition) from None
 
     async def forward_stream(self, request: Request, partition: int) -> aioweb.StreamResponse:
         """Relay an event stream from the worker that owns ``partition``, as it comes."""
-        url = self.owner_url(partition)
-        if request.headers.get(ROUTED_HEADER) or url is None or url == self.url:
-            raise ApiError(503, "not_owner", f"partition {partition} is moving between "
-                           "workers; try again", partition=partition)
-        target = URL(url.rstrip("/") + request.rel_url.raw_path_qs, encoded=True)
+        url, target = self.target(request, partition)
         headers = self.relayed(request)
         session: aiohttp.ClientSession = self.app.http_client
         out = aioweb.StreamResponse(headers=SSE_HEADERS)
@@ -410,7 +423,12 @@ class Api:
                                         connect=FORWARD_TIMEOUT_S,
                                         sock_read=STREAM_HEARTBEAT_S + FORWARD_TIMEOUT_S)
         try:
-            async with session.get(target, headers=headers, timeout=timeout) as resp:
+            async with session.get(target, headers=headers, timeout=timeout,
+                                   allow_redirects=False) as resp:
+                if 300 <= resp.status < 400:
+                    log.warning("not following a redirect from a worker",
+                                extra={"owner": url, "status": resp.status})
+                    raise _unreachable(partition)
                 if resp.status != 200 or resp.content_type != "text/event-stream":
                     return aioweb.Response(body=await resp.read(), status=resp.status,
                                            content_type=resp.content_type)
@@ -422,9 +440,7 @@ class Api:
         except (aiohttp.ClientError, TimeoutError) as exc:
             if not out.prepared:
                 log.debug("forward failed", extra={"owner": url, "error": repr(exc)})
-                raise ApiError(503, "owner_unreachable", f"the worker that owns partition "
-                               f"{partition} did not answer; try again",
-                               partition=partition) from None
+                raise _unreachable(partition) from None
         except ConnectionResetError:
             pass  # the client went away
         return out
@@ -482,8 +498,10 @@ class Api:
                 try:
                     self._client = await loop.run_in_executor(None, LedgerClient, self.s)
                 except (KafkaException, RuntimeError) as exc:  # DeliveryError, login refused
+                    # the cause (addresses, principals) is for the log, not for callers
+                    log.warning("no client for the HTTP API", extra={"error": repr(exc)})
                     raise ApiError(503, "broker_unavailable",
-                                   f"cannot reach the broker: {exc}") from None
+                                   "cannot reach the broker; try again") from None
             return self._client
 
     def start(self) -> None:
@@ -659,7 +677,10 @@ def register(app: faust.App, s: Settings) -> None:
                 except TimeoutError:
                     pass
                 except DeliveryError as exc:
-                    raise ApiError(503, "not_delivered", str(exc),
+                    log.warning("command not delivered", extra={
+                        "command_id": command.command_id, "error": str(exc)})
+                    raise ApiError(503, "not_delivered", "the command did not reach the "
+                                   "broker; send it again with the same command_id",
                                    command_id=command.command_id) from None
             return self.json({"command_id": command.command_id,
                               "status": "pending" if wait else "submitted"}, status=202)

@@ -1,0 +1,85 @@
+"""Relaying a request to the worker that owns its partition: only to a member's URL that
+matches LEDGER_PEER_URL_PATTERN, never through a redirect; and 503s that keep their
+cause in the log. A loopback HTTP server stands in for the other worker."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer, make_mocked_request
+from confluent_kafka import KafkaException
+
+from streams import web as ledger_web
+from streams.settings import Settings
+from streams.web import Api, ApiError
+
+S = Settings(dev_mode=True)
+
+
+def api_owned_by(url: str, session: aiohttp.ClientSession | None = None) -> Api:
+    """An Api whose group says partition 0 is served at ``url``."""
+    assignor = SimpleNamespace(tables_metadata=lambda: {url: {S.changelog_topic: [0]}})
+    return Api(SimpleNamespace(assignor=assignor, http_client=session), S)  # type: ignore[arg-type]
+
+
+class View:
+    def bytes(self, body: bytes, content_type: str, status: int) -> tuple[int, bytes]:
+        return status, body
+
+
+@pytest.mark.parametrize("url", ["http://10.0.0.7:6066/admin", "http://user@w2:6066",
+                                 "https://w2:6066", "file:///etc/passwd", "http://w2"])
+def test_an_owner_url_outside_the_pattern_is_not_relayed_to(url):
+    with pytest.raises(ApiError) as err:
+        api_owned_by(url).target(make_mocked_request("GET", "/accounts/a"), 0)
+    assert err.value.status == 503 and err.value.doc["error"] == "owner_unreachable"
+
+
+def test_a_member_url_in_the_pattern_is_relayed_to():
+    _, target = api_owned_by("http://worker-2.internal:6067").target(
+        make_mocked_request("GET", "/accounts/a?x=1"), 0)
+    assert str(target) == "http://worker-2.internal:6067/accounts/a?x=1"
+
+
+def test_a_redirect_from_the_owner_is_not_followed():
+    hits: list[str] = []
+
+    async def redirect(_: web.Request) -> web.Response:
+        hits.append("redirect")
+        raise web.HTTPFound("/elsewhere")
+
+    async def elsewhere(_: web.Request) -> web.Response:
+        hits.append("elsewhere")
+        return web.json_response({"secret": 1})
+
+    async def main() -> int:
+        app = web.Application()
+        app.router.add_get("/accounts/a", redirect)
+        app.router.add_get("/elsewhere", elsewhere)
+        async with TestServer(app, host="127.0.0.1") as server, \
+                aiohttp.ClientSession() as session:
+            api = api_owned_by(f"http://127.0.0.1:{server.port}", session)
+            try:
+                await api.forward(View(), make_mocked_request("GET", "/accounts/a"), 0)
+            except ApiError as exc:
+                return exc.status
+            return 200
+
+    assert asyncio.run(main()) == 503
+    assert hits == ["redirect"]
+
+
+def test_a_broker_failure_is_logged_not_told(monkeypatch, caplog):
+    def refused(_s: Settings) -> None:
+        raise KafkaException("SASL authentication failed for user app at 10.1.2.3:9093")
+
+    monkeypatch.setattr(ledger_web, "LedgerClient", refused)
+    with pytest.raises(ApiError) as err:
+        asyncio.run(api_owned_by("http://w2:6066").client())
+    assert err.value.status == 503 and err.value.doc["error"] == "broker_unavailable"
+    assert "10.1.2.3" not in str(err.value.doc) and "SASL" not in str(err.value.doc)
+    assert any("10.1.2.3" in getattr(r, "error", "") for r in caplog.records)
