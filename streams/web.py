@@ -17,6 +17,7 @@ account's new events (``GET /accounts/{id}/stream``) that the page follows.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import hmac
 import http
@@ -24,7 +25,7 @@ import json
 import logging
 import re
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -65,7 +66,9 @@ STREAM_POLL_S = 0.25
 STREAM_HEARTBEAT_S = 10.0  # a comment line when idle: a client that left is noticed
 STREAM_MAX_S = 300.0  # then the stream ends; EventSource reconnects with Last-Event-ID
 STREAM_BATCH = 100  # events read from the index (and sent) per poll
-MAX_STREAMS = 64  # open streams per worker; more are refused with 503
+MAX_STREAMS = 64  # open streams per worker, its own and those it relays; more get 503
+MAX_STREAMS_PER_CLIENT = 8  # per caller: its principal, or its address if the API is open
+STREAM_WRITE_TIMEOUT_S = 30.0  # a client that stops reading is let go after this
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no", "X-Content-Type-Options": "nosniff"}
 ROUTED_HEADER = "X-Ledger-Routed"  # set on a forwarded request: it is never forwarded again
@@ -345,6 +348,12 @@ def advertised_url(s: Settings) -> str:
     return f"http://{host}:{s.web_port}"
 
 
+async def write(resp: aioweb.StreamResponse, data: bytes) -> None:
+    """Write to a stream; a client that has not read for STREAM_WRITE_TIMEOUT_S is let go
+    (TimeoutError), so it cannot hold its slot and its buffers for ever."""
+    await asyncio.wait_for(resp.write(data), STREAM_WRITE_TIMEOUT_S)
+
+
 def _unreachable(partition: int) -> ApiError:
     return ApiError(503, "owner_unreachable", f"the worker that owns partition {partition} "
                     "did not answer; try again", partition=partition)
@@ -361,7 +370,8 @@ class Api:
         self.history: History | None = None
         self._client: LedgerClient | None = None
         self._client_lock = asyncio.Lock()
-        self.streams = 0  # open event streams
+        self.streams = 0  # open event streams, served or relayed
+        self.streams_of: dict[str, int] = {}  # per caller (see stream_slot)
         self.closing = False  # the web server is shutting down: streams end
 
     def owned_partitions(self) -> set[int]:
@@ -436,7 +446,7 @@ class Api:
                 async for chunk in resp.content.iter_any():
                     if self.closing:
                         break
-                    await out.write(chunk)
+                    await write(out, chunk)
         except (aiohttp.ClientError, TimeoutError) as exc:
             if not out.prepared:
                 log.debug("forward failed", extra={"owner": url, "error": repr(exc)})
@@ -453,11 +463,10 @@ class Api:
         or when the partition leaves this worker (the client reconnects and is routed)."""
         resp = aioweb.StreamResponse(headers=SSE_HEADERS)
         loop = asyncio.get_running_loop()
-        self.streams += 1
         try:
             raw = aioweb_request(request)
             await resp.prepare(raw)
-            await resp.write(b"retry: 2000\n\n")
+            await write(resp, b"retry: 2000\n\n")
             start = last_write = loop.time()
             while not self.closing and loop.time() - start < STREAM_MAX_S:
                 if raw.transport is None or raw.transport.is_closing():
@@ -468,19 +477,59 @@ class Api:
                     break
                 events = history.events(account_id, version, STREAM_BATCH)
                 if events:
-                    await resp.write(b"".join(sse_event(e) for e in events))
+                    await write(resp, b"".join(sse_event(e) for e in events))
                     version = events[-1].version + 1
                     last_write = loop.time()
                 elif loop.time() - last_write >= STREAM_HEARTBEAT_S:
-                    await resp.write(b": idle\n\n")
+                    await write(resp, b": idle\n\n")
                     last_write = loop.time()
                 if len(events) < STREAM_BATCH:
                     await asyncio.sleep(STREAM_POLL_S)
-        except ConnectionResetError:
-            pass  # the client went away
+        except (ConnectionResetError, TimeoutError):
+            pass  # the client went away, or stopped reading
+        return resp
+
+    async def from_peer(self, request: Request) -> bool:
+        """Whether a request comes from another worker of the group: it names (in
+        ROUTED_HEADER) a member's URL, and it comes from that URL's host."""
+        routed = request.headers.get(ROUTED_HEADER)
+        members = {str(url) for url in self.app.assignor.tables_metadata()}
+        if not routed or routed not in members or routed == self.url:
+            return False
+        host, remote = URL(routed).host, aioweb_request(request).remote
+        if not host or not remote:
+            return False
+        try:
+            found = await asyncio.get_running_loop().getaddrinfo(host, None)
+        except OSError:
+            return False
+        return remote in {str(info[4][0]) for info in found}
+
+    @contextlib.contextmanager
+    def stream_slot(self, request: Request, principal: str, peer: bool) -> Iterator[None]:
+        """Hold one of the worker's stream slots, and one of the caller's, or answer 503.
+
+        A caller is its token's principal, or with an open API its address. A stream
+        another worker relays here holds a slot there too, under its caller's name."""
+        who = principal or f"address {aioweb_request(request).remote}"
+        if peer:
+            who = f"relayed {who}"  # the relaying worker held the caller's own slot
+        if self.streams >= MAX_STREAMS:
+            raise ApiError(503, "too_many_streams", f"this worker already serves "
+                           f"{MAX_STREAMS} event streams; try again later")
+        cap = MAX_STREAMS if who.startswith("relayed ") else MAX_STREAMS_PER_CLIENT
+        if self.streams_of.get(who, 0) >= cap:
+            raise ApiError(503, "too_many_streams", f"you already have {cap} event "
+                           "streams open on this worker; close one first")
+        self.streams += 1
+        self.streams_of[who] = self.streams_of.get(who, 0) + 1
+        try:
+            yield
         finally:
             self.streams -= 1
-        return resp
+            self.streams_of[who] -= 1
+            if not self.streams_of[who]:
+                del self.streams_of[who]
 
     def history_of(self, partition: int) -> History:
         """The history index, if it holds all of ``partition``'s events so far."""
@@ -610,17 +659,18 @@ def register(app: faust.App, s: Settings) -> None:
     class StreamView(JsonView):
         async def get(self, request: Request, account_id: str) -> aioweb.StreamResponse:
             p = partition_for(account_id, s.partitions)
+            principal = caller(request.headers.get("Authorization", ""), tokens) or ""
             if not owned(p):
-                return await api.forward_stream(request, p)
+                with api.stream_slot(request, principal, peer=False):
+                    return await api.forward_stream(request, p)
             version = stream_from(request)
             history = api.history_of(p)
             if not history.exists(_account_id(account_id)):
                 raise ApiError(404, "account_not_found", "no account has this id",
                                account_id=account_id)
-            if api.streams >= MAX_STREAMS:
-                raise ApiError(503, "too_many_streams", f"this worker already serves "
-                               f"{MAX_STREAMS} event streams; try again later")
-            return await api.stream(request, account_id, p, version)
+            peer = await api.from_peer(request)
+            with api.stream_slot(request, principal, peer):
+                return await api.stream(request, account_id, p, version)
 
     @app.page("/")
     class Page(JsonView):

@@ -5,6 +5,7 @@ cause in the log. A loopback HTTP server stands in for the other worker."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from types import SimpleNamespace
 
 import aiohttp
@@ -83,3 +84,47 @@ def test_a_broker_failure_is_logged_not_told(monkeypatch, caplog):
     assert err.value.status == 503 and err.value.doc["error"] == "broker_unavailable"
     assert "10.1.2.3" not in str(err.value.doc) and "SASL" not in str(err.value.doc)
     assert any("10.1.2.3" in getattr(r, "error", "") for r in caplog.records)
+
+
+def request_from(address: str, headers: dict[str, str] | None = None):
+    transport = SimpleNamespace(get_extra_info=lambda name, default=None:
+                                (address, 50000) if name == "peername" else default,
+                                is_closing=lambda: False)
+    return make_mocked_request("GET", "/accounts/a/stream", headers=headers or {},
+                               transport=transport)
+
+
+def test_one_caller_holds_a_few_streams_not_the_worker(monkeypatch):
+    api = api_owned_by("http://w2:6066")
+    held = contextlib.ExitStack()
+    for _ in range(ledger_web.MAX_STREAMS_PER_CLIENT):
+        held.enter_context(api.stream_slot(request_from("10.0.0.9"), "", peer=False))
+    with pytest.raises(ApiError) as err:
+        held.enter_context(api.stream_slot(request_from("10.0.0.9"), "", peer=False))
+    assert err.value.status == 503 and err.value.doc["error"] == "too_many_streams"
+    with api.stream_slot(request_from("10.0.0.10"), "", peer=False):  # someone else
+        assert api.streams == ledger_web.MAX_STREAMS_PER_CLIENT + 1
+    # a principal is one caller from any address; a header claiming a relay changes
+    # nothing unless it comes from a member's host
+    for i in range(ledger_web.MAX_STREAMS_PER_CLIENT):
+        held.enter_context(api.stream_slot(request_from(f"10.1.0.{i}"), "alice", peer=False))
+    with pytest.raises(ApiError):
+        api.stream_slot(request_from("10.2.0.1"), "alice", peer=False).__enter__()
+    forged = request_from("10.0.0.9", {ledger_web.ROUTED_HEADER: "http://w2:6066"})
+    assert not asyncio.run(api.from_peer(forged))  # w2 does not resolve to 10.0.0.9
+    relayed = request_from("127.0.0.1", {ledger_web.ROUTED_HEADER: "http://localhost:6067"})
+    assert not asyncio.run(api.from_peer(relayed))  # not a member
+    member = api_owned_by("http://localhost:6067")
+    assert asyncio.run(member.from_peer(relayed))
+    held.close()
+    assert api.streams == 0 and api.streams_of == {}
+
+
+def test_a_client_that_stops_reading_is_let_go(monkeypatch):
+    class Stuck:
+        async def write(self, data: bytes) -> None:
+            await asyncio.sleep(60)
+
+    monkeypatch.setattr(ledger_web, "STREAM_WRITE_TIMEOUT_S", 0.05)
+    with pytest.raises(TimeoutError):
+        asyncio.run(ledger_web.write(Stuck(), b"data: x\n\n"))  # type: ignore[arg-type]
