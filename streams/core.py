@@ -19,7 +19,7 @@ import hmac
 from collections.abc import Callable
 from typing import Final
 
-from schemas.money import CURRENCY_SCALE, MAX_AMOUNT_MINOR, MAX_BALANCE_MINOR
+from schemas.money import CURRENCY_SCALE, MAX_AMOUNT_MINOR, MAX_BALANCE_MINOR, format_amount
 from schemas.text import MAX_ID_LENGTH, REFUSED
 
 COMPILED: Final = not __file__.endswith(".py")
@@ -111,38 +111,42 @@ def open_account_rules(exists: bool, account_id: str, status: str, version: int,
     return OK
 
 
-def funds_rule(available: int, overdraft_limit: int, amount: int) -> tuple[str, str]:
+def funds_rule(available: int, overdraft_limit: int, amount: int,
+               currency: str) -> tuple[str, str]:
     """Taking ``amount`` may not bring the available balance below the overdraft limit."""
     if available - amount < -overdraft_limit:
-        return INSUFFICIENT_FUNDS, "".join(["available ", str(available), " minus ",
-                                            str(amount), " is below the limit -",
-                                            str(overdraft_limit)])
+        return INSUFFICIENT_FUNDS, "".join([
+            "available ", format_amount(available, currency), " minus ",
+            format_amount(amount, currency), " would be below the overdraft limit of ",
+            format_amount(overdraft_limit, currency)])
     return OK
 
 
-def fits_rule(total: int, amount: int) -> tuple[str, str]:
+def fits_rule(total: int, amount: int, currency: str) -> tuple[str, str]:
     """A balance (or the held total) stays at most MAX_BALANCE_MINOR."""
     if total + amount > MAX_BALANCE_MINOR:
-        return BALANCE_OUT_OF_RANGE, "would exceed " + str(MAX_BALANCE_MINOR)
+        return BALANCE_OUT_OF_RANGE, "would exceed " + format_amount(MAX_BALANCE_MINOR,
+                                                                     currency)
     return OK
 
 
 def place_hold_rules(exists: bool, hold_id: str, expires_at: int, at: int, held: int,
-                     amount: int, available: int, overdraft_limit: int) -> tuple[str, str]:
+                     amount: int, available: int, overdraft_limit: int,
+                     currency: str) -> tuple[str, str]:
     """Placing a hold at instant ``at``: a new hold id, a future expiry, within range
     and within the funds."""
     if exists:
         return HOLD_ALREADY_EXISTS, "hold " + repr(hold_id) + " is already open"
     if expires_at <= at:
         return INVALID_EXPIRY, "expires_at is not after " + str(at)
-    broken = fits_rule(held, amount)
+    broken = fits_rule(held, amount, currency)
     if broken[0]:
         return broken
-    return funds_rule(available, overdraft_limit, amount)
+    return funds_rule(available, overdraft_limit, amount, currency)
 
 
 def hold_rules(kind: int, hold_id: str, hold: tuple[int, int] | None, at: int,
-               amount: int | None) -> tuple[str, str]:
+               amount: int | None, currency: str) -> tuple[str, str]:
     """Capturing, releasing or expiring a hold (``hold``: its amount and expiry, None if
     it is not open) at instant ``at``; ``amount``: what a capture takes (None: all)."""
     if hold is None:
@@ -154,18 +158,20 @@ def hold_rules(kind: int, hold_id: str, hold: tuple[int, int] | None, at: int,
                                           str(expires_at)])
         captured = held if amount is None else amount
         if captured > held:
-            return CAPTURE_EXCEEDS_HOLD, "".join(["capture ", str(captured), " exceeds hold ",
-                                                  str(held)])
+            return CAPTURE_EXCEEDS_HOLD, "".join([
+                "capture of ", format_amount(captured, currency), " exceeds the hold of ",
+                format_amount(held, currency)])
     elif kind == EXPIRE_HOLD and at < expires_at:
         return HOLD_NOT_EXPIRED, "".join(["hold ", repr(hold_id), " expires at ",
                                           str(expires_at)])
     return OK
 
 
-def close_rules(balance: int, holds: int) -> tuple[str, str]:
+def close_rules(balance: int, holds: int, currency: str) -> tuple[str, str]:
     """Closing: a zero balance and no open hold."""
     if balance != 0:
-        return BALANCE_NOT_ZERO, "".join(["balance is ", str(balance), ", not 0"])
+        return BALANCE_NOT_ZERO, "".join(["balance is ", format_amount(balance, currency),
+                                          ", not 0"])
     if holds:
         return HOLDS_OPEN, str(holds) + " hold(s) still open"
     return OK
@@ -651,19 +657,20 @@ class Core:
         amount = c.amount_minor
         if k == DEPOSIT:
             assert amount is not None
-            return fits_rule(state.balance_minor, amount)
+            return fits_rule(state.balance_minor, amount, state.currency)
         if k in (WITHDRAW, TRANSFER):
             assert amount is not None
-            return funds_rule(state.available_minor, state.overdraft_limit_minor, amount)
+            return funds_rule(state.available_minor, state.overdraft_limit_minor, amount,
+                              state.currency)
         if k == PLACE_HOLD:
             assert amount is not None and c.hold_id is not None and c.expires_at is not None
             return place_hold_rules(c.hold_id in state.holds, c.hold_id, c.expires_at, at,
                                     state.held_minor, amount, state.available_minor,
-                                    state.overdraft_limit_minor)
+                                    state.overdraft_limit_minor, state.currency)
         if k == CLOSE_ACCOUNT:
-            return close_rules(state.balance_minor, len(state.holds))
+            return close_rules(state.balance_minor, len(state.holds), state.currency)
         assert c.hold_id is not None
-        return hold_rules(k, c.hold_id, state.holds.get(c.hold_id), at, amount)
+        return hold_rules(k, c.hold_id, state.holds.get(c.hold_id), at, amount, state.currency)
 
     def _event(self, c: Cmd, state: Account | None) -> bytes:
         """Apply an accepted command to its account; its event's bytes."""

@@ -160,11 +160,12 @@ def _open(state: AccountState | None, command: CommandBase) -> AccountState:
 
 
 def _funds(state: AccountState, amount: int) -> None:
-    _check(core.funds_rule(state.available_minor, state.overdraft_limit_minor, amount))
+    _check(core.funds_rule(state.available_minor, state.overdraft_limit_minor, amount,
+                           state.currency))
 
 
-def _fits(total: int, amount: int) -> None:
-    _check(core.fits_rule(total, amount))
+def _fits(total: int, amount: int, currency: str) -> None:
+    _check(core.fits_rule(total, amount, currency))
 
 
 def _hold(state: AccountState, c: CaptureHold | ReleaseHold | ExpireHold, kind: int,
@@ -172,7 +173,8 @@ def _hold(state: AccountState, c: CaptureHold | ReleaseHold | ExpireHold, kind: 
     hold = state.holds.get(c.hold_id)
     _check(core.hold_rules(kind, c.hold_id,
                            None if hold is None else (hold.amount_minor, hold.expires_at), at,
-                           c.amount_minor if isinstance(c, CaptureHold) else None))
+                           c.amount_minor if isinstance(c, CaptureHold) else None,
+                           state.currency))
     assert hold is not None
     return hold
 
@@ -185,7 +187,7 @@ def _rules(state: AccountState | None, c: CommandBase) -> Payload:
     # Time rules use the instant the event will carry, not the sender's clock alone.
     at = max(c.issued_at, s.updated_at)
     if isinstance(c, Deposit):
-        _fits(s.balance_minor, c.amount_minor)
+        _fits(s.balance_minor, c.amount_minor, s.currency)
         return Deposited.trusted(amount_minor=c.amount_minor)
     if isinstance(c, Withdraw):
         _funds(s, c.amount_minor)
@@ -197,7 +199,7 @@ def _rules(state: AccountState | None, c: CommandBase) -> Payload:
     if isinstance(c, PlaceHold):
         _check(core.place_hold_rules(c.hold_id in s.holds, c.hold_id, c.expires_at, at,
                                      s.held_minor, c.amount_minor, s.available_minor,
-                                     s.overdraft_limit_minor))
+                                     s.overdraft_limit_minor, s.currency))
         return HoldPlaced.trusted(hold_id=c.hold_id, amount_minor=c.amount_minor,
                                   expires_at=c.expires_at)
     if isinstance(c, CaptureHold):
@@ -214,7 +216,7 @@ def _rules(state: AccountState | None, c: CommandBase) -> Payload:
         return HoldReleased.trusted(hold_id=c.hold_id, amount_minor=hold.amount_minor,
                                     reason="expired")
     if isinstance(c, CloseAccount):
-        _check(core.close_rules(s.balance_minor, len(s.holds)))
+        _check(core.close_rules(s.balance_minor, len(s.holds), s.currency))
         return AccountClosed.trusted()
     raise Refused(Reason.INVALID_COMMAND, f"unknown command type {type(c).__name__}")
 

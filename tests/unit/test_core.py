@@ -17,10 +17,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from schemas.codec import CODEC
 from schemas.models import CommandBase, Deposit, PlaceHold, encode_batch
 from streams import processor
 from streams.processor import REJECTIONS, BatchProcessor
-from tests.unit.conftest import T0, Partition, accounts_on, deposit, open_account, triples
+from tests.unit.conftest import (
+    T0,
+    Partition,
+    accounts_on,
+    deposit,
+    open_account,
+    triples,
+    withdraw,
+)
 from tests.unit.test_properties import ACCOUNTS, build, steps
 
 
@@ -122,3 +131,17 @@ def test_a_compiled_core_older_than_its_source_is_stale(tmp_path):
     assert processor.stale(built)  # a checkout whose core.py was edited after the build
     os.utime(built, (3_000, 3_000))
     assert not processor.stale(built)
+
+
+def test_the_cores_rejection_details_speak_in_the_accounts_currency(part, monkeypatch):
+    general: list[str] = []
+    item = BatchProcessor._item
+    monkeypatch.setattr(BatchProcessor, "_item",
+                        lambda self, it: (general.append(it[0]), item(self, it))[1])
+    (a,) = accounts_on(0, 1)
+    bp = part.batch([encode_batch([open_account(a, issued_at=T0), deposit(50, a, issued_at=T0),
+                                   withdraw(80, a, issued_at=T0)])])
+    assert general == []  # all three on the core
+    rejection = [CODEC.decode(v)[1] for k, _, v in triples(bp.outputs) if k == REJECTIONS]
+    assert [r["detail"] for r in rejection] == [
+        "available 0.50 USD minus 0.80 USD would be below the overdraft limit of 0.00 USD"]

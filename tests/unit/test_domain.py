@@ -717,3 +717,18 @@ def test_event_id_is_the_uuid4_of_the_keyed_hash(causation, account, version):
                              key=b"ledger-event-id-v1").digest()
 
     assert event_id(causation, account, version) == str(uuid.UUID(bytes=digest, version=4))
+
+
+def test_rejection_details_speak_in_the_accounts_currency():
+    book = Book()
+    funded(book, 10_000, overdraft=2_500)
+    assert rejected(book.do(withdraw(15_000)), Reason.INSUFFICIENT_FUNDS).detail == \
+        "available 100.00 USD minus 150.00 USD would be below the overdraft limit of 25.00 USD"
+    book.do_all([place_hold(1_000, "h1")])
+    assert rejected(book.do(capture_hold("h1", 1_001)), Reason.CAPTURE_EXCEEDS_HOLD).detail \
+        == "capture of 10.01 USD exceeds the hold of 10.00 USD"
+    assert rejected(book.do(close_account()), Reason.BALANCE_NOT_ZERO).detail == \
+        "balance is 100.00 USD, not 0"
+    funded(book, 7, account_id="Y", currency="JPY")  # no minor unit: yen are whole
+    assert rejected(book.do(withdraw(8, "Y", "JPY")), Reason.INSUFFICIENT_FUNDS).detail == \
+        "available 7 JPY minus 8 JPY would be below the overdraft limit of 0 JPY"
