@@ -272,8 +272,17 @@ class LedgerClient:
         keys = [(c.account_id, c.command_id) for c in commands]
 
         def delivered(err: KafkaError | None, msg: Message) -> None:
+            offset = msg.offset()
             if err is not None:
                 self._fail(keys, DeliveryError(f"command record not delivered: {err.str()}"))
+            elif offset is None or offset < 0:
+                # The idempotent producer reports a batch it did not see acked as
+                # delivered, without an offset, once a later batch of its partition is
+                # acked ("implicit ack"): not proof that it is on the log. Sending the
+                # same commands again is safe (their ids make them one command each).
+                self._fail(keys, DeliveryError(
+                    f"command record acknowledged without an offset ({offset}): not known "
+                    "to be on the log; submit the same commands again"))
             elif self._consumer is None:  # nothing else will resolve these
                 for key, f in self._take(self._waiting, keys):
                     f.set_result(Outcome(key[1], partition=msg.partition(),

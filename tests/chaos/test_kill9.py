@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from producers.client import LedgerClient
 from schemas.codec import CODEC
@@ -53,12 +55,22 @@ ACKED: dict[str, tuple[int | None, int | None]] = {}  # command_id -> where the 
 
 
 def submit_paced(s: Settings, commands: list[CommandBase], seconds: float,
-                 done: threading.Event) -> threading.Thread:
-    """Produce the commands steadily over ``seconds`` (outcomes are checked from the log)."""
+                 done: threading.Event, debug_log: Path | None = None) -> threading.Thread:
+    """Produce the commands steadily over ``seconds`` (outcomes are checked from the log).
+
+    ``debug_log``: where librdkafka's idempotence and message debug log of the run goes,
+    to tell what the producer saw if an acknowledged command is missing."""
 
     def run() -> None:
         ACKED.clear()
         with LedgerClient(s, wait_outcomes=False) as client:
+            if debug_log is not None:
+                logger = logging.getLogger("chaos.librdkafka")
+                logger.propagate = False
+                logger.setLevel(logging.DEBUG)
+                logger.addHandler(logging.FileHandler(debug_log))
+                client.producer = Producer(s.producer_config(**{
+                    "linger.ms": 1, "debug": "eos,msg", "logger": logger}))
             chunk = max(1, len(commands) // int(seconds * 10))
             sent = []
             for i in range(0, len(commands), chunk):
@@ -67,6 +79,7 @@ def submit_paced(s: Settings, commands: list[CommandBase], seconds: float,
             client.flush(120)
             for f in sent:
                 acked = f.result(timeout=0)  # raises DeliveryError for a refused record
+                assert acked.offset is not None and acked.offset >= 0, acked
                 ACKED[acked.command_id] = (acked.partition, acked.offset)
         done.set()
 
@@ -176,13 +189,15 @@ def check_ledger(s: Settings, commands: list[CommandBase], supervisor: Superviso
 
 
 def test_kill9_worker_five_times_and_restart_broker(ledger_settings, start_worker,
-                                                    local_broker):
+                                                    local_broker, tmp_path):
     rng = random.Random(2024)
     s = ledger_settings.model_copy(update={"session_timeout_s": 6.0})
     accounts = [f"acct-{i}" for i in range(300)]
     commands = workload(rng, accounts, 20_000)
     done = threading.Event()
-    producer = submit_paced(s, commands, seconds=50, done=done)
+    debug_log = tmp_path / "librdkafka-eos-msg.log"
+    print(f"\nthe producer's librdkafka log (eos, msg): {debug_log}")
+    producer = submit_paced(s, commands, seconds=50, done=done, debug_log=debug_log)
 
     worker = start_worker("w0", session_timeout_s=6.0, stall_timeout_s=10.0)
     kills = 0
@@ -202,6 +217,7 @@ def test_kill9_worker_five_times_and_restart_broker(ledger_settings, start_worke
     assert done.is_set(), "the producer did not finish"
     assert broker_restarted and kills == 5
     assert len(commands) > 20_000
+    assert "Idempotent producer state" in debug_log.read_text()[:100_000]  # there to read
     check_ledger(s, commands, Supervisor(start_worker, worker))
 
 

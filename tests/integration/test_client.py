@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from producers.client import LedgerClient, QueueFull
+from producers.client import DeliveryError, LedgerClient, QueueFull
 from schemas.models import Deposit, OpenAccount, Transfer
 from streams.processor import partition_for
 
@@ -98,6 +98,42 @@ def test_submit_is_bounded(ledger_settings):
         with pytest.raises(QueueFull):
             client.submit(dep(4), block_s=0.3)
         assert time.monotonic() - started >= 0.3
+
+
+class ImplicitAcks:
+    """The client's producer, reporting every delivery as librdkafka's idempotent
+    producer reports a batch it only infers was written: no error, no offset."""
+
+    class NoOffset:
+        def __init__(self, msg) -> None:
+            self.msg = msg
+
+        def offset(self) -> int:
+            return -1001
+
+        def __getattr__(self, name):
+            return getattr(self.msg, name)
+
+    def __init__(self, producer) -> None:
+        self.producer = producer
+
+    def produce(self, *args, on_delivery, **kw):
+        self.producer.produce(*args, **kw, on_delivery=lambda err, msg: on_delivery(
+            err, self.NoOffset(msg)))
+
+    def __getattr__(self, name):
+        return getattr(self.producer, name)
+
+
+@pytest.mark.parametrize("wait_outcomes", [False, True])
+def test_an_acknowledgement_without_an_offset_is_not_a_delivery(ledger_settings,
+                                                                wait_outcomes):
+    with LedgerClient(ledger_settings, wait_outcomes=wait_outcomes) as client:
+        client.producer = ImplicitAcks(client.producer)
+        f = client.submit(Deposit(command_id="d1", account_id="implicit", actor="t",
+                                  issued_at=now_ms(), amount_minor=1, currency="USD"))
+        with pytest.raises(DeliveryError, match="without an offset"):
+            f.result(timeout=30)
 
 
 def test_http_callers_with_the_same_id_on_two_accounts(ledger_settings, start_worker):
