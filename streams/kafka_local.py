@@ -48,6 +48,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO
@@ -58,6 +59,7 @@ __all__ = [
     "KAFKA_VERSION",
     "BrokerError",
     "LocalBroker",
+    "LocalCluster",
     "cache_dir",
     "ensure_jars",
     "run_foreground",
@@ -321,6 +323,33 @@ def _clean_up_brokers() -> None:
             broker._remove_owned_data_dir()
 
 
+@dataclass(frozen=True)
+class Quorum:
+    """A node's place in a cluster whose nodes are each broker and controller, with a
+    static set of voters (see ``LocalCluster``)."""
+
+    cluster_id: str
+    node_id: int
+    ports: Mapping[int, int]  # node id -> client port
+    controllers: Mapping[int, int]  # node id -> controller port
+
+    def properties(self) -> dict[str, str]:
+        nodes = len(self.ports)
+        replicas, min_isr = str(min(3, nodes)), str(max(1, min(2, nodes - 1)))
+        return {
+            "node.id": str(self.node_id),
+            "controller.quorum.voters": ",".join(
+                f"{i}@{_HOST}:{port}" for i, port in sorted(self.controllers.items())),
+            "offsets.topic.replication.factor": replicas,
+            "transaction.state.log.replication.factor": replicas,
+            "transaction.state.log.min.isr": min_isr,
+            "share.coordinator.state.topic.replication.factor": replicas,
+            "share.coordinator.state.topic.min.isr": min_isr,
+            "default.replication.factor": replicas,
+            "min.insync.replicas": min_isr,
+        }
+
+
 class LocalBroker:
     """One Kafka broker process (KRaft, node 1, broker+controller) on 127.0.0.1.
 
@@ -347,7 +376,9 @@ class LocalBroker:
         port: int | None = None,
         extra_properties: dict[str, str] | None = None,
         users: Mapping[str, str] | None = None,
+        quorum: Quorum | None = None,
     ) -> None:
+        self._quorum = quorum
         if users is not None:
             if "admin" not in users:
                 raise BrokerError("a secured broker needs an `admin` user")
@@ -432,21 +463,12 @@ class LocalBroker:
         if self.is_running():
             raise BrokerError(f"broker already running (pid {self.pid})")
         deadline = time.monotonic() + timeout_s
-        lib = ensure_jars()
-        java = shutil.which("java")
-        if java is None:
-            raise BrokerError("`java` (17 or newer) is not on PATH")
-        self._data_dir.mkdir(parents=True, exist_ok=True)
-        _brokers_to_clean_up.add(self)
         for attempt in range(1, _PORT_ATTEMPTS + 1):
             # A port picked by _free_ports can be taken by someone else before
             # the JVM binds it; picking again is only fine while we choose freely.
             may_repick = self._port is None and self._requested_port is None
-            self._choose_ports()
-            config = self._write_config()
-            self._format_storage(java, lib, config, deadline)
             started = time.monotonic()
-            self._spawn(java, lib, config)
+            self.launch(deadline)
             try:
                 self._wait_until_ready(deadline)
                 break
@@ -461,6 +483,20 @@ class LocalBroker:
             KAFKA_VERSION, self.bootstrap_servers, time.monotonic() - started,
             self.pid, self._data_dir,
         )  # fmt: skip
+
+    def launch(self, deadline: float) -> None:
+        """Write the configuration, format the storage (once) and start the process,
+        without waiting for it (a cluster's nodes need each other to be ready)."""
+        lib = ensure_jars()
+        java = shutil.which("java")
+        if java is None:
+            raise BrokerError("`java` (17 or newer) is not on PATH")
+        self._data_dir.mkdir(parents=True, exist_ok=True)
+        _brokers_to_clean_up.add(self)
+        self._choose_ports()
+        config = self._write_config()
+        self._format_storage(java, lib, config, deadline)
+        self._spawn(java, lib, config)
 
     def stop(self, timeout_s: float = 30) -> None:
         """SIGTERM the broker (a clean shutdown); SIGKILL it if still alive after ``timeout_s``."""
@@ -515,6 +551,10 @@ class LocalBroker:
 
     def _choose_ports(self) -> None:
         if self._port is not None and self._controller_port is not None:
+            return
+        if self._quorum is not None:
+            self._port = self._quorum.ports[self._quorum.node_id]
+            self._controller_port = self._quorum.controllers[self._quorum.node_id]
             return
         previous = self._previous_ports()
         if previous is not None and all(_port_is_free(p) for p in previous):
@@ -578,6 +618,9 @@ class LocalBroker:
         }
         if self._users is not None:
             props |= self._security_properties()
+        if self._quorum is not None:
+            props |= self._quorum.properties()
+            del props["controller.quorum.bootstrap.servers"]
         props.update(self._extra_properties)
         config = self._data_dir / "server.properties"
         _write_properties(config, props)
@@ -630,7 +673,8 @@ class LocalBroker:
         cmd = self._java(
             java, lib, "kafka.tools.StorageTool", "format",
             # "=" form: a base64 id may start with "-" and read as an option
-            f"--cluster-id={_random_cluster_id()}", "-c", str(config), "--standalone",
+            f"--cluster-id={self._quorum.cluster_id if self._quorum else _random_cluster_id()}",
+            "-c", str(config), *(() if self._quorum else ("--standalone",)),
             *(f"--add-scram=SCRAM-SHA-512=[name={name},password={password}]"
               for name, password in (self._users or {}).items()),
         )  # fmt: skip
@@ -724,6 +768,73 @@ class LocalBroker:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+
+
+class LocalCluster:
+    """``nodes`` brokers on 127.0.0.1, each also a controller (a static quorum of voters),
+    for tests of what a deployment meets: a partition's leader dying mid-stream.
+
+    Internal topics get replication factor 3 and ``min.insync.replicas`` 2 (with three
+    nodes), as do topics created without a replication factor. ``kill(node)`` and
+    ``start_node(node)`` take one node down and bring it back on its ports and data.
+    """
+
+    def __init__(self, nodes: int = 3, data_dir: Path | None = None) -> None:
+        self._owns_data_dir = data_dir is None
+        self.data_dir = Path(data_dir) if data_dir is not None else \
+            Path(tempfile.mkdtemp(prefix="ledger-kafka-cluster-"))
+        ids = range(1, nodes + 1)
+        ports = _free_ports(2 * nodes)
+        client = dict(zip(ids, ports[:nodes], strict=True))
+        controllers = dict(zip(ids, ports[nodes:], strict=True))
+        cluster_id = _random_cluster_id()
+        self.nodes = {i: LocalBroker(self.data_dir / f"node{i}",
+                                     quorum=Quorum(cluster_id, i, client, controllers))
+                      for i in ids}
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return ",".join(node.bootstrap_servers for node in self.nodes.values())
+
+    def start(self, timeout_s: float = 180) -> None:
+        """Start every node, and return once each answers metadata requests."""
+        deadline = time.monotonic() + timeout_s
+        for node in self.nodes.values():
+            if not node.is_running():
+                node.launch(deadline)
+        for node in self.nodes.values():  # a node is ready only once a quorum is up
+            node._wait_until_ready(deadline)
+        log.info("Kafka cluster of %d nodes up on %s", len(self.nodes), self.bootstrap_servers)
+
+    def start_node(self, node_id: int, timeout_s: float = 90) -> None:
+        node = self.nodes[node_id]
+        deadline = time.monotonic() + timeout_s
+        node.launch(deadline)
+        node._wait_until_ready(deadline)
+
+    def kill(self, node_id: int) -> None:
+        """SIGKILL one node: no clean shutdown, no leadership handed over first."""
+        self.nodes[node_id].kill()
+
+    def leader_of(self, topic: str, partition: int) -> int:
+        """The node that leads ``topic[partition]`` now (-1: none)."""
+        admin = AdminClient({"bootstrap.servers": self.bootstrap_servers, "log_level": 2})
+        return int(admin.list_topics(topic, timeout=10).topics[topic].partitions[partition].leader)
+
+    def stop(self) -> None:
+        """Kill every node (the last ones of a quorum cannot shut down cleanly: they wait
+        for the controllers that are gone); the data of a temporary cluster goes too."""
+        for node in self.nodes.values():
+            node.kill()
+        if self._owns_data_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 # --------------------------------------------------------------------- foreground

@@ -3,7 +3,6 @@ wait for their outcomes: what each client was told is what the log holds, once."
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import threading
@@ -14,15 +13,19 @@ import pytest
 from producers.client import LedgerClient, Outcome
 from schemas.models import CommandBase, encode
 from streams.engine import CRASH_POINTS
-from tests.chaos.test_kill9 import Supervisor, check_ledger, outcomes_by_command, workload
+from tests.chaos.test_kill9 import (
+    Supervisor,
+    check_ledger,
+    outcomes_by_command,
+    seed,
+    workload,
+)
 
 pytestmark = [pytest.mark.kafka, pytest.mark.chaos]
 
-SEED = int(os.environ.get("LEDGER_CHAOS_SEED", "11"))
-
 
 def test_a_crash_at_every_step_of_the_commit_path(ledger_settings, start_worker):
-    rng = random.Random(SEED)
+    rng = random.Random(seed(11))
     s = ledger_settings.model_copy(update={"session_timeout_s": 6.0})
     commands = workload(rng, [f"acct-{i}" for i in range(80)], 40_000)
     crashes_done = threading.Event()

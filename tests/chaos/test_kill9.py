@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 import time
@@ -49,6 +50,11 @@ def workload(rng: random.Random, accounts: list[str], n: int) -> list[CommandBas
                                 issued_at=next(t), amount_minor=rng.randint(1, 9_000),
                                 currency="USD"))
     return out
+
+
+def seed(default: int) -> int:
+    """``LEDGER_CHAOS_SEED`` if set (tests/chaos/loop.py sets it), else the test's own."""
+    return int(os.environ.get("LEDGER_CHAOS_SEED", default))
 
 
 ACKED: dict[str, tuple[int | None, int | None]] = {}  # command_id -> where the broker put it
@@ -190,7 +196,7 @@ def check_ledger(s: Settings, commands: list[CommandBase], supervisor: Superviso
 
 def test_kill9_worker_five_times_and_restart_broker(ledger_settings, start_worker,
                                                     local_broker, tmp_path):
-    rng = random.Random(2024)
+    rng = random.Random(seed(2024))
     s = ledger_settings.model_copy(update={"session_timeout_s": 6.0})
     accounts = [f"acct-{i}" for i in range(300)]
     commands = workload(rng, accounts, 20_000)
@@ -222,7 +228,7 @@ def test_kill9_worker_five_times_and_restart_broker(ledger_settings, start_worke
 
 
 def test_two_workers_one_killed_the_other_takes_over(ledger_settings, start_worker):
-    rng = random.Random(7)
+    rng = random.Random(seed(7))
     s = ledger_settings.model_copy(update={"session_timeout_s": 6.0})
     accounts = [f"acct-{i}" for i in range(200)]
     commands = workload(rng, accounts, 8_000)

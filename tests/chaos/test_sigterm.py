@@ -8,13 +8,13 @@ import time
 
 import pytest
 
-from tests.chaos.test_kill9 import Supervisor, check_ledger, submit_paced, workload
+from tests.chaos.test_kill9 import Supervisor, check_ledger, seed, submit_paced, workload
 
 pytestmark = [pytest.mark.kafka, pytest.mark.chaos]
 
 
 def test_sigterm_restart_loses_and_doubles_nothing(ledger_settings, start_worker):
-    rng = random.Random(11)
+    rng = random.Random(seed(11))
     s = ledger_settings.model_copy(update={"session_timeout_s": 6.0})
     commands = workload(rng, [f"acct-{i}" for i in range(100)], 5_000)
     done = threading.Event()
