@@ -259,6 +259,7 @@ class TransferLeg(Model):
     actor: str
     correlation_id: str | None = None
     reason: str | None = None
+    expires_at: int = 0  # 0: a leg of the first version (see LegSigner)
     signature: bytes = b""
 
     @property

@@ -631,7 +631,7 @@ class Core:
             self.outputs.append(Output("events", key, value))
             if k == TRANSFER:
                 assert state is not None
-                self._credit_leg(c, state.updated_at)
+                self._credit_leg(c, state.updated_at, expires_at)
         self.writes[okey] = encode_outcome(self.h, content_digest(_content(c)), value,
                                            bool(reason), expires_at)
         self.retained.append((expires_at, okey))
@@ -746,8 +746,9 @@ class Core:
         out += payload
         return bytes(out)
 
-    def _credit_leg(self, c: Cmd, occurred_at: int) -> None:
-        """The credit leg of an accepted transfer, signed, to the destination's partition."""
+    def _credit_leg(self, c: Cmd, occurred_at: int, expires_at: int) -> None:
+        """The credit leg of an accepted transfer, signed, to the destination's partition
+        (``leg_secret``: the processor's LegSigner key)."""
         assert c.to_account_id is not None and c.amount_minor is not None
         assert c.currency is not None
         body = bytearray()
@@ -761,6 +762,7 @@ class Core:
         write_str(body, c.actor)
         write_opt_str(body, c.correlation_id)
         body.append(0)  # no reason
+        write_long(body, expires_at)
         unsigned = bytes(body)
         signature = hmac.new(self.leg_secret, unsigned + b"\0", hashlib.sha256).digest()
         out = bytearray(self.h.leg)

@@ -135,7 +135,7 @@ def decide(state: AccountState | None, command: CommandBase) -> Outcome:
             kind="CREDIT", transfer_id=command.command_id, from_account_id=command.account_id,
             to_account_id=command.to_account_id, amount_minor=command.amount_minor,
             currency=command.currency, issued_at=event.occurred_at, actor=command.actor,
-            correlation_id=command.correlation_id, reason=None, signature=b"",
+            correlation_id=command.correlation_id, reason=None, expires_at=0, signature=b"",
         ),)
     return Outcome(events=(event,), legs=legs, state_after=after)
 
@@ -254,7 +254,8 @@ def decide_leg(state: AccountState | None, leg: TransferLeg) -> Outcome:
     elif state.balance_minor + leg.amount_minor > MAX_BALANCE_MINOR:
         reason = Reason.BALANCE_OUT_OF_RANGE
     if reason is not None:
-        refund = leg.replace(kind="REFUND", reason=reason.value, signature=b"")
+        refund = leg.replace(kind="REFUND", reason=reason.value, expires_at=0,
+                              signature=b"")
         rejection = Rejection.trusted(
             command_id=leg.leg_id, account_id=leg.to_account_id, command_type="TransferCredit",
             reason=reason.value, detail=f"transfer {leg.transfer_id} refunded to "

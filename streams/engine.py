@@ -154,7 +154,7 @@ class Engine:
     def __init__(self, settings: Settings, db_for: Callable[[int], Any]) -> None:
         self.s = settings
         self.db_for = db_for
-        self.signer = LegSigner(settings.leg_secret.get_secret_value().encode())
+        self.signer = LegSigner(settings.leg_secret.get_secret_value().encode(), settings.app_id)
         if settings.schema_registry_url:
             CODEC.use_registry(settings.schema_registry_url)
         self._errors: list[str] = []

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import logging
 import operator
 import struct
@@ -38,6 +39,7 @@ from collections.abc import Callable, Iterable
 from functools import cache, lru_cache
 from pathlib import Path
 
+import fastavro
 from aiokafka.partitioner import murmur2
 from pydantic import ValidationError
 
@@ -161,20 +163,40 @@ def _str_or_none(value: object) -> str | None:
 
 
 class LegSigner:
-    """HMAC over a leg's content: only a worker that recorded the debit can make one."""
+    """HMAC over a leg's content: only a worker of this ledger that recorded the debit
+    can make one.
 
-    def __init__(self, secret: bytes) -> None:
+    The key is derived from the leg secret and the ledger's ``app_id``, so a leg of
+    another ledger sharing the secret does not verify here. A leg of the first version
+    (no ``expires_at``) was signed with the secret itself over that version's body: it
+    still verifies, so a transfer in flight across an upgrade is credited.
+    """
+
+    def __init__(self, secret: bytes, app_id: str = "ledger") -> None:
         self.secret = secret
+        self.key = hmac.new(secret, b"ledger transfer leg\0" + app_id.encode(),
+                            hashlib.sha256).digest()
 
     def _mac(self, leg: TransferLeg) -> bytes:
-        body = CODEC.body(TransferLeg.avro_name, {**leg.to_avro(), "signature": b""})
-        return hmac.new(self.secret, body, hashlib.sha256).digest()
+        datum = {**leg.to_avro(), "signature": b""}
+        if leg.expires_at:
+            body = CODEC.body(TransferLeg.avro_name, datum)
+            return hmac.new(self.key, body, hashlib.sha256).digest()
+        del datum["expires_at"]
+        buf = io.BytesIO()
+        fastavro.schemaless_writer(buf, _FIRST_LEG.parsed, datum)
+        return hmac.new(self.secret, buf.getvalue(), hashlib.sha256).digest()
 
     def sign(self, leg: TransferLeg) -> TransferLeg:
         return leg.replace(signature=self._mac(leg))
 
     def verify(self, leg: TransferLeg) -> bool:
         return hmac.compare_digest(leg.signature, self._mac(leg))
+
+
+# TransferLeg as first published, without expires_at (its legs are still verified).
+_FIRST_LEG = next(s for s in CODEC.by_fingerprint.values()
+                  if s.name == TransferLeg.avro_name and not s.current)
 
 
 def core_build() -> str:
@@ -264,7 +286,7 @@ class BatchProcessor:
         if self._headers is not None:
             self._core = Core(self._headers, partition, self._partition_of, _decode_account,
                               read, self._accounts, self._dirty, self._writes, self._retained,
-                              self.outputs, self.stats, window_ms, signer.secret,
+                              self.outputs, self.stats, window_ms, signer.key,
                               max_skew_ms)
 
     # ------------------------------------------------------------ reads
@@ -424,6 +446,12 @@ class BatchProcessor:
             self.dead_letter(key, value, topic, offset, "leg on the wrong partition",
                              "wrong_partition")
             return
+        assert self._now is not None
+        if leg.expires_at and leg.expires_at <= self._now:
+            # its id may be forgotten here by now: applying it could apply it twice
+            self.dead_letter(key, value, topic, offset, f"leg expired at {leg.expires_at}",
+                             "expired_leg")
+            return
         okey = leg_outcome_key(leg.account_id, leg.leg_id, leg.from_account_id)
         # What the leg says, not its bytes: the signature covers the decoded content, so
         # the same leg in other bytes (a non-minimal varint) verifies too, and must not
@@ -472,12 +500,12 @@ class BatchProcessor:
             assert outcome.state_after is not None
             self._accounts[account_id] = to_account(outcome.state_after)
             self._dirty.add(account_id)
-        for leg in outcome.legs:
-            self.stats.legs += 1
-            signed = self.signer.sign(leg)
-            self.outputs.append(Output(TRANSFERS, signed.account_id.encode(), encode(signed)))
         assert self._now is not None
         expires_at = self._now + self.window_ms
+        for leg in outcome.legs:  # refused, like a command id, once no longer remembered
+            self.stats.legs += 1
+            signed = self.signer.sign(leg.replace(expires_at=expires_at))
+            self.outputs.append(Output(TRANSFERS, signed.account_id.encode(), encode(signed)))
         self._writes[okey] = CODEC.encode(CommandOutcome.avro_name, {
             "digest": digest, "records": records, "rejected": outcome.rejection is not None,
             "expires_at": expires_at})

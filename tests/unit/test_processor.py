@@ -37,6 +37,7 @@ from streams.processor import (
 from tests.unit.conftest import (
     ACTOR,
     PARTITIONS,
+    SECRET,
     T0,
     Partition,
     account_off,
@@ -587,6 +588,45 @@ def test_a_replayed_leg_re_encoded_has_no_second_effect(part):
 
     assert again.stats.replays == 1 and events_of(again)[0].balance_after_minor == 40
     assert state_in(part, B).balance_minor == 40
+
+
+def test_a_transfer_sends_its_leg_with_the_window_as_its_expiry(part):
+    part.batch([encode_batch([open_account(A), deposit(100, A)])])
+    bp = part.batch([encode_batch([transfer(30, to=account_off(0), account_id=A)])])
+    (leg,) = [TransferLeg.from_avro(CODEC.decode(v)[1]) for k, _, v in triples(bp.outputs)
+              if k == TRANSFERS]
+    assert leg.expires_at == part.clock + WINDOW
+    assert part.signer.verify(leg)
+    assert not part.signer.verify(leg.replace(expires_at=leg.expires_at + 1))
+
+
+def test_a_leg_past_its_expiry_is_a_dead_letter_not_a_second_credit(part):
+    """The exact bytes of a leg, captured and sent again once its id is forgotten at
+    the destination, would credit it again: past its expiry a leg is refused."""
+    part.batch([encode_batch([open_account(B)])])
+    value = encode(part.signer.sign(credit_leg(40, expires_at=part.clock + WINDOW)))
+    part.batch(legs=[value])
+    assert state_in(part, B).balance_minor == 40
+
+    part.clock += WINDOW  # its expiry: the id is forgotten from here on
+    again = part.batch(legs=[value])
+
+    assert again.stats.dead_letters == 1 and events_of(again) == []
+    (dead,) = [o for o in again.outputs if o.kind == DLQ]
+    assert dict(dead.headers)["error_code"] == b"expired_leg" and dead.value == value
+    assert state_in(part, B).balance_minor == 40
+
+
+def test_a_leg_of_another_ledger_with_the_same_secret_is_forged(part):
+    part.batch([encode_batch([open_account(B)])])
+    other = LegSigner(SECRET, app_id="another-ledger")
+    value = encode(other.sign(credit_leg(40, expires_at=part.clock + WINDOW)))
+
+    bp = part.batch(legs=[value])
+
+    assert bp.stats.dead_letters == 1 and events_of(bp) == []
+    (dead,) = [o for o in bp.outputs if o.kind == DLQ]
+    assert dict(dead.headers)["error_code"] == b"forged_leg"
 
 
 def test_a_leg_stored_with_the_digest_of_its_bytes_is_still_a_replay(part):

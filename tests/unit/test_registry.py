@@ -271,7 +271,8 @@ def a_v1_event(payload: tuple[str, Record]) -> Record:
 def a_leg() -> Record:
     return {"kind": "REFUND", "transfer_id": "t", "from_account_id": "A", "to_account_id": "B",
             "amount_minor": 1, "currency": "USD", "issued_at": T0, "actor": ACTOR,
-            "correlation_id": "trace", "reason": "account_closed", "signature": b"\x01\x02"}
+            "correlation_id": "trace", "reason": "account_closed", "expires_at": T0 + 1,
+            "signature": b"\x01\x02"}
 
 
 def a_batch() -> Record:
