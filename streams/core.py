@@ -772,6 +772,29 @@ class Core:
         self.outputs.append(Output("transfers", c.to_account_id.encode(), bytes(out)))
 
 
+def wrap_changes(changes: dict[bytes, bytes | None], known: dict[bytes, bytes | None],
+                 previous: Callable[[bytes], bytes | None], tag_commands: int,
+                 tag_transfers: int) -> dict[bytes, bytes | None]:
+    """Store records (key -> value carrying its undo information, None deletes) for a
+    step's changes: ``tag_commands (8) | tag_transfers (8) | len(prev) (4, -1 = none) |
+    prev | new`` (see ``streams.state``). ``known``: values read already; ``previous``
+    reads the others."""
+    tag = tag_commands.to_bytes(8, "big", signed=True) + \
+        tag_transfers.to_bytes(8, "big", signed=True)
+    none = tag + b"\xff\xff\xff\xff"
+    out: dict[bytes, bytes | None] = {}
+    for key, new in changes.items():
+        if new is None:
+            out[key] = None
+            continue
+        prev = known[key] if key in known else previous(key)
+        if prev is None:
+            out[key] = none + new
+        else:
+            out[key] = b"".join([tag, len(prev).to_bytes(4, "big"), prev, new])
+    return out
+
+
 def expiry_key(expires_at: int, account_id: str, hold_id: str) -> bytes:
     """The hold expiry index: ``x<expires_at:8><account>\\0<hold_id>``."""
     return b"".join([b"x", expires_at.to_bytes(8, "big", signed=True), account_id.encode(),

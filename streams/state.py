@@ -22,6 +22,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from streams.core import wrap_changes
+
 CHECKPOINT_KEY = b"\x00checkpoint"
 FAUST_OFFSET_KEY = b"__faust\0offset__"
 _HEAD = struct.Struct(">qqi")
@@ -111,10 +113,7 @@ class PartitionView:
                 unwrap(self.db.get(key), self.checkpoint)
             return value
 
-    def changes_to_records(self, changes: Mapping[bytes, bytes | None],
+    def changes_to_records(self, changes: dict[bytes, bytes | None],
                            tag: tuple[int, int]) -> dict[bytes, bytes | None]:
         """Store records (key -> wrapped value, None deletes) for a batch's changes."""
-        out: dict[bytes, bytes | None] = {}
-        for key, new in changes.items():
-            out[key] = None if new is None else wrap(tag, self.get(key), new)
-        return out
+        return wrap_changes(changes, self._read, self.get, *tag)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from streams.core import wrap_changes
 from streams.state import CHECKPOINT_KEY, Checkpoint, PartitionView, unwrap, wrap
 
 
@@ -121,3 +124,15 @@ def test_a_checkpoint_written_as_json_still_reads():
         Checkpoint(9, 3)
     assert Checkpoint.decode(b'{"commands": 9, "transfers": 3, "pending": [12, 4]}') == \
         Checkpoint(9, 3, (12, 4))
+
+
+@given(st.dictionaries(st.binary(max_size=6), st.one_of(st.none(), st.binary(max_size=40))),
+       st.dictionaries(st.binary(max_size=6), st.one_of(st.none(), st.binary(max_size=40))),
+       st.integers(-1, 2**62), st.integers(-1, 2**62))
+def test_the_cores_wrap_is_the_reference_wrap(changes, stored, tag_c, tag_x):
+    """streams.core.wrap_changes (compiled) writes what streams.state.wrap does, whether a
+    previous value was read already (``known``) or is read now."""
+    known = dict(list(stored.items())[::2])
+    got = wrap_changes(changes, known, lambda k: stored.get(k), tag_c, tag_x)
+    assert got == {k: None if v is None else wrap((tag_c, tag_x), stored.get(k), v)
+                   for k, v in changes.items()}
