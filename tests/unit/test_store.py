@@ -19,7 +19,8 @@ def test_partition_stores_share_one_cache_that_holds_their_memtables_and_indexes
         for n in range(60_000):
             dbs[n % 6][b"i" + os.urandom(24)] = os.urandom(1500)
         # memtables of all partitions are charged to the one cache, and bounded
-        assert 0 < memtables.get_usage() <= store.MEMTABLE_BYTES * 1.1
+        # (writes never stall: while a flush is under way they may pass it a little)
+        assert 0 < memtables.get_usage() <= store.MEMTABLE_BYTES * 1.5
         assert cache.get_usage() > before
         # table files were written (the memtables were flushed), and reading them
         # goes through the same cache, whose size does not grow past its capacity
