@@ -102,11 +102,17 @@ def test_the_core_and_the_general_path_give_the_same_bytes(script, cuts, picks, 
     assert fast[1] == general[1]
 
 
-def test_the_core_takes_opens_deposits_and_withdrawals(part, monkeypatch):
-    general: list[str] = []
+@pytest.fixture
+def general(monkeypatch) -> list[str]:
+    """The commands that went to the general path (their record names), in order."""
+    seen: list[str] = []
     item = BatchProcessor._item
     monkeypatch.setattr(BatchProcessor, "_item",
-                        lambda self, it: (general.append(it[0]), item(self, it))[1])
+                        lambda self, it: (seen.append(it[0]), item(self, it))[1])
+    return seen
+
+
+def test_the_core_takes_opens_deposits_and_withdrawals(part, general):
     (a,) = accounts_on(0, 1)
     part.batch([encode_batch([open_account(a, issued_at=T0), deposit(50, a, issued_at=T0)])])
     assert general == []
@@ -133,11 +139,7 @@ def test_a_compiled_core_older_than_its_source_is_stale(tmp_path):
     assert not processor.stale(built)
 
 
-def test_the_cores_rejection_details_speak_in_the_accounts_currency(part, monkeypatch):
-    general: list[str] = []
-    item = BatchProcessor._item
-    monkeypatch.setattr(BatchProcessor, "_item",
-                        lambda self, it: (general.append(it[0]), item(self, it))[1])
+def test_the_cores_rejection_details_speak_in_the_accounts_currency(part, general):
     (a,) = accounts_on(0, 1)
     bp = part.batch([encode_batch([open_account(a, issued_at=T0), deposit(50, a, issued_at=T0),
                                    withdraw(80, a, issued_at=T0)])])
