@@ -242,7 +242,13 @@ def create_app(s: Settings) -> faust.App:
         # On a clean stop Faust closes the tables' stores before it stops the agents:
         # the batch in hand would write to (or open) a closed store. This runs between
         # the consumer's stop and the tables' (where Faust would wait for its streams).
-        await finish("stopping", "in_hand", "step")
+        # Faust also runs it when partitions are revoked in a rebalance: then only the
+        # step being committed is waited for, as the batch in hand takes its next step
+        # once the rebalance is over (waiting for it would wait for ourselves).
+        if app.should_stop:
+            await finish("stopping", "in_hand", "step")
+        else:
+            await finish("rebalance", "step")
         await wait_empty(consumer, logger)
 
     app._consumer_wait_empty = finish_batch_before_tables_close  # type: ignore[method-assign]
