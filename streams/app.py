@@ -34,7 +34,7 @@ from streams.engine import Engine, PartitionInput, Record
 from streams.processor import core_build, parse_expiry_key
 from streams.settings import Settings
 from streams.state import PartitionView
-from streams.store import STORE_OPTIONS, use_shared_budget
+from streams.store import STORE_OPTIONS, unpack_outcome_logs, use_shared_budget
 from streams.topics import end_offsets
 
 log = logging.getLogger("ledger.worker")
@@ -192,6 +192,7 @@ def create_app(s: Settings) -> faust.App:
     accounts = app.Table("accounts", key_type=bytes, value_type=bytes, partitions=s.partitions,
                          options=dict(STORE_OPTIONS))
     use_shared_budget(accounts)
+    unpack_outcome_logs(accounts)
     engine = Engine(s, lambda p: accounts.data._db_for_partition(p))  # type: ignore[attr-defined]
     app.ledger_engine = engine  # type: ignore[attr-defined]
     app.accounts_table = accounts  # type: ignore[attr-defined]

@@ -56,10 +56,12 @@ from streams.processor import (
     TRANSFERS,
     BatchProcessor,
     LegSigner,
+    outcome_log_key,
+    pack_records,
     partition_for,
 )
 from streams.settings import Settings
-from streams.state import CHECKPOINT_KEY, FAUST_OFFSET_KEY, Checkpoint, PartitionView
+from streams.state import CHECKPOINT_KEY, FAUST_OFFSET_KEY, Checkpoint, PartitionView, wrap
 
 log = logging.getLogger("ledger.engine")
 
@@ -291,7 +293,7 @@ class Engine:
                                             inputs[p].legs, report))
             w = self._decide(p, view, inp)
             if w is not None:
-                w.changes = w.processor.finish()
+                w.changes = w.processor.finish(w.tag)
                 work.append(w)
                 if self._uncommitted:
                     self.crash.reached("deciding-next")
@@ -394,8 +396,14 @@ class Engine:
         for w in work:
             records = w.view.changes_to_records(w.changes, w.tag)
             done = w.view.checkpoint.advanced(*w.tag)
+            # RocksDB gets every record; the changelog gets the outcome records of the
+            # step in one record (streams.processor.outcome_log_key)
+            outcomes = [(key, value) for key, value in records.items() if key[:1] == b"i"]
             state.extend((changelog, w.partition, key, value, None)
-                         for key, value in records.items())
+                         for key, value in records.items() if key[:1] != b"i")
+            if outcomes:
+                state.append((changelog, w.partition, outcome_log_key(w.tag),
+                              wrap(w.tag, None, pack_records(outcomes)), None))
             state.append((changelog, w.partition, CHECKPOINT_KEY, done.encode(), None))
             staged.append((w, records, done))
         if self.crash.armed("state-half"):
@@ -451,7 +459,7 @@ class Engine:
         if w is None:  # nothing was in the range after all
             raise DeliveryFailed(f"partition {p}: pending batch {ck.pending} has no inputs")
         w.tag = ck.pending
-        w.changes = w.processor.finish()
+        w.changes = w.processor.finish(w.tag)
         await self._commit([w])
         report.resolved_pending += 1
 

@@ -122,6 +122,49 @@ def retention_records(outcomes: Iterable[tuple[int, bytes]]) -> dict[bytes, byte
     return {retention_key(at, okeys[0]): _SEP.join(okeys[1:]) for at, okeys in groups.items()}
 
 
+def outcome_log_key(tag: tuple[int, int]) -> bytes:
+    """The changelog record that carries a step's outcome records (``o`` + the step's
+    last input offsets). The changelog holds one such record per step and partition,
+    not one record per outcome; RocksDB holds the outcome records themselves, and
+    recovery from the changelog unpacks them (``streams.store.unpack_outcome_logs``).
+    It is forgotten like an outcome, a window after its step."""
+    return b"o" + _MS.pack(tag[0]) + _MS.pack(tag[1])
+
+
+_LEN = struct.Struct(">i")
+
+
+def pack_records(records: Iterable[tuple[bytes, bytes | None]]) -> bytes:
+    """Store records in one value: ``len(key) | key | len(value) (-1: delete) | value``."""
+    out = bytearray()
+    for key, value in records:
+        out += _LEN.pack(len(key))
+        out += key
+        if value is None:
+            out += _LEN.pack(-1)
+        else:
+            out += _LEN.pack(len(value))
+            out += value
+    return bytes(out)
+
+
+def unpack_records(raw: bytes) -> list[tuple[bytes, bytes | None]]:
+    out: list[tuple[bytes, bytes | None]] = []
+    i = 0
+    while i < len(raw):
+        (n,) = _LEN.unpack_from(raw, i)
+        key = raw[i + 4:i + 4 + n]
+        i += 4 + n
+        (n,) = _LEN.unpack_from(raw, i)
+        i += 4
+        if n < 0:
+            out.append((key, None))
+        else:
+            out.append((key, raw[i:i + n]))
+            i += n
+    return out
+
+
 def leg_outcome_key(account_id: str, leg_id: str, from_account_id: str) -> bytes:
     """A leg's outcome key at the account that receives it. It names the transfer's
     source: a destination hears from many sources, whose transfer ids (command ids,
@@ -537,8 +580,12 @@ class BatchProcessor:
         self.outputs.append(Output(REJECTIONS, rejection.account_id.encode(), value))
         return value
 
-    def finish(self) -> dict[bytes, bytes | None]:
-        """The store keys this batch changes (None deletes), accounts encoded once each."""
+    def finish(self, tag: tuple[int, int] | None = None) -> dict[bytes, bytes | None]:
+        """The store keys this batch changes (None deletes), accounts encoded once each.
+
+        ``tag``: the step's last input offsets, when its outcome records go to the
+        changelog in one record (``outcome_log_key``), which is then indexed for
+        forgetting with them."""
         h = self._headers
         for account_id in self._dirty:
             state = self._accounts[account_id]
@@ -549,6 +596,8 @@ class BatchProcessor:
         if self._now is not None:
             self._forget(self._now)
             self._index(self._now)
+            if tag is not None and any(key[:1] == b"i" for key in self._writes):
+                self._retain([(self._now + self.window_ms, outcome_log_key(tag))])
             if self._writes:  # the clock matters only next to what is stored
                 self._writes[CLOCK_KEY] = _MS.pack(self._now)
         return self._writes
@@ -599,6 +648,9 @@ class BatchProcessor:
             self._writes[key] = value
 
     def _forget_outcome(self, okey: bytes, expires_at: int) -> None:
+        if okey[:1] == b"o":  # a step's outcome log: its outcomes are forgotten by now
+            self._writes[okey] = None
+            return
         stored = self._stored(okey)
         # the id may have been decided again since, as a new command: keep that one
         if stored is not None and stored.expires_at == expires_at:

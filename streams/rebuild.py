@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
@@ -43,6 +43,8 @@ from streams.processor import (
     account_key,
     leg_outcome_key,
     outcome_key,
+    outcome_log_key,
+    pack_records,
     partition_for,
     retention_records,
 )
@@ -55,6 +57,22 @@ log = logging.getLogger("ledger.rebuild")
 
 # An outcome record rebuilt from the log: the command's content is not known.
 UNKNOWN_DIGEST = b""
+LOG_BYTES = 1 << 20  # the outcome records in one changelog record, about
+
+
+@dataclass
+class OutcomeLog:
+    """Outcome records packed into one changelog record (streams.processor)."""
+
+    key: bytes
+    expires_at: int = 0  # the last of its outcomes'
+    size: int = 0
+    records: list[tuple[bytes, bytes | None]] = field(default_factory=list)
+
+    def add(self, okey: bytes, value: bytes, expires_at: int) -> None:
+        self.records.append((okey, value))
+        self.size += len(okey) + len(value)
+        self.expires_at = max(self.expires_at, expires_at)
 
 
 @dataclass
@@ -141,12 +159,22 @@ def rebuild(s: Settings, progress: Callable[[str], None] | None = None) -> Rebui
         for hold_id, hold in state.holds.items():
             values[expiry_key(hold.expires_at, account, hold_id)] = b""
     retain: dict[int, list[tuple[int, bytes]]] = {p: [] for p in range(s.partitions)}
-    for okey, outcome in outcomes.items():
+    # The outcome records go to the changelog packed, as the worker writes them: in
+    # records of about LOG_BYTES at most, each forgotten when its last outcome is.
+    logs: dict[int, list[OutcomeLog]] = {p: [] for p in range(s.partitions)}
+    for okey, outcome in sorted(outcomes.items(), key=lambda kv: kv[1].expires_at):
         account = okey[1:].split(b"\0", 1)[0].decode()
         p = partition_for(account, s.partitions)
-        per_partition[p][okey] = encode(outcome)
+        ck = checkpoints[p]
+        value = wrap((ck.commands, ck.transfers), None, encode(outcome))
+        chunks = logs[p]
+        if not chunks or chunks[-1].size > LOG_BYTES:
+            chunks.append(OutcomeLog(outcome_log_key((ck.commands, ck.transfers))
+                                     + len(chunks).to_bytes(4, "big")))
+        chunks[-1].add(okey, value, outcome.expires_at)
         retain[p].append((outcome.expires_at, okey))
     for p, pairs in retain.items():
+        pairs += [(log.expires_at, log.key) for log in logs[p]]
         per_partition[p].update(retention_records(pairs))
 
     producer = Producer(s.producer_config())
@@ -159,6 +187,10 @@ def rebuild(s: Settings, progress: Callable[[str], None] | None = None) -> Rebui
             records += 1
             if records % 10_000 == 0:
                 producer.poll(0)
+        for chunk in logs[p]:
+            producer.produce(s.changelog_topic, wrap(tag, None, pack_records(chunk.records)),
+                             chunk.key, partition=p)
+            records += 1
         producer.produce(s.changelog_topic, ck.encode(), CHECKPOINT_KEY, partition=p)
     left = producer.flush(120)
     if left:

@@ -89,6 +89,12 @@ def unwrap(raw: bytes | None, ck: Checkpoint) -> bytes | None:
     return None if prev_len < 0 else raw[start:start + prev_len]
 
 
+def payload(raw: bytes) -> bytes:
+    """The new value of a stored record, whatever its tag."""
+    _, _, prev_len = _HEAD.unpack_from(raw)
+    return raw[_HEAD.size + max(prev_len, 0):]
+
+
 class PartitionView:
     """Committed reads of one partition's RocksDB, as of its checkpoint.
 

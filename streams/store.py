@@ -16,10 +16,14 @@ memory follows, the size of what it decides at once, is bounded by
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import rocksdict
 from faust.stores.rocksdb import RocksDBOptions
+
+from streams.processor import unpack_records
+from streams.state import payload
 
 STORE_CACHE_BYTES = 96 << 20  # the worker's RocksDB memory, all partitions
 MEMTABLE_BYTES = 32 << 20  # of which memtables (all partitions), charged to the cache
@@ -65,3 +69,33 @@ def use_shared_budget(table: Any) -> None:
     """Make a Faust RocksDB table open its partitions within the worker's budget."""
     store = table.data
     store.rocksdb_options = SharedBudget(**store.options, use_rocksdict=True)
+
+
+def unpack_outcome_logs(table: Any) -> None:
+    """Make Faust's changelog recovery of the accounts table also write the outcome
+    records each step's outcome log carries (``streams.processor.outcome_log_key``):
+    the changelog holds them only there. They are written before the records Faust
+    applies, whose persisted offset moves last, so a crash in between unpacks them
+    again. A log of a step that never finished holds values tagged beyond the
+    checkpoint, which read as absent (``streams.state``), as its other records do."""
+    store = table.data
+    apply = store.apply_changelog_batch
+
+    def apply_changelog_batch(batch: Iterable[Any], to_key: Any, to_value: Any) -> None:
+        events = list(batch)
+        writes: dict[int, rocksdict.WriteBatch] = {}
+        for event in events:
+            m = event.message
+            if m.key is None or m.key[:1] != b"o" or m.value is None:
+                continue
+            wb = writes.setdefault(m.partition, rocksdict.WriteBatch(raw_mode=True))
+            for key, value in unpack_records(payload(m.value)):
+                if value is None:
+                    wb.delete(key)
+                else:
+                    wb.put(key, value)
+        for partition, wb in writes.items():
+            store._db_for_partition(partition).write(wb)
+        apply(events, to_key, to_value)
+
+    store.apply_changelog_batch = apply_changelog_batch

@@ -10,10 +10,10 @@ from confluent_kafka.admin import AdminClient
 from schemas.codec import CODEC
 from schemas.models import CommandOutcome, Deposit, OpenAccount, Transfer, Withdraw
 from streams.eventlog import read_all
-from streams.processor import _MS, retained
+from streams.processor import _MS, retained, unpack_records
 from streams.projection import GroupActive
 from streams.rebuild import rebuild
-from streams.state import _HEAD
+from streams.state import _HEAD, payload
 from streams.verify import verify
 
 pytestmark = pytest.mark.kafka
@@ -65,13 +65,19 @@ def test_rebuild_from_events_after_losing_changelog_and_disk(ledger_settings, st
     assert result.outcomes == len(history) + 20  # + the transfers' credit legs
     # each rebuilt outcome is kept for the idempotency window, and indexed to be forgotten
     stored = {m.key(): m.value() for m in read_all(s, s.changelog_topic)}
-    outcomes = {k: CommandOutcome.from_avro(CODEC.decode(v[_HEAD.size:])[1])
-                for k, v in stored.items() if k.startswith(b"i")}
+    assert not [k for k in stored if k.startswith(b"i")]  # packed, as the worker writes
+    logs = {(m.partition(), m.key()): m.value() for m in read_all(s, s.changelog_topic)
+            if m.key().startswith(b"o")}  # a partition's keys, not the topic's
+    outcomes = {k: CommandOutcome.from_avro(CODEC.decode(payload(v))[1])
+                for log in logs.values() for k, v in unpack_records(payload(log))}
     assert len(outcomes) == result.outcomes
     assert all(o.expires_at > time.time() * 1000 for o in outcomes.values())
+    indexed = sorted((_MS.unpack_from(k, 1)[0], okey) for k, v in stored.items()
+                     if k.startswith(b"e") for okey in retained(k, v[_HEAD.size:]))
     assert sorted((o.expires_at, k) for k, o in outcomes.items()) == \
-        sorted((_MS.unpack_from(k, 1)[0], okey) for k, v in stored.items()
-               if k.startswith(b"e") for okey in retained(k, v[_HEAD.size:]))
+        [(at, k) for at, k in indexed if k.startswith(b"i")]
+    # each packed record is forgotten with the last of its outcomes
+    assert sorted(k for _, k in indexed if k.startswith(b"o")) == sorted(k for _, k in logs)
 
     after = start_worker("after")  # a new, empty data directory: the disk is lost too
     for a in accounts:

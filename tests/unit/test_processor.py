@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from schemas.codec import CODEC, MAGIC
 from schemas.models import (
@@ -29,10 +31,13 @@ from streams.processor import (
     expiry_key,
     leg_outcome_key,
     outcome_key,
+    outcome_log_key,
+    pack_records,
     parse_expiry_key,
     partition_for,
     retained,
     retention_key,
+    unpack_records,
 )
 from tests.unit.conftest import (
     ACTOR,
@@ -927,3 +932,33 @@ def test_nothing_per_command_is_logged_at_info(part, caplog):
         part.batch([encode_batch([open_account(A), deposit(10, A), withdraw(10_000, A)])])
 
     assert caplog.records == []
+
+
+@given(st.lists(st.tuples(st.binary(max_size=30), st.one_of(st.none(), st.binary(max_size=60))),
+                max_size=20))
+def test_records_packed_in_one_value_unpack_as_they_were(records):
+    assert unpack_records(pack_records(records)) == records
+
+
+def test_a_steps_outcome_log_is_indexed_and_forgotten_like_its_outcomes(part):
+    """With its step's tag, a batch indexes the one changelog record that will carry its
+    outcome records (streams.engine), and forgets it a window after the step."""
+    tag = (41, -1)
+    bp = part.processor()
+    bp.command_record(None, encode_batch([open_account(A), deposit(5, A)]), "t", 41,
+                      part.clock)
+    changes = bp.finish(tag)
+    assert retention_key(part.clock + WINDOW, outcome_log_key(tag)) in changes
+    part.store.apply(changes)
+    part.store[outcome_log_key(tag)] = b"the log, as recovery leaves it in the store"
+
+    part.clock += WINDOW + 1
+    later = part.batch([encode_batch([deposit(1, A, command_id="later")])])
+
+    assert outcome_log_key(tag) not in part.store
+    assert later.stats.events == 1
+    # without a tag (a batch decided alone, as the benchmarks do) there is no log
+    bp = part.processor()
+    bp.command_record(None, encode_batch([deposit(2, A, command_id="again")]), "t", 60,
+                      part.clock)
+    assert not any(k[:1] == b"o" or k[9:10] == b"o" for k in bp.finish())
