@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import aiohttp
@@ -19,6 +20,13 @@ from streams.settings import Settings
 from streams.web import Api, ApiError
 
 S = Settings(dev_mode=True)
+
+
+def run(coro):
+    """asyncio.run on a thread of its own: the browser tests' Playwright keeps a loop
+    running on the main thread for the session."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 def api_owned_by(url: str, session: aiohttp.ClientSession | None = None) -> Api:
@@ -70,7 +78,7 @@ def test_a_redirect_from_the_owner_is_not_followed():
                 return exc.status
             return 200
 
-    assert asyncio.run(main()) == 503
+    assert run(main()) == 503
     assert hits == ["redirect"]
 
 
@@ -80,7 +88,7 @@ def test_a_broker_failure_is_logged_not_told(monkeypatch, caplog):
 
     monkeypatch.setattr(ledger_web, "LedgerClient", refused)
     with pytest.raises(ApiError) as err:
-        asyncio.run(api_owned_by("http://w2:6066").client())
+        run(api_owned_by("http://w2:6066").client())
     assert err.value.status == 503 and err.value.doc["error"] == "broker_unavailable"
     assert "10.1.2.3" not in str(err.value.doc) and "SASL" not in str(err.value.doc)
     assert any("10.1.2.3" in getattr(r, "error", "") for r in caplog.records)
@@ -111,11 +119,11 @@ def test_one_caller_holds_a_few_streams_not_the_worker(monkeypatch):
     with pytest.raises(ApiError):
         api.stream_slot(request_from("10.2.0.1"), "alice", peer=False).__enter__()
     forged = request_from("10.0.0.9", {ledger_web.ROUTED_HEADER: "http://w2:6066"})
-    assert not asyncio.run(api.from_peer(forged))  # w2 does not resolve to 10.0.0.9
+    assert not run(api.from_peer(forged))  # w2 does not resolve to 10.0.0.9
     relayed = request_from("127.0.0.1", {ledger_web.ROUTED_HEADER: "http://localhost:6067"})
-    assert not asyncio.run(api.from_peer(relayed))  # not a member
+    assert not run(api.from_peer(relayed))  # not a member
     member = api_owned_by("http://localhost:6067")
-    assert asyncio.run(member.from_peer(relayed))
+    assert run(member.from_peer(relayed))
     held.close()
     assert api.streams == 0 and api.streams_of == {}
 
@@ -127,4 +135,4 @@ def test_a_client_that_stops_reading_is_let_go(monkeypatch):
 
     monkeypatch.setattr(ledger_web, "STREAM_WRITE_TIMEOUT_S", 0.05)
     with pytest.raises(TimeoutError):
-        asyncio.run(ledger_web.write(Stuck(), b"data: x\n\n"))  # type: ignore[arg-type]
+        run(ledger_web.write(Stuck(), b"data: x\n\n"))  # type: ignore[arg-type]
