@@ -52,6 +52,7 @@ from streams.core import Stats
 from streams.processor import (
     DLQ,
     EVENTS,
+    OUTCOME_PREFIX,
     REJECTIONS,
     TRANSFERS,
     BatchProcessor,
@@ -206,14 +207,11 @@ class Engine:
     def _produce(self, topic: str, key: bytes | None, value: bytes | None, partition: int,
                  headers: list[tuple[str, str | bytes | None]] | None = None,
                  report: bool = True) -> None:
+        on_delivery = self._on_delivery if report else None
         while True:
             try:
-                if report:
-                    self.producer.produce(topic, value, key, partition=partition,
-                                          on_delivery=self._on_delivery, headers=headers)
-                else:
-                    self.producer.produce(topic, value, key, partition=partition,
-                                          headers=headers)
+                self.producer.produce(topic, value, key, partition=partition,
+                                      on_delivery=on_delivery, headers=headers)
                 return
             except BufferError:
                 self.producer.poll(0.05)
@@ -398,9 +396,12 @@ class Engine:
             done = w.view.checkpoint.advanced(*w.tag)
             # RocksDB gets every record; the changelog gets the outcome records of the
             # step in one record (streams.processor.outcome_log_key)
-            outcomes = [(key, value) for key, value in records.items() if key[:1] == b"i"]
-            state.extend((changelog, w.partition, key, value, None)
-                         for key, value in records.items() if key[:1] != b"i")
+            outcomes: list[tuple[bytes, bytes | None]] = []
+            for key, value in records.items():
+                if key[:1] == OUTCOME_PREFIX:
+                    outcomes.append((key, value))
+                else:
+                    state.append((changelog, w.partition, key, value, None))
             if outcomes:
                 state.append((changelog, w.partition, outcome_log_key(w.tag),
                               wrap(w.tag, None, pack_records(outcomes)), None))

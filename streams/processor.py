@@ -82,12 +82,18 @@ def partition_for(account_id: str, partitions: int) -> int:
     return int(murmur2(account_id.encode()) & 0x7FFFFFFF) % partitions
 
 
+# Store key prefixes of a command's outcome, and of a step's outcomes packed for the
+# changelog (outcome_log_key).
+OUTCOME_PREFIX = b"i"
+OUTCOME_LOG_PREFIX = b"o"
+
+
 def account_key(account_id: str) -> bytes:
     return b"a" + account_id.encode()
 
 
 def outcome_key(account_id: str, command_id: str) -> bytes:
-    return b"i" + account_id.encode() + b"\0" + command_id.encode()
+    return OUTCOME_PREFIX + account_id.encode() + b"\0" + command_id.encode()
 
 
 CLOCK_KEY = b"\0clock"
@@ -128,7 +134,7 @@ def outcome_log_key(tag: tuple[int, int]) -> bytes:
     not one record per outcome; RocksDB holds the outcome records themselves, and
     recovery from the changelog unpacks them (``streams.store.unpack_outcome_logs``).
     It is forgotten like an outcome, a window after its step."""
-    return b"o" + _MS.pack(tag[0]) + _MS.pack(tag[1])
+    return OUTCOME_LOG_PREFIX + _MS.pack(tag[0]) + _MS.pack(tag[1])
 
 
 _LEN = struct.Struct(">i")
@@ -596,7 +602,7 @@ class BatchProcessor:
         if self._now is not None:
             self._forget(self._now)
             self._index(self._now)
-            if tag is not None and any(key[:1] == b"i" for key in self._writes):
+            if tag is not None and any(key[:1] == OUTCOME_PREFIX for key in self._writes):
                 self._retain([(self._now + self.window_ms, outcome_log_key(tag))])
             if self._writes:  # the clock matters only next to what is stored
                 self._writes[CLOCK_KEY] = _MS.pack(self._now)
@@ -648,7 +654,7 @@ class BatchProcessor:
             self._writes[key] = value
 
     def _forget_outcome(self, okey: bytes, expires_at: int) -> None:
-        if okey[:1] == b"o":  # a step's outcome log: its outcomes are forgotten by now
+        if okey[:1] == OUTCOME_LOG_PREFIX:  # its outcomes are forgotten by now
             self._writes[okey] = None
             return
         stored = self._stored(okey)

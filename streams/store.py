@@ -22,7 +22,7 @@ from typing import Any
 import rocksdict
 from faust.stores.rocksdb import RocksDBOptions
 
-from streams.processor import unpack_records
+from streams.processor import OUTCOME_LOG_PREFIX, unpack_records
 from streams.state import payload
 
 STORE_CACHE_BYTES = 96 << 20  # the worker's RocksDB memory, all partitions
@@ -86,7 +86,7 @@ def unpack_outcome_logs(table: Any) -> None:
         writes: dict[int, rocksdict.WriteBatch] = {}
         for event in events:
             m = event.message
-            if m.key is None or m.key[:1] != b"o" or m.value is None:
+            if m.key is None or m.key[:1] != OUTCOME_LOG_PREFIX or m.value is None:
                 continue
             wb = writes.setdefault(m.partition, rocksdict.WriteBatch(raw_mode=True))
             for key, value in unpack_records(payload(m.value)):

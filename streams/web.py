@@ -359,6 +359,14 @@ def _unreachable(partition: int) -> ApiError:
                     "did not answer; try again", partition=partition)
 
 
+def refuse_redirect(resp: aiohttp.ClientResponse, owner: str, partition: int) -> None:
+    """A worker's answer is relayed as it is, never followed to another address."""
+    if 300 <= resp.status < 400:
+        log.warning("not following a redirect from a worker",
+                    extra={"owner": owner, "status": resp.status})
+        raise _unreachable(partition)
+
+
 class Api:
     """The worker-wide objects behind the views: history index, command client, routing."""
 
@@ -413,10 +421,7 @@ class Api:
             async with session.get(target, headers=self.relayed(request), allow_redirects=False,
                                    timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT_S)
                                    ) as resp:
-                if 300 <= resp.status < 400:
-                    log.warning("not following a redirect from a worker",
-                                extra={"owner": url, "status": resp.status})
-                    raise _unreachable(partition)
+                refuse_redirect(resp, url, partition)
                 body = await resp.read()
                 return view.bytes(body, content_type=resp.content_type, status=resp.status)
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -435,10 +440,7 @@ class Api:
         try:
             async with session.get(target, headers=headers, timeout=timeout,
                                    allow_redirects=False) as resp:
-                if 300 <= resp.status < 400:
-                    log.warning("not following a redirect from a worker",
-                                extra={"owner": url, "status": resp.status})
-                    raise _unreachable(partition)
+                refuse_redirect(resp, url, partition)
                 if resp.status != 200 or resp.content_type != "text/event-stream":
                     return aioweb.Response(body=await resp.read(), status=resp.status,
                                            content_type=resp.content_type)
@@ -517,7 +519,7 @@ class Api:
         if self.streams >= MAX_STREAMS:
             raise ApiError(503, "too_many_streams", f"this worker already serves "
                            f"{MAX_STREAMS} event streams; try again later")
-        cap = MAX_STREAMS if who.startswith("relayed ") else MAX_STREAMS_PER_CLIENT
+        cap = MAX_STREAMS if peer else MAX_STREAMS_PER_CLIENT
         if self.streams_of.get(who, 0) >= cap:
             raise ApiError(503, "too_many_streams", f"you already have {cap} event "
                            "streams open on this worker; close one first")
