@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTHON ?= python3
 
-.PHONY: demo test lint bench kafka
+.PHONY: demo test test-random lint bench kafka
 .DEFAULT_GOAL := test
 
 # Installing compiles streams/core.py (mypyc): a change to it rebuilds.
@@ -19,6 +19,12 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest
+
+# The whole suite in a random order (every test alone in its module's company or not):
+# make test-random SEED=1234 repeats an order.
+SEED ?= $(shell date +%s)
+test-random: $(BIN)/.installed
+	$(BIN)/python -m pytest --random-order-bucket=global --random-order-seed=$(SEED)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

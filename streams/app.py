@@ -192,8 +192,8 @@ def create_app(s: Settings) -> faust.App:
     accounts = app.Table("accounts", key_type=bytes, value_type=bytes, partitions=s.partitions,
                          options=dict(STORE_OPTIONS))
     use_shared_budget(accounts)
-    unpack_outcome_logs(accounts)
     engine = Engine(s, lambda p: accounts.data._db_for_partition(p))  # type: ignore[attr-defined]
+    unpack_outcome_logs(accounts, applied=lambda: engine.crash.reached("recovering"))
     app.ledger_engine = engine  # type: ignore[attr-defined]
     app.accounts_table = accounts  # type: ignore[attr-defined]
     totals = {"commands": 0, "batches": 0, "since": time.monotonic(), "logged": 0}
@@ -249,6 +249,7 @@ def create_app(s: Settings) -> faust.App:
         if app.should_stop:
             await finish("stopping", "in_hand", "step")
         else:
+            engine.crash.reached("handover")
             await finish("rebalance", "step")
         await wait_empty(consumer, logger)
 
@@ -320,6 +321,8 @@ def create_app(s: Settings) -> faust.App:
         # outputs and state are still being written here. (Not the batch in hand: its
         # next step waits for the rebalance to end.)
         await finish("rebalance", "step")
+        if args and args[0]:  # the partitions revoked (Faust sends the signal with none too)
+            engine.crash.reached("handover-done")
 
     @app.timer(2.0)  # type: ignore[untyped-decorator]
     async def stall_watchdog() -> None:

@@ -67,13 +67,18 @@ from streams.state import CHECKPOINT_KEY, FAUST_OFFSET_KEY, Checkpoint, Partitio
 log = logging.getLogger("ledger.engine")
 
 
-# The steps of the commit path a crash test can stop the worker at (LEDGER_CRASH_AT):
-# after the intent is acked; with half of the outputs acked; after all outputs; with
-# half of the state's changelog records acked; after the state's changelog, before
-# RocksDB; after RocksDB, before the inputs are acked; and while deciding a step with
-# the step before it being committed.
-CRASH_POINTS = ("intent", "outputs-half", "outputs", "state-half", "state", "stored",
-                "deciding-next")
+# Where a crash test can stop the worker (LEDGER_CRASH_AT). On the commit path: after
+# the intent is acked; with half of the outputs acked; after all outputs; with half of
+# the state's changelog records acked; after the state's changelog, before RocksDB;
+# after RocksDB, before the inputs are acked; and while deciding a step with the step
+# before it being committed. The same points prefixed ``resolve/``: while finishing a
+# batch a crashed worker left pending. During recovery: after a batch of changelog
+# records is applied to the store (``recovering``). During a rebalance handover: when
+# partitions are revoked, before the step being committed is finished (``handover``)
+# and after (``handover-done``).
+COMMIT_POINTS = ("intent", "outputs-half", "outputs", "state-half", "state", "stored")
+CRASH_POINTS = (*COMMIT_POINTS, "deciding-next", *(f"resolve/{p}" for p in COMMIT_POINTS),
+                "recovering", "handover", "handover-done")
 
 
 class CrashPoint:
@@ -81,21 +86,22 @@ class CrashPoint:
 
     def __init__(self, spec: str | None) -> None:
         self.point, self.left = "", 0
+        self.prefix = ""  # "resolve/" while a pending batch is being finished
         if spec:
-            point, n = spec.split(":")
+            point, n = spec.rsplit(":", 1)
             if point not in CRASH_POINTS:
                 raise ValueError(f"LEDGER_CRASH_AT: {point!r} is not one of {CRASH_POINTS}")
             self.point, self.left = point, int(n)
 
     def armed(self, point: str) -> bool:
-        return point == self.point
+        return self.prefix + point == self.point
 
     def reached(self, point: str) -> None:
-        if point != self.point:
+        if not self.armed(point):
             return
         self.left -= 1
         if self.left == 0:
-            log.critical("crash test: killing the worker at %s", point)
+            log.critical("crash test: killing the worker at %s", self.point)
             for h in logging.getLogger().handlers:
                 h.flush()
             os.kill(os.getpid(), signal.SIGKILL)
@@ -461,7 +467,11 @@ class Engine:
             raise DeliveryFailed(f"partition {p}: pending batch {ck.pending} has no inputs")
         w.tag = ck.pending
         w.changes = w.processor.finish(w.tag)
-        await self._commit([w])
+        self.crash.prefix = "resolve/"
+        try:
+            await self._commit([w])
+        finally:
+            self.crash.prefix = ""
         report.resolved_pending += 1
 
     async def _read(self, topic: str, partition: int, first: int, last: int) -> list[Record]:

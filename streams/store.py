@@ -16,7 +16,7 @@ memory follows, the size of what it decides at once, is bounded by
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import rocksdict
@@ -71,13 +71,14 @@ def use_shared_budget(table: Any) -> None:
     store.rocksdb_options = SharedBudget(**store.options, use_rocksdict=True)
 
 
-def unpack_outcome_logs(table: Any) -> None:
+def unpack_outcome_logs(table: Any, applied: Callable[[], None] = lambda: None) -> None:
     """Make Faust's changelog recovery of the accounts table also write the outcome
     records each step's outcome log carries (``streams.processor.outcome_log_key``):
     the changelog holds them only there. They are written before the records Faust
     applies, whose persisted offset moves last, so a crash in between unpacks them
     again. A log of a step that never finished holds values tagged beyond the
-    checkpoint, which read as absent (``streams.state``), as its other records do."""
+    checkpoint, which read as absent (``streams.state``), as its other records do.
+    ``applied`` is called after each batch is in the store (a crash test's point)."""
     store = table.data
     apply = store.apply_changelog_batch
 
@@ -97,5 +98,6 @@ def unpack_outcome_logs(table: Any) -> None:
         for partition, wb in writes.items():
             store._db_for_partition(partition).write(wb)
         apply(events, to_key, to_value)
+        applied()
 
     store.apply_changelog_batch = apply_changelog_batch

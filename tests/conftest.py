@@ -26,6 +26,23 @@ from streams.settings import Settings
 from streams.topics import ensure_topics
 
 EXTERNAL_BOOTSTRAP_ENV = "LEDGER_BOOTSTRAP_SERVERS"
+# Property tests draw fresh examples on every run; in CI from this seed, so that a red
+# run can be repeated (``--hypothesis-seed`` or LEDGER_HYPOTHESIS_SEED choose another).
+CI_HYPOTHESIS_SEED = 20261205
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("hypothesis_seed", None) is None:
+        seed = os.environ.get("LEDGER_HYPOTHESIS_SEED") or (
+            str(CI_HYPOTHESIS_SEED) if os.environ.get("CI") else None)
+        config.option.hypothesis_seed = seed
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    seed = config.getoption("hypothesis_seed", None)
+    return f"hypothesis seed: {seed}" if seed is not None else \
+        "hypothesis seed: fresh each run (a failure prints the one to repeat it with)"
 
 _KAFKA_FIXTURES = frozenset({"kafka_bootstrap", "local_broker"})
 _session_broker: LocalBroker | None = None

@@ -279,7 +279,7 @@ VALID = [
 ]
 
 
-@settings(max_examples=500, deadline=None, derandomize=True, database=None)
+@settings(max_examples=500, deadline=None, database=None)
 @given(st.one_of(
     st.binary(max_size=64),
     st.builds(lambda fp, body: MAGIC + fp + body, st.sampled_from(KNOWN), st.binary(max_size=64)),
@@ -292,7 +292,7 @@ def test_arbitrary_bytes_raise_nothing_but_decode_error(data, expect):
     assert expect is None or name == expect
 
 
-@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@settings(max_examples=300, deadline=None, database=None)
 @given(st.sampled_from(VALID), st.integers(HEADER_LEN, 200), st.integers(0, 255))
 def test_a_flipped_byte_in_a_body_raises_nothing_but_decode_error(valid, index, value):
     data = bytearray(valid)
@@ -366,7 +366,7 @@ def test_generated_reader_reads_what_fastavro_reads(name, data):
     assert CODEC.decode(MAGIC + schema.fingerprint + body) == (name, expected)
 
 
-@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@settings(max_examples=300, deadline=None, database=None)
 @given(st.sampled_from(sorted(CURRENT_NAMES)), st.binary(max_size=64))
 def test_on_random_bodies_the_generated_reader_never_reads_what_fastavro_would_not(name, body):
     schema = CODEC.current[name]

@@ -234,7 +234,7 @@ text = st.text(max_size=20)
 long = st.integers(MIN_LONG, MAX_MINOR)
 
 
-@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@settings(max_examples=200, deadline=None, database=None)
 @given(st.builds(
     LedgerEvent, event_id=text, account_id=text, version=long, currency=text,
     balance_after_minor=long, available_after_minor=long, occurred_at=long, command_id=text,
@@ -255,7 +255,7 @@ def test_any_event_round_trips(event):
     assert back == event
 
 
-@settings(max_examples=100, deadline=None, derandomize=True, database=None)
+@settings(max_examples=100, deadline=None, database=None)
 @given(st.dictionaries(text, st.builds(Hold, amount_minor=long, expires_at=long), max_size=4),
        long, long)
 def test_any_account_state_round_trips(holds, balance, held):

@@ -101,13 +101,13 @@ def test_scales():
     assert set(CURRENCY_SCALE.values()) == {0, 2, 3}
 
 
-@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@settings(max_examples=300, deadline=None, database=None)
 @given(st.integers(-MAX_MINOR, MAX_MINOR), st.sampled_from(sorted(CURRENCY_SCALE)))
 def test_parse_of_format_is_the_identity(minor, currency):
     assert parse_amount(format_amount(minor, currency)) == (minor, currency)
 
 
-@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@settings(max_examples=300, deadline=None, database=None)
 @given(st.integers(0, 10**12), st.sampled_from(["USD", "JPY", "KWD"]))
 def test_format_shows_exactly_the_scale_in_decimals(minor, currency):
     text = format_amount(minor, currency)

@@ -52,7 +52,7 @@ WEIGHTS = {"open": 2, "deposit": 6, "withdraw": 3, "transfer": 5, "place_hold": 
            "capture_hold": 3, "release_hold": 2, "expire_hold": 2, "close": 1, "deliver": 5}
 KINDS = [kind for kind, weight in WEIGHTS.items() for _ in range(weight)]
 
-FAST = settings(max_examples=150, deadline=None, derandomize=True, database=None,
+FAST = settings(max_examples=150, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -249,7 +249,7 @@ def test_sum_of_balances_is_deposits_minus_withdrawals_minus_captures(script):
     assert total == sum(external_flows(book).values())
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, database=None,
+@settings(max_examples=60, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(steps)
 def test_processor_gives_the_same_bytes_however_commands_are_batched(script):
