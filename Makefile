@@ -4,15 +4,24 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTHON ?= python3
 
-.PHONY: demo test test-random lint bench kafka
+.PHONY: demo test test-random lint lock bench kafka
 .DEFAULT_GOAL := test
 
-# Installing compiles streams/core.py (mypyc): a change to it rebuilds.
-$(BIN)/.installed: pyproject.toml setup.py streams/core.py
+# Every dependency comes from requirements.lock, each file checked against its hash
+# (regenerate it after changing pyproject.toml: make lock). Installing compiles
+# streams/core.py (mypyc) with the locked mypy and setuptools: a change to it rebuilds.
+$(BIN)/.installed: requirements.lock pyproject.toml setup.py streams/core.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --require-hashes -r requirements.lock
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
+
+lock:
+	$(PYTHON) -m venv $(VENV)-lock && $(VENV)-lock/bin/pip install -q pip-tools==7.7.0
+	PIP_FIND_LINKS= $(VENV)-lock/bin/pip-compile -q --generate-hashes --allow-unsafe \
+	  --extra dev --strip-extras --no-emit-index-url --no-emit-find-links \
+	  -o requirements.lock pyproject.toml
 
 demo: $(BIN)/.installed
 	$(BIN)/ledger demo

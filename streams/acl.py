@@ -40,13 +40,21 @@ _TOPIC_RW = (AclOperation.READ, AclOperation.WRITE, AclOperation.DESCRIBE,
 
 
 class AuthenticationFailed(RuntimeError):
-    """The broker refused the configured user's login (wrong name, password or mechanism)."""
+    """The broker refused the configured user's login (wrong name, password or
+    mechanism), or the TLS handshake failed (a broker certificate the configured CA did
+    not sign, or a client certificate the broker does not accept)."""
 
-    def __init__(self, s: Settings, reason: str) -> None:
-        super().__init__(
-            f"authentication failed: the Kafka broker at {s.bootstrap_servers} refused user "
-            f"{s.sasl_username!r} ({s.sasl_mechanism}); check LEDGER_SASL_USERNAME and "
-            f"LEDGER_SASL_PASSWORD. librdkafka said: {reason}")
+    def __init__(self, s: Settings, reason: str, tls: bool = False) -> None:
+        if tls:
+            what = (f"the TLS handshake with the Kafka broker at {s.bootstrap_servers} "
+                    "failed; check LEDGER_SSL_CA_LOCATION (the CA that signed the brokers' "
+                    "certificates) and, where the brokers ask for one, the client "
+                    "certificate (LEDGER_SSL_CERTIFICATE_LOCATION, LEDGER_SSL_KEY_LOCATION)")
+        else:
+            what = (f"the Kafka broker at {s.bootstrap_servers} refused user "
+                    f"{s.sasl_username!r} ({s.sasl_mechanism}); check LEDGER_SASL_USERNAME "
+                    "and LEDGER_SASL_PASSWORD")
+        super().__init__(f"authentication failed: {what}. librdkafka said: {reason}")
 
 
 class LoginWatch:
@@ -55,23 +63,29 @@ class LoginWatch:
     def __init__(self, s: Settings) -> None:
         self.s = s
         self.reason: str | None = None
+        self.tls = False
 
     def __call__(self, err: KafkaError) -> None:
-        if err.code() == KafkaError._AUTHENTICATION:
-            self.reason = err.str()
+        # A broker that refuses this client's certificate answers the handshake with a
+        # TLS alert, which librdkafka reports as a transport error.
+        tls = err.code() == KafkaError._SSL or (
+            err.code() == KafkaError._TRANSPORT and "SSL routines" in err.str())
+        if tls or err.code() == KafkaError._AUTHENTICATION:
+            self.reason, self.tls = err.str(), tls
 
     def raise_if_refused(self) -> None:
         if self.reason is not None:
-            raise AuthenticationFailed(self.s, self.reason)
+            raise AuthenticationFailed(self.s, self.reason, self.tls)
 
 
 def check_login(s: Settings, timeout_s: float = 15.0) -> None:
-    """Raise AuthenticationFailed if the broker refuses the login; no-op without SASL.
+    """Raise AuthenticationFailed if the broker refuses the login or the TLS handshake
+    fails; no-op on PLAINTEXT.
 
     Returns once the broker answers, or after ``timeout_s`` if it never does (an
     unreachable broker is for the caller to handle as before).
     """
-    if not s.security_protocol.upper().startswith("SASL"):
+    if s.security_protocol == "PLAINTEXT":
         return
     watch = LoginWatch(s)
     # log_level 0: the refused attempts are reported once, by the exception.

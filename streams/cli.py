@@ -1,7 +1,7 @@
 """``ledger``: the command line of the ledger.
 
     ledger kafka up                 a local Apache Kafka broker (no Docker), foreground
-    ledger kafka up --secure        the same with SASL/SCRAM users and ACLs
+    ledger kafka up --secure        the same with SASL/SCRAM users and ACLs (--tls: behind TLS)
     ledger acl                      grant the worker and client users their ACLs
     ledger topics                   create the ledger's topics
     ledger worker                   run a Faust worker (the ledger agent + HTTP)
@@ -50,7 +50,7 @@ def cmd_kafka(args: argparse.Namespace) -> int:
     except BrokerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    run_foreground(args.port, users)
+    run_foreground(args.port, users, tls=args.tls)
     return 0
 
 
@@ -446,6 +446,10 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--secure", action="store_true",
                    help="SASL/SCRAM and ACLs; passwords from LEDGER_KAFKA_{ADMIN,WORKER,"
                         "CLIENT}_PASSWORD")
+    k.add_argument("--tls", action="store_true",
+                   help="the listener behind TLS (SASL_SSL with --secure, else SSL with "
+                        "client certificates); a test CA and certificates are made with "
+                        "openssl in the data dir")
     k.set_defaults(fn=cmd_kafka)
 
     sub.add_parser("topics", help="create the ledger's topics").set_defaults(fn=cmd_topics)

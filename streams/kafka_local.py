@@ -79,6 +79,7 @@ _LOG_TAIL_LINES = 40
 _HOST = "127.0.0.1"
 _PORT_ATTEMPTS = 3
 _HEAP = "-Xmx512m"
+_TEST_KEYSTORE_PASSWORD = "local-test-only"
 _USER_NAME = re.compile(r"[A-Za-z0-9_-]+")
 _PASSWORD = re.compile(r"[A-Za-z0-9._~+-]+")
 
@@ -197,6 +198,34 @@ def free_port() -> int:
         if _port_is_free(port):
             return port
     raise RuntimeError("no free loopback port below the ephemeral range")
+
+
+def make_test_certificates(folder: Path) -> None:
+    """A CA, a certificate for a broker on 127.0.0.1/localhost (``broker.p12``) and one
+    for a client (``client.pem``, ``client.key``, subject CN=ledger-client), all signed
+    by the CA (``ca.pem``), for 30 days. For tests and local runs only: the keys are not
+    encrypted (the keystore's password is in this module)."""
+    if (folder / "broker.p12").is_file():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        r = subprocess.run(["openssl", *args], cwd=folder, capture_output=True, text=True,
+                           timeout=60, check=False)
+        if r.returncode != 0:
+            raise BrokerError(f"openssl {args[0]} failed: {r.stderr[-2000:]}")
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
+            "-subj", "/CN=ledger-test-ca", "-keyout", "ca.key", "-out", "ca.pem")
+    (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name, subject in (("broker", "/CN=localhost"), ("client", "/CN=ledger-client")):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", subject,
+                "-keyout", f"{name}.key", "-out", f"{name}.csr")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                "-CAcreateserial", "-days", "30", "-extfile", "san.ext", "-out", f"{name}.pem")
+    openssl("pkcs12", "-export", "-in", "broker.pem", "-inkey", "broker.key",
+            "-CAfile", "ca.pem", "-chain", "-name", "broker",
+            "-passout", f"pass:{_TEST_KEYSTORE_PASSWORD}", "-out", "broker.p12")
 
 
 def _free_ports(count: int) -> list[int]:
@@ -368,6 +397,12 @@ class LocalBroker:
     (``streams.acl`` grants the ledger's). The broker's own links log in as
     ``admin`` (SCRAM between brokers, PLAIN to the controller). Passwords may
     use letters, digits and ``._~+-`` only.
+
+    ``tls`` puts the listener behind TLS: SASL_SSL with ``users``, else SSL, which
+    also asks every client for a certificate (mutual TLS: the principal is the
+    certificate's subject). A test CA, the broker's certificate (for 127.0.0.1 and
+    localhost) and a client certificate signed by it are made with ``openssl`` in
+    ``data_dir/tls`` (``ca_path``, ``client_cert_path``, ``client_key_path``).
     """
 
     def __init__(
@@ -377,8 +412,10 @@ class LocalBroker:
         extra_properties: dict[str, str] | None = None,
         users: Mapping[str, str] | None = None,
         quorum: Quorum | None = None,
+        tls: bool = False,
     ) -> None:
         self._quorum = quorum
+        self._tls = tls
         if users is not None:
             if "admin" not in users:
                 raise BrokerError("a secured broker needs an `admin` user")
@@ -431,7 +468,24 @@ class LocalBroker:
 
     @property
     def security_protocol(self) -> str:
-        return "SASL_PLAINTEXT" if self.secured else "PLAINTEXT"
+        return ("SASL_" if self.secured else "") + ("SSL" if self._tls else "PLAINTEXT")
+
+    @property
+    def tls_dir(self) -> Path:
+        return self._data_dir / "tls"
+
+    @property
+    def ca_path(self) -> Path:
+        """The CA that signed the broker's and the client's certificates (PEM)."""
+        return self.tls_dir / "ca.pem"
+
+    @property
+    def client_cert_path(self) -> Path:
+        return self.tls_dir / "client.pem"
+
+    @property
+    def client_key_path(self) -> Path:
+        return self.tls_dir / "client.key"
 
     def client_config(self, user: str = "admin") -> dict[str, str]:
         """confluent-kafka connection options, logged in as ``user`` when secured."""
@@ -440,6 +494,11 @@ class LocalBroker:
         if self._users is not None:
             conf |= {"sasl.mechanism": "SCRAM-SHA-512", "sasl.username": user,
                      "sasl.password": self._users[user]}
+        if self._tls:
+            conf["ssl.ca.location"] = str(self.ca_path)
+            if not self.secured:
+                conf |= {"ssl.certificate.location": str(self.client_cert_path),
+                         "ssl.key.location": str(self.client_key_path)}
         return conf
 
     @property
@@ -583,7 +642,8 @@ class LocalBroker:
             name, _, address = listener.partition("://")
             with contextlib.suppress(ValueError):
                 ports[name.strip()] = int(address.rpartition(":")[2])
-        client = ports.get("PLAINTEXT", ports.get("SASL_PLAINTEXT"))
+        client = next((ports[n] for n in ("PLAINTEXT", "SASL_PLAINTEXT", "SSL", "SASL_SSL")
+                       if n in ports), None)
         if client is not None and "CONTROLLER" in ports:
             return client, ports["CONTROLLER"]
         return None
@@ -618,6 +678,8 @@ class LocalBroker:
         }
         if self._users is not None:
             props |= self._security_properties()
+        if self._tls:
+            props |= self._tls_properties(props)
         if self._quorum is not None:
             props |= self._quorum.properties()
             del props["controller.quorum.bootstrap.servers"]
@@ -654,6 +716,31 @@ class LocalBroker:
             "super.users": "User:admin",
             "allow.everyone.if.no.acl.found": "false",
         }
+
+    def _tls_properties(self, props: dict[str, str]) -> dict[str, str]:
+        """The client listener (and the broker's own links to it) behind TLS."""
+        make_test_certificates(self.tls_dir)
+        plain, tls = self.security_protocol.replace("SSL", "PLAINTEXT"), self.security_protocol
+        name = tls.lower()
+        out = {key: props[key].replace(f"{plain}://", f"{tls}://")
+               for key in ("listeners", "advertised.listeners")}
+        out |= {
+            "inter.broker.listener.name": tls,
+            f"listener.name.{name}.ssl.keystore.type": "PKCS12",
+            f"listener.name.{name}.ssl.keystore.location": str(self.tls_dir / "broker.p12"),
+            f"listener.name.{name}.ssl.keystore.password": _TEST_KEYSTORE_PASSWORD,
+            f"listener.name.{name}.ssl.truststore.type": "PEM",
+            f"listener.name.{name}.ssl.truststore.location": str(self.ca_path),
+            f"listener.name.{name}.ssl.client.auth": "none" if self.secured else "required",
+        }
+        if self.secured:  # the SCRAM settings move to the TLS listener's name
+            for key in ("sasl.enabled.mechanisms", "scram-sha-512.sasl.jaas.config"):
+                out[f"listener.name.{name}.{key}"] = props.pop(
+                    f"listener.name.{plain.lower()}.{key}")
+            out["listener.security.protocol.map"] = f"CONTROLLER:SASL_PLAINTEXT,{tls}:{tls}"
+        else:
+            out["listener.security.protocol.map"] = f"CONTROLLER:PLAINTEXT,{tls}:{tls}"
+        return out
 
     def _java(self, java: str, lib: Path, *args: str, heap: str | None = None) -> list[str]:
         return [
@@ -840,13 +927,14 @@ class LocalCluster:
 # --------------------------------------------------------------------- foreground
 
 
-def default_data_dir(secured: bool = False) -> Path:
+def default_data_dir(secured: bool = False, tls: bool = False) -> Path:
     """Data dir of ``run_foreground``: ``$LEDGER_KAFKA_DATA`` or ``~/.local/share/ledger/kafka``
-    (``kafka-secure`` for a secured broker)."""
+    (``kafka-secure`` for a secured broker, ``-tls`` after either behind TLS)."""
     override = os.environ.get("LEDGER_KAFKA_DATA")
     if override:
         return Path(override).expanduser()
-    return Path.home() / ".local" / "share" / "ledger" / ("kafka-secure" if secured else "kafka")
+    name = ("kafka-secure" if secured else "kafka") + ("-tls" if tls else "")
+    return Path.home() / ".local" / "share" / "ledger" / name
 
 
 SECURE_USERS = ("admin", "worker", "client")
@@ -874,13 +962,15 @@ def broker_for_job(stack: ExitStack, data_dir: Path,
     return broker.bootstrap_servers, broker.pid
 
 
-def run_foreground(port: int | None, users: Mapping[str, str] | None = None) -> None:
+def run_foreground(port: int | None, users: Mapping[str, str] | None = None,
+                   tls: bool = False) -> None:
     """Run a broker on the persistent data dir until Ctrl-C or SIGTERM, then stop it cleanly.
 
     Prints ``LEDGER_BOOTSTRAP_SERVERS=127.0.0.1:<port>`` once the broker is
     ready. With ``port=None`` the ports of the previous run are reused if free.
     With ``users`` the broker is secured (see ``LocalBroker``); its data dir
-    keeps the users it was first started with.
+    keeps the users it was first started with. With ``tls`` its listener is behind
+    TLS (see ``LocalBroker``), and the settings a client needs are printed too.
     """
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -893,7 +983,8 @@ def run_foreground(port: int | None, users: Mapping[str, str] | None = None) -> 
     # While starting, either signal interrupts the wait (KeyboardInterrupt);
     # once up, they only ask the loop below to stop.
     previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in signals}
-    broker = LocalBroker(data_dir=default_data_dir(users is not None), port=port, users=users)
+    broker = LocalBroker(data_dir=default_data_dir(users is not None, tls), port=port,
+                         users=users, tls=tls)
     try:
         try:
             broker.start()
@@ -903,8 +994,13 @@ def run_foreground(port: int | None, users: Mapping[str, str] | None = None) -> 
         for sig in signals:
             signal.signal(sig, request_stop)
         print(f"LEDGER_BOOTSTRAP_SERVERS={broker.bootstrap_servers}", flush=True)
-        if broker.secured:
+        if broker.security_protocol != "PLAINTEXT":
             print(f"LEDGER_SECURITY_PROTOCOL={broker.security_protocol}", flush=True)
+        if tls:
+            print(f"LEDGER_SSL_CA_LOCATION={broker.ca_path}", flush=True)
+        if tls and not broker.secured:
+            print(f"LEDGER_SSL_CERTIFICATE_LOCATION={broker.client_cert_path}\n"
+                  f"LEDGER_SSL_KEY_LOCATION={broker.client_key_path}", flush=True)
         while not stop_requested.wait(timeout=1.0):
             if not broker.is_running():
                 raise BrokerError(

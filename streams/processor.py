@@ -496,9 +496,13 @@ class BatchProcessor:
                              "wrong_partition")
             return
         assert self._now is not None
-        if leg.expires_at and leg.expires_at <= self._now:
+        # A leg of the first version carries no expiry: it lasts a window from its
+        # transfer's issued_at, less the skew a command's issued_at may be ahead of the
+        # broker's clock, so it expires before its credit here can be forgotten.
+        expires_at = leg.expires_at or leg.issued_at + self.window_ms - self.max_skew_ms
+        if expires_at <= self._now:
             # its id may be forgotten here by now: applying it could apply it twice
-            self.dead_letter(key, value, topic, offset, f"leg expired at {leg.expires_at}",
+            self.dead_letter(key, value, topic, offset, f"leg expired at {expires_at}",
                              "expired_leg")
             return
         okey = leg_outcome_key(leg.account_id, leg.leg_id, leg.from_account_id)

@@ -28,12 +28,20 @@ class Settings(BaseSettings):
                                       hide_input_in_errors=True)
 
     bootstrap_servers: str = "127.0.0.1:9092"
-    # PLAINTEXT, or SASL_PLAINTEXT with a user (every client of a process logs in
-    # as the same one: the worker's Faust consumers and confluent-kafka clients alike).
-    security_protocol: Literal["PLAINTEXT", "SASL_PLAINTEXT"] = "PLAINTEXT"
+    # PLAINTEXT; SASL_PLAINTEXT or SASL_SSL with a user (every client of a process logs
+    # in as the same one: the worker's Faust consumers and confluent-kafka clients
+    # alike); SSL, where the brokers may ask for a client certificate instead.
+    security_protocol: Literal["PLAINTEXT", "SASL_PLAINTEXT", "SSL", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] = "SCRAM-SHA-512"
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
+    # TLS (SSL, SASL_SSL): the CA that signed the brokers' certificates (PEM; the
+    # system's CAs when unset), and this process's certificate and key (PEM) when the
+    # brokers ask clients for one.
+    ssl_ca_location: Path | None = None
+    ssl_certificate_location: Path | None = None
+    ssl_key_location: Path | None = None
+    ssl_key_password: SecretStr | None = None
 
     partitions: int = Field(default=12, ge=1, le=1024)
     replication_factor: int = Field(default=1, ge=1)
@@ -109,11 +117,21 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _sasl_needs_a_user(self) -> Settings:
-        if self.security_protocol == "SASL_PLAINTEXT" and not (
-                self.sasl_username and self.sasl_password):
-            raise ValueError("security_protocol SASL_PLAINTEXT needs LEDGER_SASL_USERNAME "
-                             "and LEDGER_SASL_PASSWORD")
+        if self.sasl and not (self.sasl_username and self.sasl_password):
+            raise ValueError(f"security_protocol {self.security_protocol} needs "
+                             "LEDGER_SASL_USERNAME and LEDGER_SASL_PASSWORD")
+        if (self.ssl_certificate_location is None) != (self.ssl_key_location is None):
+            raise ValueError("a client certificate needs both LEDGER_SSL_CERTIFICATE_LOCATION "
+                             "and LEDGER_SSL_KEY_LOCATION")
         return self
+
+    @property
+    def sasl(self) -> bool:
+        return self.security_protocol.startswith("SASL_")
+
+    @property
+    def tls(self) -> bool:
+        return self.security_protocol.endswith("SSL")
 
     @property
     def changelog_topic(self) -> str:
@@ -161,21 +179,39 @@ class Settings(BaseSettings):
             "bootstrap.servers": self.bootstrap_servers,
             "security.protocol": self.security_protocol,
         }
-        if self.security_protocol == "SASL_PLAINTEXT" and self.sasl_password is not None:
+        if self.sasl and self.sasl_password is not None:
             conf["sasl.mechanism"] = self.sasl_mechanism
             conf["sasl.username"] = self.sasl_username
             conf["sasl.password"] = self.sasl_password.get_secret_value()
+        if self.tls:
+            for key, value in (("ssl.ca.location", self.ssl_ca_location),
+                               ("ssl.certificate.location", self.ssl_certificate_location),
+                               ("ssl.key.location", self.ssl_key_location),
+                               ("ssl.key.password", self.ssl_key_password)):
+                if value is not None:
+                    conf[key] = value.get_secret_value() if isinstance(value, SecretStr) \
+                        else str(value)
         return conf
 
     def faust_credentials(self) -> Any:
-        """``broker_credentials`` for ``faust.App`` (aiokafka): the same login, or None."""
-        if self.security_protocol != "SASL_PLAINTEXT" or self.sasl_password is None:
+        """``broker_credentials`` for ``faust.App`` (aiokafka): the same login and TLS
+        trust, or None."""
+        if self.security_protocol == "PLAINTEXT":
             return None
         import faust  # here: importing faust is slow and sets up its event loop
+        from aiokafka.helpers import create_ssl_context
 
+        context = create_ssl_context(
+            cafile=self.ssl_ca_location, certfile=self.ssl_certificate_location,
+            keyfile=self.ssl_key_location,
+            password=self.ssl_key_password.get_secret_value() if self.ssl_key_password
+            else None) if self.tls else None
+        if not self.sasl:
+            return faust.SSLCredentials(context)
+        assert self.sasl_password is not None
         return faust.SASLCredentials(username=self.sasl_username,
                                      password=self.sasl_password.get_secret_value(),
-                                     mechanism=self.sasl_mechanism)
+                                     mechanism=self.sasl_mechanism, ssl_context=context)
 
     def producer_config(self, **overrides: Any) -> dict[str, Any]:
         return {

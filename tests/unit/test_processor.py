@@ -622,6 +622,25 @@ def test_a_leg_past_its_expiry_is_a_dead_letter_not_a_second_credit(part):
     assert state_in(part, B).balance_minor == 40
 
 
+def test_a_leg_of_the_first_version_expires_a_window_after_it_was_issued(part):
+    """A leg without an expiry (signed before legs had one) is credited while young, and
+    its exact bytes sent again once the credit could be forgotten are refused."""
+    part.batch([encode_batch([open_account(B)])])
+    leg = part.signer.sign(credit_leg(40, issued_at=part.clock))
+    assert not leg.expires_at and part.signer.verify(leg)
+    value = encode(leg)
+    part.batch(legs=[value])
+    assert state_in(part, B).balance_minor == 40
+
+    part.clock += WINDOW - part.processor().max_skew_ms  # the credit is still remembered
+    again = part.batch(legs=[value])
+
+    assert again.stats.dead_letters == 1 and events_of(again) == []
+    (dead,) = [o for o in again.outputs if o.kind == DLQ]
+    assert dict(dead.headers)["error_code"] == b"expired_leg"
+    assert state_in(part, B).balance_minor == 40
+
+
 def test_a_leg_of_another_ledger_with_the_same_secret_is_forged(part):
     part.batch([encode_batch([open_account(B)])])
     other = LegSigner(SECRET, app_id="another-ledger")
