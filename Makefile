@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTHON ?= python3
 
-.PHONY: demo test test-random lint lock bench kafka
+.PHONY: demo serve test test-random lint lock bench kafka
 .DEFAULT_GOAL := test
 
 # Every dependency comes from requirements.lock, each file checked against its hash
@@ -20,11 +20,14 @@ $(BIN)/.installed: requirements.lock pyproject.toml setup.py streams/core.py
 lock:
 	$(PYTHON) -m venv $(VENV)-lock && $(VENV)-lock/bin/pip install -q pip-tools==7.7.0
 	PIP_FIND_LINKS= $(VENV)-lock/bin/pip-compile -q --generate-hashes --allow-unsafe \
-	  --extra dev --strip-extras --no-emit-index-url --no-emit-find-links \
+	  --extra worker --extra dev --strip-extras --no-emit-index-url --no-emit-find-links \
 	  -o requirements.lock pyproject.toml
 
 demo: $(BIN)/.installed
 	$(BIN)/ledger demo
+
+serve: $(BIN)/.installed
+	$(BIN)/ledger demo --serve
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest

@@ -9,7 +9,8 @@
     ledger balance ACCT             an account's balance, from a worker
     ledger history ACCT             an account's events, paged, from a worker
     ledger status                   workers, partition owners, lag and rates
-    ledger demo                     broker + worker + a scripted scenario, end to end
+    ledger demo [--serve]           broker + worker + a scripted scenario, end to end
+                                    (--serve: then the page, until Ctrl-C)
 
 Connection settings come from ``LEDGER_*`` variables (see ``streams.settings``);
 ``--json`` prints machine-readable output.
@@ -136,11 +137,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
         worker.execute_from_commandline()
     except SystemExit as exc:
         if not exc.code:
+            logging.getLogger("ledger.worker").info("worker stopped cleanly")
             raise
         # Faust stopped itself after a crash: make the cause the last line.
         reason = crash_reason(app) or f"{worker.crash_reason!r}"
         logging.getLogger("ledger.worker").critical("worker exiting: %s", reason)
         return EXIT_INTERNAL_FAILURE
+    logging.getLogger("ledger.worker").info("worker stopped cleanly")
     return 0
 
 
@@ -303,7 +306,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from streams.demo import run_demo
 
-    return run_demo(json_out=args.json)
+    return run_demo(json_out=args.json, serve=args.serve)
 
 
 def parse_instant(text: str) -> int:
@@ -528,8 +531,10 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--sample", type=float, default=2.0, help="seconds to measure rates over")
     st.set_defaults(fn=cmd_status)
 
-    sub.add_parser("demo", help="run the whole pipeline on a scripted scenario").set_defaults(
-        fn=cmd_demo)
+    d = sub.add_parser("demo", help="run the whole pipeline on a scripted scenario")
+    d.add_argument("--serve", action="store_true",
+                   help="then leave the worker and its page running until Ctrl-C")
+    d.set_defaults(fn=cmd_demo)
 
     v = sub.add_parser("verify", help="fold the events topic and check every invariant")
     v.set_defaults(fn=cmd_verify)

@@ -3,12 +3,14 @@
 Uses the broker named by ``LEDGER_BOOTSTRAP_SERVERS`` if set, otherwise starts a
 local one; starts a worker process; submits the scenario through the Python client;
 prints every outcome, the balances (from the worker's HTTP API) and the events
-(from the events topic); stops what it started.
+(from the events topic); stops what it started. With ``serve`` it leaves the worker
+and its page running (on LEDGER_WEB_PORT when that port is free) until Ctrl-C.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import tempfile
 import time
 import uuid
@@ -21,7 +23,7 @@ from schemas import models as m
 from schemas.codec import CODEC
 from schemas.money import format_amount, parse_amount
 from streams.eventlog import read_all
-from streams.kafka_local import broker_for_job, free_port
+from streams.kafka_local import broker_for_job, free_port, port_is_free
 from streams.procs import WorkerProcess
 from streams.settings import Settings
 from streams.topics import ensure_topics
@@ -70,13 +72,15 @@ def describe(outcome: Any) -> str:
            f"{format_amount(e.balance_after_minor, e.currency)}"
 
 
-def run_demo(json_out: bool = False) -> int:
+def run_demo(json_out: bool = False, serve: bool = False) -> int:
     with ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ledger-demo-")))
         bootstrap, _ = broker_for_job(stack, work / "kafka", step)
         run = f"demo-{uuid.uuid4().hex[:6]}"
-        s = Settings(bootstrap_servers=bootstrap).isolated(run, data_dir=work / "worker",
-                                                           web_port=free_port())
+        port = Settings().web_port
+        s = Settings(bootstrap_servers=bootstrap).isolated(
+            run, data_dir=work / "worker",
+            web_port=port if serve and port_is_free(port) else free_port())
         step(f"broker {bootstrap}; creating topics {run}.*")
         ensure_topics(s)
         step("starting a worker")
@@ -124,5 +128,24 @@ def run_demo(json_out: bool = False) -> int:
         if json_out:
             print(json.dumps({"outcomes": results, "balances": balances,
                               "events": len(events)}))
+        if serve:
+            serve_until_interrupted(worker)
         step("done; stopping the worker and the broker")
     return 0
+
+
+def serve_until_interrupted(worker: WorkerProcess) -> None:
+    """Keep the worker and its page up until Ctrl-C (or SIGTERM), or until it exits."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    step(f"the page: {worker.url}/ (accounts alice, bob, chen); Ctrl-C stops the worker "
+         "and the broker")
+    try:
+        while worker.proc.poll() is None:
+            time.sleep(0.5)
+        step(f"the worker exited ({worker.proc.returncode}); last lines:\n"
+             f"{worker.log_tail(5)}")
+    except KeyboardInterrupt:
+        pass

@@ -195,7 +195,7 @@ def free_port() -> int:
         low = 32768
     for _ in range(200):
         port = random.randrange(max(1024, low - 12_000), low)
-        if _port_is_free(port):
+        if port_is_free(port):
             return port
     raise RuntimeError("no free loopback port below the ephemeral range")
 
@@ -237,7 +237,7 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
-def _port_is_free(port: int) -> bool:
+def port_is_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -571,7 +571,11 @@ class LocalBroker:
                 )
                 process.kill()
                 process.wait(timeout=timeout_s)
-            log.info("Kafka broker stopped (exit code %s)", process.returncode)
+            # a JVM stopped by SIGTERM exits with 143 (128 + 15) after a clean shutdown
+            if process.returncode in (0, 128 + signal.SIGTERM):
+                log.info("Kafka broker stopped cleanly")
+            else:
+                log.warning("Kafka broker stopped (exit code %s)", process.returncode)
         self._close_log()
 
     def kill(self) -> None:
@@ -616,7 +620,7 @@ class LocalBroker:
             self._controller_port = self._quorum.controllers[self._quorum.node_id]
             return
         previous = self._previous_ports()
-        if previous is not None and all(_port_is_free(p) for p in previous):
+        if previous is not None and all(port_is_free(p) for p in previous):
             # Reusing a formatted data dir: keep its ports so the bootstrap
             # address people copied and the stored controller endpoint stay valid.
             port, controller = previous

@@ -7,6 +7,7 @@ printed.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +21,7 @@ DEV_LEG_SECRET = "dev-only-leg-secret-change-me"
 WEAK_LEG_SECRETS = frozenset({DEV_LEG_SECRET, "change-me-in-production"})
 MIN_LEG_SECRET_BYTES = 16
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
 
 
 class Settings(BaseSettings):
@@ -178,6 +180,8 @@ class Settings(BaseSettings):
         conf: dict[str, Any] = {
             "bootstrap.servers": self.bootstrap_servers,
             "security.protocol": self.security_protocol,
+            # librdkafka's own lines (%4|...) through Python's logging: JSON in a worker
+            "logger": LIBRDKAFKA_LOG,
         }
         if self.sasl and self.sasl_password is not None:
             conf["sasl.mechanism"] = self.sasl_mechanism

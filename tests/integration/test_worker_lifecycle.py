@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 
+from schemas.models import OpenAccount
 from streams.kafka_local import free_port
 from streams.procs import WorkerProcess
 from streams.settings import Settings
@@ -29,3 +30,17 @@ def test_worker_waits_for_an_unreachable_broker_then_exits_clearly(tmp_path):
     assert all(x["bootstrap"] == dead and x["level"] == "warning" for x in waits)
     last = lines[-1]
     assert last["level"] == "critical" and "no Kafka broker answered" in last["msg"]
+
+
+def test_a_worker_logs_json_only_and_says_it_stopped_cleanly(start_worker, client):
+    w = start_worker("json")
+    assert client.submit(OpenAccount(command_id="o", account_id="acct-json", actor="t",
+                                     issued_at=int(time.time() * 1000),
+                                     currency="USD")).result(timeout=60).accepted
+    assert w.stop() == 0
+    lines = w.log_path.read_text().splitlines()
+    assert not [x for x in lines if not x.startswith("{")]  # librdkafka's lines included
+    docs = [json.loads(x) for x in lines]
+    assert any(d["logger"] == "librdkafka" for d in docs)
+    assert not [d for d in docs if d["level"] in ("error", "critical")]
+    assert docs[-1]["msg"] == "worker stopped cleanly"
