@@ -33,7 +33,6 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 from streams.settings import Settings
 
 CLIENT_GROUP_PREFIX = "ledger-client"
-EXIT_AUTHENTICATION = 77  # EX_NOPERM
 
 _TOPIC_RW = (AclOperation.READ, AclOperation.WRITE, AclOperation.DESCRIBE,
              AclOperation.CREATE, AclOperation.DESCRIBE_CONFIGS)

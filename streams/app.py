@@ -29,7 +29,7 @@ from confluent_kafka.admin import AdminClient
 from faust.types import TP, EventT
 
 from schemas.models import ExpireHold
-from streams import metrics
+from streams import exits, metrics
 from streams.engine import Engine, PartitionInput, Record
 from streams.processor import core_build, parse_expiry_key
 from streams.settings import Settings
@@ -40,7 +40,6 @@ from streams.topics import end_offsets
 log = logging.getLogger("ledger.worker")
 T = TypeVar("T")
 
-EXIT_INTERNAL_FAILURE = 70  # EX_SOFTWARE: a supervisor should restart the worker
 
 
 def die(reason: str) -> None:
@@ -48,7 +47,7 @@ def die(reason: str) -> None:
     log.critical("worker exiting: %s", reason)
     for h in logging.getLogger().handlers:
         h.flush()
-    os._exit(EXIT_INTERNAL_FAILURE)
+    os._exit(exits.INTERNAL)
 
 
 def crash_reason(app: faust.App) -> str | None:

@@ -36,6 +36,7 @@ from typing import Any
 from confluent_kafka import KafkaException
 
 from schemas.money import AmountError, format_amount, parse_amount
+from streams import exits
 from streams.settings import Settings
 
 
@@ -50,7 +51,7 @@ def cmd_kafka(args: argparse.Namespace) -> int:
         users = users_from_env() if args.secure else None
     except BrokerError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exits.USAGE
     run_foreground(args.port, users, tls=args.tls)
     return 0
 
@@ -88,7 +89,6 @@ def cmd_topics(args: argparse.Namespace) -> int:
 # next to a busy thread, and 6.4 and 24 ms at 0.5 ms (3.8 and 12 ms with no thread).
 WORKER_SWITCH_INTERVAL_S = 0.0005
 WORKER_GC_THRESHOLD = 50_000
-EXIT_CONFIG = 78  # EX_CONFIG: settings unsafe outside development mode; a restart won't help
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -112,7 +112,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         logging.getLogger("ledger.worker").critical(
             "worker refusing to start: %s (on a developer's machine, LEDGER_DEV_MODE=true "
             "allows it)", "; ".join(problems))
-        return EXIT_CONFIG
+        return exits.CONFIG
     from streams.topics import ensure_topics, wait_for_broker
 
     try:
@@ -120,13 +120,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
         ensure_topics(s)
     except (RuntimeError, KafkaException) as exc:
         logging.getLogger("ledger.worker").critical("worker exiting: %s", exc)
-        from streams.acl import EXIT_AUTHENTICATION, AuthenticationFailed
+        from streams.acl import AuthenticationFailed
 
         # a wrong login is not an outage: a supervisor restarting it will not help
-        return EXIT_AUTHENTICATION if isinstance(exc, AuthenticationFailed) else 69
+        return exits.NO_PERMISSION if isinstance(exc, AuthenticationFailed) \
+            else exits.UNAVAILABLE
     import faust
 
-    from streams.app import EXIT_INTERNAL_FAILURE, crash_reason, create_app
+    from streams.app import crash_reason, create_app
 
     app = create_app(s)
     # The log is JSON for machines: no banner, and no progress spinner (Faust's writes
@@ -142,7 +143,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         # Faust stopped itself after a crash: make the cause the last line.
         reason = crash_reason(app) or f"{worker.crash_reason!r}"
         logging.getLogger("ledger.worker").critical("worker exiting: %s", reason)
-        return EXIT_INTERNAL_FAILURE
+        return exits.INTERNAL
     logging.getLogger("ledger.worker").info("worker stopped cleanly")
     return 0
 
@@ -204,20 +205,20 @@ def cmd_submit(args: argparse.Namespace) -> int:
         command = _command(args.kind, args)
     except AmountError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exits.USAGE
     with LedgerClient(Settings()) as client:
         try:
             fut = client.submit(command)
         except CommandRefused as exc:
             _print(args, {"accepted": False, "reason": exc.reason, "detail": exc.detail},
                    f"refused before sending: {exc}")
-            return 1
+            return exits.REFUSED
         try:
             outcome = fut.result(timeout=args.timeout)
         except TimeoutError:
             print(f"error: no outcome for {command.command_id} within {args.timeout}s "
                   "(is a worker running, and the broker reachable?)", file=sys.stderr)
-            return 3
+            return exits.TIMEOUT
     doc = outcome_doc(outcome)
     if outcome.accepted:
         e = outcome.events[0]
@@ -226,7 +227,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     else:
         human = f"rejected: {doc['reason']} ({doc['detail']})"
     _print(args, doc, human)
-    return 0 if outcome.accepted else 1
+    return 0 if outcome.accepted else exits.REFUSED
 
 
 def get_json(base_url: str, path: str, timeout_s: float = 5.0) -> dict[str, Any]:
@@ -254,10 +255,10 @@ def cmd_balance(args: argparse.Namespace) -> int:
         doc = fetch_account(args.url, args.account)
     except OSError as exc:
         print(f"error: no answer from {args.url}: {exc}", file=sys.stderr)
-        return 2
+        return exits.USAGE
     if "error" in doc:
         _print(args, doc, f"{args.account}: {doc['error']}")
-        return 1
+        return exits.REFUSED
     _print(args, doc, f"{doc['account_id']}: balance {doc['balance']}, available "
                       f"{doc['available']}, version {doc['version']}, {doc['status']}")
     return 0
@@ -273,10 +274,10 @@ def cmd_history(args: argparse.Namespace) -> int:
             page = get_json(args.url, f"{path}?from_version={version}&limit={page_size}", 10)
         except OSError as exc:
             print(f"error: no answer from {args.url}: {exc}", file=sys.stderr)
-            return 2
+            return exits.USAGE
         if "error" in page:
             _print(args, page, f"{args.account}: {page.get('error')} ({page.get('detail')})")
-            return 1
+            return exits.REFUSED
         events += page["events"]
         version = page["next_from_version"]
     lines = [f"v{e['version']:<5} {_iso(e['occurred_at'])}  {e['type']:<16} "
@@ -316,7 +317,11 @@ def parse_instant(text: str) -> int:
     when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
     if when.tzinfo is None:
         when = when.replace(tzinfo=datetime.UTC)
-    return int(when.timestamp() * 1000)
+    # in whole milliseconds, rounded down, with no float on the way
+    return (when - _EPOCH) // datetime.timedelta(milliseconds=1)
+
+
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 
 
 def _progress(args: argparse.Namespace) -> Any:
@@ -338,7 +343,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     lines = [f"{k}: {v}" for k, v in doc.items() if k != "breaches"]
     lines += [f"BREACH {b}" for b in report.breaches[:50]] or ["ok: every invariant holds"]
     _print(args, doc, "\n".join(lines))
-    return 0 if report.ok else 1
+    return 0 if report.ok else exits.REFUSED
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -354,7 +359,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                    progress=_progress(args))
     except GroupActive as exc:
         print(f"\nrefused: {exc}", file=sys.stderr)
-        return 2
+        return exits.USAGE
     doc = {"ok": r.ok, "events_applied": r.events_applied, "accounts": r.accounts,
            "checksum": r.checksum, "live_checksum": r.live_checksum, "seconds": r.seconds,
            "events_per_s": r.events_per_s, "differences": r.differences[:50]}
@@ -364,7 +369,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                                             f"{len(r.differences)} DIFFERENCES\n"
                                             + "\n".join(r.differences[:20])))
     _print(args, doc, human)
-    return 0 if r.ok else 1
+    return 0 if r.ok else exits.REFUSED
 
 
 def cmd_as_of(args: argparse.Namespace) -> int:
@@ -377,7 +382,7 @@ def cmd_as_of(args: argparse.Namespace) -> int:
     if doc is None:
         _print(args, {"account_id": args.account, "at_ms": at_ms, "error": "no_history"},
                f"{args.account}: no event at or before {args.time}")
-        return 1
+        return exits.REFUSED
     doc = {"at_ms": at_ms, **doc}
     cur = doc["currency"]
     human = (f"{args.account} as of {args.time}: balance "
@@ -411,7 +416,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
         r = rebuild(s, progress=None if args.json else (lambda msg: print(f"==> {msg}")))
     except GroupActive as exc:
         print(f"refused: {exc}", file=sys.stderr)
-        return 2
+        return exits.USAGE
     doc = {"accounts": r.accounts, "outcomes": r.outcomes, "records": r.records,
            "seconds": round(r.seconds, 2),
            "checkpoints": {p: [c.commands, c.transfers] for p, c in r.checkpoints.items()}}
@@ -575,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     bn.set_defaults(fn=cmd_bench)
 
     args = parser.parse_args(argv)
-    from streams.acl import EXIT_AUTHENTICATION, AuthenticationFailed, check_login
+    from streams.acl import AuthenticationFailed, check_login
 
     try:
         if args.cmd not in ("kafka", "worker", "balance", "demo", "bench"):
@@ -583,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.fn(args))
     except AuthenticationFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_AUTHENTICATION
+        return exits.NO_PERMISSION
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ from pydantic import SecretStr
 from producers.client import LedgerClient, Outcome
 from schemas.codec import CODEC
 from schemas.models import Deposit, LedgerEvent, OpenAccount, Transfer
-from streams.acl import EXIT_AUTHENTICATION, AuthenticationFailed, apply_acls, ledger_acls
+from streams import exits
+from streams.acl import AuthenticationFailed, apply_acls, ledger_acls
 from streams.kafka_local import LocalBroker, ensure_jars, free_port
 from streams.processor import partition_for
 from streams.procs import WorkerProcess, settings_env
@@ -295,7 +296,7 @@ def test_wrong_password_fails_fast_in_the_cli(ledger: Secured) -> None:
                        ("worker", ("verify",)),
                        ("admin", ("acl",))):
         rc, out, err, took = ledger.cli(ledger.as_user(user, WRONG), *args, timeout_s=60)
-        assert rc == EXIT_AUTHENTICATION, (args, rc, err)
+        assert rc == exits.NO_PERMISSION, (args, rc, err)
         assert took < 30, (args, took)
         assert f"error: authentication failed: the Kafka broker at " \
                f"{ledger.broker.bootstrap_servers} refused user '{user}'" in err
@@ -315,7 +316,7 @@ def test_worker_with_a_wrong_password_exits_with_a_clear_error(ledger: Secured) 
     finally:
         w.stop()
     assert time.monotonic() - started < 30
-    assert rc == 77  # EX_NOPERM, as the CLI; 69 would say "broker unreachable"
+    assert rc == exits.NO_PERMISSION  # as the CLI; UNAVAILABLE would say "no broker"
     last = json.loads(w.log_path.read_text().splitlines()[-1])
     assert last["level"] == "critical"
     assert last["msg"].startswith("worker exiting: authentication failed") and "'worker'" in \

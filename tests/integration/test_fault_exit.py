@@ -16,6 +16,7 @@ from confluent_kafka import Producer
 
 from schemas.codec import CODEC
 from schemas.models import Deposit, OpenAccount, encode_batch
+from streams import exits
 from streams.eventlog import read_all
 from streams.kafka_local import free_port
 from streams.processor import partition_for
@@ -54,7 +55,7 @@ def test_a_crashed_fetcher_makes_the_worker_exit_and_a_restart_loses_nothing(
         started = time.monotonic()
         while broken.proc.poll() is None and time.monotonic() - started < 90:
             time.sleep(0.2)
-        assert broken.proc.returncode == 70, broken.log_tail()
+        assert broken.proc.returncode == exits.INTERNAL, broken.log_tail()
         assert time.monotonic() - started < 30  # 2 x stall_timeout_s, and a timer tick
     finally:
         broken.stop()

@@ -18,7 +18,8 @@ from pydantic import SecretStr
 
 from producers.client import LedgerClient
 from schemas.models import Deposit, OpenAccount
-from streams.acl import EXIT_AUTHENTICATION, AuthenticationFailed, apply_acls, ledger_acls
+from streams import exits
+from streams.acl import AuthenticationFailed, apply_acls, ledger_acls
 from streams.kafka_local import LocalBroker, ensure_jars, free_port
 from streams.procs import WorkerProcess
 from streams.settings import Settings
@@ -101,7 +102,7 @@ def test_the_pipeline_over_sasl_ssl(sasl_ssl_broker: LocalBroker, passwords: dic
     w = WorkerProcess(as_user("worker", ssl_ca_location=None, web_port=free_port(),
                               data_dir=tmp_path / "no-ca"), tmp_path / "no-ca.log")
     try:
-        assert w.proc.wait(timeout=60) == EXIT_AUTHENTICATION
+        assert w.proc.wait(timeout=60) == exits.NO_PERMISSION
     finally:
         w.stop()
     last = json.loads(w.log_path.read_text().splitlines()[-1])

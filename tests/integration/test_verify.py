@@ -11,6 +11,7 @@ import pytest
 from confluent_kafka import Producer
 
 from schemas.models import Deposit, LedgerEvent, OpenAccount, TransferCredited, encode
+from streams import exits
 from streams.processor import partition_for
 from streams.procs import settings_env
 from streams.verify import verify
@@ -56,5 +57,5 @@ def test_verify_passes_then_fails_on_a_forged_credit(ledger_settings, start_work
     assert not report.ok
     assert any("free-money" in b and "never debited" in b for b in report.breaches)
     bad = run_cli(s, "--json", "verify")
-    assert bad.returncode == 1
+    assert bad.returncode == exits.REFUSED
     assert '"ok": false' in bad.stdout

@@ -6,6 +6,7 @@ import json
 import time
 
 from schemas.models import OpenAccount
+from streams import exits
 from streams.kafka_local import free_port
 from streams.procs import WorkerProcess
 from streams.settings import Settings
@@ -20,7 +21,7 @@ def test_worker_waits_for_an_unreachable_broker_then_exits_clearly(tmp_path):
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and w.proc.poll() is None:
             time.sleep(0.2)
-        assert w.proc.returncode == 69  # EX_UNAVAILABLE, after the bounded wait
+        assert w.proc.returncode == exits.UNAVAILABLE  # after the bounded wait
     finally:
         w.stop()
     lines = [json.loads(x) for x in w.log_path.read_text().splitlines() if x.startswith("{")]

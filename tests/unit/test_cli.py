@@ -33,3 +33,15 @@ def test_balance_and_history_default_to_this_machines_web_port(monkeypatch):
     monkeypatch.setenv("LEDGER_URL", "http://worker-2:6066")
     assert cli.main(["balance", "alice"]) == 0
     assert seen[-1].url == "http://worker-2:6066"
+
+
+@pytest.mark.parametrize(("text", "ms"), [
+    ("1767225600000", 1_767_225_600_000),
+    ("2026-01-01T00:00:00Z", 1_767_225_600_000),
+    ("2026-01-01T01:00:00+01:00", 1_767_225_600_000),
+    ("2026-01-01T00:00:00.0019", 1_767_225_600_001),  # microseconds: rounded down
+    ("1969-12-31T23:59:59.9995Z", -1),  # before 1970: still down, not toward zero
+    ("9999-12-31T23:59:59.999Z", 253_402_300_799_999),  # exact where a float is not
+])
+def test_instants_are_parsed_to_exact_milliseconds(text, ms):
+    assert cli.parse_instant(text) == ms

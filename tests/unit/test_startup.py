@@ -9,7 +9,7 @@ import sys
 import pytest
 from pydantic import SecretStr
 
-from streams.cli import EXIT_CONFIG
+from streams.exits import CONFIG as EXIT_CONFIG
 from streams.settings import DEV_LEG_SECRET, Settings
 
 GOOD = SecretStr("k" * 32)
