@@ -1,6 +1,6 @@
 """The ledger's rules: pure ``decide`` and ``evolve``, no Kafka, no clock, no I/O.
 
-``decide(state, command) -> Outcome`` says what a command does to one account: one
+``decide(state, command) -> Decision`` says what a command does to one account: one
 event, or one rejection with a reason from ``Reason`` (an ordered list: the first
 rule a command breaks is the one reported). ``decide_leg`` does the same for the
 halves of a transfer that travel between partitions. ``evolve(state, event)`` is
@@ -88,7 +88,7 @@ class Refused(Exception):
 
 
 @dataclass(frozen=True)
-class Outcome:
+class Decision:
     """What one input produced: events for its account, or one rejection; plus legs."""
 
     events: tuple[LedgerEvent, ...] = ()
@@ -119,13 +119,13 @@ def check_command(command: CommandBase) -> None:
 # ---------------------------------------------------------------- decide
 
 
-def decide(state: AccountState | None, command: CommandBase) -> Outcome:
+def decide(state: AccountState | None, command: CommandBase) -> Decision:
     """Validate ``command`` against ``state``: one event, or one rejection."""
     try:
         check_command(command)
         payload = _rules(state, command)
     except Refused as r:
-        return Outcome(rejection=reject(command, r.reason, r.detail))
+        return Decision(rejection=reject(command, r.reason, r.detail))
     event, after = _event(state, command.account_id, command.command_id, command.command_id,
                           command.issued_at, command.actor, command.correlation_id, payload,
                           currency=getattr(command, "currency", None))
@@ -137,7 +137,7 @@ def decide(state: AccountState | None, command: CommandBase) -> Outcome:
             currency=command.currency, issued_at=event.occurred_at, actor=command.actor,
             correlation_id=command.correlation_id, reason=None, expires_at=0, signature=b"",
         ),)
-    return Outcome(events=(event,), legs=legs, state_after=after)
+    return Decision(events=(event,), legs=legs, state_after=after)
 
 
 def reject(command: CommandBase, reason: Reason, detail: str) -> Rejection:
@@ -221,7 +221,7 @@ def _rules(state: AccountState | None, c: CommandBase) -> Payload:
     raise Refused(Reason.INVALID_COMMAND, f"unknown command type {type(c).__name__}")
 
 
-def decide_leg(state: AccountState | None, leg: TransferLeg) -> Outcome:
+def decide_leg(state: AccountState | None, leg: TransferLeg) -> Decision:
     """Apply a transfer leg at the account that receives it.
 
     A CREDIT that the destination cannot take (missing, closed, other currency)
@@ -234,7 +234,7 @@ def decide_leg(state: AccountState | None, leg: TransferLeg) -> Outcome:
         if state.balance_minor + leg.amount_minor > MAX_MINOR:
             # Only reachable with hundreds of maximal transfers in flight at once.
             # The refund stays on record as a rejection for an operator to settle.
-            return Outcome(rejection=Rejection.trusted(
+            return Decision(rejection=Rejection.trusted(
                 command_id=leg.leg_id, account_id=leg.from_account_id,
                 command_type="TransferRefund", reason=Reason.BALANCE_OUT_OF_RANGE.value,
                 detail=f"refund of transfer {leg.transfer_id} would overflow the balance",
@@ -262,7 +262,7 @@ def decide_leg(state: AccountState | None, leg: TransferLeg) -> Outcome:
             f"{leg.from_account_id}", occurred_at=leg.issued_at,
             correlation_id=leg.correlation_id, actor=leg.actor,
         )
-        return Outcome(rejection=rejection, legs=(refund,))
+        return Decision(rejection=rejection, legs=(refund,))
     assert state is not None
     payload = TransferCredited.trusted(transfer_id=leg.transfer_id,
                                        from_account_id=leg.from_account_id,
@@ -270,10 +270,10 @@ def decide_leg(state: AccountState | None, leg: TransferLeg) -> Outcome:
     return _leg_outcome(state, leg, payload)
 
 
-def _leg_outcome(state: AccountState, leg: TransferLeg, payload: Payload) -> Outcome:
+def _leg_outcome(state: AccountState, leg: TransferLeg, payload: Payload) -> Decision:
     event, after = _event(state, leg.account_id, leg.transfer_id, leg.leg_id, leg.issued_at,
                           leg.actor, leg.correlation_id, payload, currency=leg.currency)
-    return Outcome(events=(event,), state_after=after)
+    return Decision(events=(event,), state_after=after)
 
 
 def _event(state: AccountState | None, account_id: str, command_id: str, causation_id: str,

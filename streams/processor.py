@@ -69,7 +69,7 @@ from streams.core import (
     future_rule,
     read_commands,
 )
-from streams.domain import Outcome, Reason, decide, decide_leg, reject
+from streams.domain import Decision, Reason, decide, decide_leg, reject
 
 EVENTS, REJECTIONS, TRANSFERS, DLQ = "events", "rejections", "transfers", "dlq"
 
@@ -473,7 +473,7 @@ class BatchProcessor:
         reason, detail = future_rule(c.issued_at, self._now, self.max_skew_ms)
         if reason:
             self._apply(c.account_id, okey, digest,
-                        Outcome(rejection=reject(c, Reason(reason), detail)))
+                        Decision(rejection=reject(c, Reason(reason), detail)))
             return
         self._apply(c.account_id, okey, digest, decide(self._state(c.account_id), c))
 
@@ -538,7 +538,7 @@ class BatchProcessor:
             self.outputs.append(Output(kind, okey[1:].split(b"\0", 1)[0], record))
         return True
 
-    def _apply(self, account_id: str, okey: bytes, digest: bytes, outcome: Outcome) -> None:
+    def _apply(self, account_id: str, okey: bytes, digest: bytes, outcome: Decision) -> None:
         records: list[bytes]
         if outcome.events and log.isEnabledFor(logging.DEBUG):  # per command: never INFO
             e = outcome.events[0]

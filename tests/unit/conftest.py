@@ -30,7 +30,7 @@ from schemas.models import (
     Withdraw,
     encode,
 )
-from streams.domain import Outcome, decide, decide_leg
+from streams.domain import Decision, decide, decide_leg
 from streams.processor import BatchProcessor, LegSigner, Output, partition_for, retained
 
 T0 = 1_700_000_000_000  # an epoch-ms instant; every test's clock starts here
@@ -113,7 +113,7 @@ class Book:
     def state(self, account_id: str) -> AccountState | None:
         return self.states.get(account_id)
 
-    def _take(self, outcome: Outcome) -> Outcome:
+    def _take(self, outcome: Decision) -> Decision:
         for event in outcome.events:
             self.events.setdefault(event.account_id, []).append(event)
             self.states[event.account_id] = outcome.state_after
@@ -122,7 +122,7 @@ class Book:
         self.in_flight.extend(outcome.legs)
         return outcome
 
-    def do(self, cmd: CommandBase) -> Outcome:
+    def do(self, cmd: CommandBase) -> Decision:
         return self._take(decide(self.state(cmd.account_id), cmd))
 
     def do_all(self, commands: Iterable[CommandBase]) -> None:
@@ -130,10 +130,10 @@ class Book:
             outcome = self.do(c)
             assert outcome.rejection is None, f"setup command refused: {outcome.rejection}"
 
-    def deliver(self, leg: TransferLeg) -> Outcome:
+    def deliver(self, leg: TransferLeg) -> Decision:
         return self._take(decide_leg(self.state(leg.account_id), leg))
 
-    def deliver_next(self) -> Outcome:
+    def deliver_next(self) -> Decision:
         return self.deliver(self.in_flight.popleft())
 
     def deliver_all(self) -> None:
@@ -234,7 +234,7 @@ def part() -> Partition:
     return Partition()
 
 
-def encoded(outcome: Outcome) -> list[bytes]:
+def encoded(outcome: Decision) -> list[bytes]:
     """Every record an outcome would put on the wire, encoded."""
     out = [encode(e) for e in outcome.events]
     if outcome.rejection is not None:
