@@ -84,7 +84,10 @@ _FAST = re.compile(
     rb"[\x80-\xff]{5}[\x00-\x7f]",
     re.DOTALL,
 )
-_ACCOUNT_CLOSED_INDEX = 9  # position of AccountClosed in the payload union
+_PAYLOADS = [t if isinstance(t, str) else t["name"] for t in next(
+    f["type"] for f in CODEC.current[LedgerEvent.avro_name].parsed["fields"]
+    if f["name"] == "payload")]
+_ACCOUNT_CLOSED_INDEX = _PAYLOADS.index("ledger.AccountClosed")  # its branch of the union
 _ACCOUNT_CLOSED_TAIL = _ACCOUNT_CLOSED_INDEX << 1  # its zigzag byte: an empty record ends there
 _HISTORY_SUFFIX = struct.Struct(">QQ")  # occurred_at, version
 # The whole history key of a short account id in one pack (ids below 64 bytes).
