@@ -133,16 +133,16 @@ def fits_rule(total: int, amount: int, currency: str) -> tuple[str, str]:
 def place_hold_rules(exists: bool, hold_id: str, expires_at: int, at: int, held: int,
                      amount: int, available: int, overdraft_limit: int,
                      currency: str) -> tuple[str, str]:
-    """Placing a hold at instant ``at``: a new hold id, a future expiry, within range
-    and within the funds."""
-    if exists:
-        return HOLD_ALREADY_EXISTS, "hold " + repr(hold_id) + " is already open"
+    """Placing a hold at instant ``at``: a future expiry, a new hold id, within the
+    funds and within range (the order of ``streams.domain.Reason``)."""
     if expires_at <= at:
         return INVALID_EXPIRY, "expires_at is not after " + str(at)
-    broken = fits_rule(held, amount, currency)
+    if exists:
+        return HOLD_ALREADY_EXISTS, "hold " + repr(hold_id) + " is already open"
+    broken = funds_rule(available, overdraft_limit, amount, currency)
     if broken[0]:
         return broken
-    return funds_rule(available, overdraft_limit, amount, currency)
+    return fits_rule(held, amount, currency)
 
 
 def hold_rules(kind: int, hold_id: str, hold: tuple[int, int] | None, at: int,

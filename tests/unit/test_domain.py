@@ -633,6 +633,11 @@ def test_the_domain_produces_every_reason_the_processor_does_not():
     pytest.param([open_account(), deposit(10), place_hold(5, "h1")], place_hold(50, "h1"),
                  Reason.HOLD_ALREADY_EXISTS, Reason.INSUFFICIENT_FUNDS,
                  id="hold-exists-before-insufficient-funds"),
+    pytest.param([open_account(), deposit(10), place_hold(5, "h1"),
+                  deposit(1, issued_at=T0 + 2000)],  # the account's clock: T0 + 2000
+                 place_hold(1, "h1", issued_at=T0 + 500, expires_at=T0 + 1000),
+                 Reason.INVALID_EXPIRY, Reason.HOLD_ALREADY_EXISTS,
+                 id="expiry-before-hold-exists"),
     pytest.param([open_account(), deposit(10), place_hold(5, "h1", expires_at=T0 + 10)],
                  capture_hold("h1", amount=9, issued_at=T0 + 10), Reason.HOLD_EXPIRED,
                  Reason.CAPTURE_EXCEEDS_HOLD, id="expired-before-exceeds"),
@@ -649,6 +654,16 @@ def test_a_command_breaking_two_rules_reports_the_earlier_one(given, when, repor
     rejected(book.do(when), reported)
 
     assert order.index(reported) < order.index(also_broken)
+
+
+def test_a_hold_beyond_the_funds_and_the_range_says_insufficient_funds(book):
+    funded(book, 0)
+    seed(book, "A", balance_minor=MAX_BALANCE_MINOR, held_minor=MAX_BALANCE_MINOR - 1)
+    order = list(Reason)
+
+    rejected(book.do(place_hold(2, "h2")), Reason.INSUFFICIENT_FUNDS)  # 1 available
+
+    assert order.index(Reason.INSUFFICIENT_FUNDS) < order.index(Reason.BALANCE_OUT_OF_RANGE)
 
 
 def test_credit_to_a_closed_account_in_another_currency_says_closed(book):
