@@ -439,11 +439,9 @@ def write_long(n: int) -> bytes:
 def compile_writer(schema: Any) -> Callable[[Any], bytes]:
     """A function that writes a datum of ``schema`` (parsed) as an Avro body.
 
-    fastavro's ``schemaless_writer`` costs ~15 µs a call on this project's machine,
-    most of it per-call set-up, and the worker writes several small records per
-    command: that set-up was a quarter of the hot path. This generates straight-line
-    Python for one schema instead (about twice as fast for an event, five times for
-    the stored outcome). It writes the same bytes as fastavro: the tests compare the
+    fastavro's ``schemaless_writer`` spends most of a call on set-up, and the worker
+    writes several small records per command; this generates straight-line Python for
+    one schema instead. It writes the same bytes as fastavro: the tests compare the
     two for every schema. A datum it cannot write (a union branch given without its
     name, a datetime for a timestamp) raises, and ``Codec.body`` hands that datum
     to fastavro.

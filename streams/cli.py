@@ -81,12 +81,9 @@ def cmd_topics(args: argparse.Namespace) -> int:
     return 0
 
 
-# The worker runs Python on several threads: the agent's loop, Faust's consumer thread,
-# the history indexer, and the thread that waits in librdkafka's flush and runs each
-# record's delivery callback. With CPython's default 5 ms switch interval each of those
-# steps can wait for the GIL that long while another thread computes: one run of
-# ``python bench/flush.py`` measured a flush of 40 records at 10.5 ms p50 and 71 ms p90
-# next to a busy thread, and 6.4 and 24 ms at 0.5 ms (3.8 and 12 ms with no thread).
+# The worker runs Python on several threads (the agent's loop, Faust's consumer, the
+# history indexer, the flush's): a shorter switch interval than CPython's 5 ms keeps a
+# flush from waiting that long for the GIL (docs/performance.md has the figures).
 WORKER_SWITCH_INTERVAL_S = 0.0005
 WORKER_GC_THRESHOLD = 50_000
 
@@ -95,8 +92,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     os.environ.setdefault("FAUST_LOOP", "uvloop")  # read by faust at import time
     sys.setswitchinterval(WORKER_SWITCH_INTERVAL_S)
     # A batch makes hundreds of thousands of short-lived objects: collecting the young
-    # generation every 700 of them (CPython's default) cost a quarter of the worker's
-    # deciding time over a backlog (bench/backlog.py, interleaved runs).
+    # generation every 700 of them (CPython's default) is a large share of deciding.
     gc.set_threshold(WORKER_GC_THRESHOLD, 20, 100)
     from streams import logs
 

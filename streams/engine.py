@@ -169,10 +169,8 @@ class Engine:
         self._errors: list[str] = []
         self.producer = Producer(settings.producer_config(**{
             # Every step ends in a flush, which sends at once whatever linger says
-            # (librdkafka >= 1.8), so lingering adds no latency. With 0, librdkafka's
-            # threads took each record while the hot path was still producing the
-            # step's others, and contended with it for the queues: 23-27k commands/s
-            # over a backlog against 28-31k at 20 ms (bench/backlog.py, interleaved).
+            # (librdkafka >= 1.8), so lingering adds no latency; with 0, librdkafka's
+            # threads contend with the hot path for the queues while it produces.
             "linger.ms": 20,
             "batch.num.messages": 10_000,
             "queue.buffering.max.messages": 2_000_000,
