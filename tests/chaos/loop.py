@@ -4,15 +4,19 @@ each with another seed, and print the tally.
     .venv/bin/python tests/chaos/loop.py [--runs 10] [--first-seed 1] [-k EXPR]
 
 Each run is one pytest process over ``tests/chaos`` with ``LEDGER_CHAOS_SEED`` set; a
-failed run keeps its output in ``chaos-loop-<seed>.log`` in the current directory.
+failed run keeps its output in ``chaos-loop-<seed>.log`` in the current directory. At
+the end, a table per test of what its green runs checked (each test writes a line to
+``LEDGER_CHAOS_REPORT`` once all its checks have passed).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,13 +28,16 @@ def main() -> int:
     ap.add_argument("-k", default="", help="pytest -k expression (default: every chaos test)")
     args = ap.parse_args()
     tests = Path(__file__).resolve().parent
+    report = Path(tempfile.mkdtemp(prefix="chaos-loop-")) / "report.jsonl"
+    report.touch()
     green = 0
     for seed in range(args.first_seed, args.first_seed + args.runs):
         started = time.monotonic()
         cmd = [sys.executable, "-m", "pytest", "-q", "-x", str(tests)]
         if args.k:
             cmd += ["-k", args.k]
-        result = subprocess.run(cmd, env={**os.environ, "LEDGER_CHAOS_SEED": str(seed)},
+        result = subprocess.run(cmd, env={**os.environ, "LEDGER_CHAOS_SEED": str(seed),
+                                          "LEDGER_CHAOS_REPORT": str(report)},
                                 capture_output=True, text=True, check=False)
         last = (result.stdout.strip().splitlines() or ["(no output)"])[-1]
         ok = result.returncode == 0
@@ -40,7 +47,26 @@ def main() -> int:
         print(f"seed {seed}: {'green' if ok else 'RED'} in {time.monotonic() - started:.0f} s"
               f" ({last})", flush=True)
     print(f"{green} of {args.runs} green")
+    print(tally([json.loads(line) for line in report.read_text().splitlines()]))
     return 0 if green == args.runs else 1
+
+
+def tally(rows: list[dict[str, object]]) -> str:
+    """What the passing runs checked, per test (a Markdown table)."""
+    out = ["| test | seeds | commands | outcomes told and checked | lost | doubled "
+           "| duplicate event records | worker kills | broker kills |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for test in dict.fromkeys(str(r["test"]) for r in rows):
+        mine = [r for r in rows if r["test"] == test]
+
+        def total(key: str, rows: list[dict[str, object]] = mine) -> int:
+            return sum(int(r.get(key, 0)) for r in rows)  # type: ignore[call-overload]
+        seeds = ",".join(str(r["seed"]) for r in mine)
+        out.append(f"| {test} | {seeds} | {total('commands'):,} | "
+                   f"{total('outcomes_told'):,} | {total('lost')} | {total('doubled')} | "
+                   f"{total('duplicates'):,} | {total('worker_kills')} | "
+                   f"{total('broker_kills') + total('broker_restarts')} |")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

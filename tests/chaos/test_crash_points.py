@@ -23,6 +23,7 @@ from tests.chaos.test_kill9 import (
     Supervisor,
     check_ledger,
     outcomes_by_command,
+    report_run,
     seed,
     workload,
 )
@@ -149,6 +150,8 @@ def test_a_crash_at_every_step_of_the_commit_path(ledger_settings, start_worker)
     report = check_ledger(s, [c for c, _ in load.submitted], Supervisor(start_worker, worker))
     assert report.events > len(told) // 2
     check_told(s, told)
+    report_run("crash points: " + ", ".join(COMMIT_ORDER), len(told), len(told),
+               report.duplicates, worker_kills=len(COMMIT_ORDER))
     print(f"crash points met: {COMMIT_ORDER}; {len(told)} outcomes told, each the log's")
 
 
@@ -187,4 +190,6 @@ def test_a_crash_in_a_rebalance_handover_and_during_recovery(ledger_settings, st
     report = check_ledger(s, [c for c, _ in load.submitted], Supervisor(start_worker, e))
     assert report.events > len(told) // 2
     check_told(s, told)
+    report_run("crash points: " + ", ".join(HANDOVER_ORDER), len(told), len(told),
+               report.duplicates, worker_kills=len(HANDOVER_ORDER))
     print(f"crash points met: {HANDOVER_ORDER}; {len(told)} outcomes told, each the log's")

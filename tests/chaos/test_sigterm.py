@@ -8,7 +8,14 @@ import time
 
 import pytest
 
-from tests.chaos.test_kill9 import Supervisor, check_ledger, seed, submit_paced, workload
+from tests.chaos.test_kill9 import (
+    Supervisor,
+    check_ledger,
+    report_run,
+    seed,
+    submit_paced,
+    workload,
+)
 
 pytestmark = [pytest.mark.kafka, pytest.mark.chaos]
 
@@ -29,4 +36,5 @@ def test_sigterm_restart_loses_and_doubles_nothing(ledger_settings, start_worker
                               data_dir=worker.settings.data_dir)
     producer.join(120)
     assert done.is_set()
-    check_ledger(s, commands, Supervisor(start_worker, worker))
+    report = check_ledger(s, commands, Supervisor(start_worker, worker))
+    report_run("SIGTERM restarts", len(commands), 0, report.duplicates)
