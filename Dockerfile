@@ -7,7 +7,7 @@ COPY streams ./streams
 COPY producers ./producers
 # gcc builds the worker's compiled core (mypyc) and is removed after the install
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
-    && pip install --no-cache-dir . \
+    && pip install --no-cache-dir '.[worker]' \
     && apt-get purge -y gcc libc6-dev && apt-get autoremove -y && rm -rf /var/lib/apt/lists/*
 ENV LEDGER_DATA_DIR=/var/lib/ledger \
     LEDGER_WEB_HOST=0.0.0.0 \

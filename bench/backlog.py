@@ -21,8 +21,8 @@ from contextlib import ExitStack
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from streams import bench
-from streams.procs import WorkerProcess
+from streams.dev import bench
+from streams.dev.procs import WorkerProcess
 
 
 def main() -> None:

@@ -20,8 +20,8 @@ import cProfile
 import pstats
 import random
 
-from streams.bench import decide_us, deciding, workload
-from streams.processor import core_build
+from streams.dev.bench import decide_us, deciding, workload
+from streams.worker.processor import core_build
 
 
 def main() -> None:

@@ -25,9 +25,9 @@ from pathlib import Path
 from confluent_kafka import KafkaError, Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from streams import bench
 from streams.cli import WORKER_SWITCH_INTERVAL_S
-from streams.kafka_local import broker_for_job
+from streams.dev import bench
+from streams.dev.kafka_local import broker_for_job
 
 TOPIC, PARTITIONS, RECORDS = "bench-flush", 12, 40
 

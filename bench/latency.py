@@ -23,8 +23,8 @@ import os
 import random
 from contextlib import ExitStack
 
-from streams import bench
-from streams.procs import WorkerProcess
+from streams.dev import bench
+from streams.dev.procs import WorkerProcess
 
 
 def main() -> None:

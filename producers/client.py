@@ -48,11 +48,11 @@ from confluent_kafka.admin import AdminClient
 
 from schemas.codec import CODEC, DecodeError
 from schemas.models import CommandBase, LedgerEvent, Rejection, Transfer, encode_batch
-from streams.acl import check_login
 from streams.domain import Refused, check_command
-from streams.processor import partition_for
+from streams.ops.acl import check_login
+from streams.ops.topics import end_offsets_when_ready
+from streams.partitions import partition_for
 from streams.settings import Settings
-from streams.topics import end_offsets_when_ready
 
 log = logging.getLogger("ledger.client")
 

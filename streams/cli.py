@@ -45,7 +45,7 @@ def _print(args: argparse.Namespace, doc: Any, human: str) -> None:
 
 
 def cmd_kafka(args: argparse.Namespace) -> int:
-    from streams.kafka_local import BrokerError, run_foreground, users_from_env
+    from streams.dev.kafka_local import BrokerError, run_foreground, users_from_env
 
     try:
         users = users_from_env() if args.secure else None
@@ -57,8 +57,8 @@ def cmd_kafka(args: argparse.Namespace) -> int:
 
 
 def cmd_acl(args: argparse.Namespace) -> int:
-    from streams.acl import apply_acls, ledger_acls
-    from streams.acl import rows as acl_rows
+    from streams.ops.acl import apply_acls, ledger_acls
+    from streams.ops.acl import rows as acl_rows
 
     s = Settings()
     acls = ledger_acls(s, args.worker_user, args.client_user, args.client_group_prefix)
@@ -71,7 +71,7 @@ def cmd_acl(args: argparse.Namespace) -> int:
 
 
 def cmd_topics(args: argparse.Namespace) -> int:
-    from streams.topics import ensure_topics, specs
+    from streams.ops.topics import ensure_topics, specs
 
     s = Settings()
     created = ensure_topics(s)
@@ -109,21 +109,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
             "worker refusing to start: %s (on a developer's machine, LEDGER_DEV_MODE=true "
             "allows it)", "; ".join(problems))
         return exits.CONFIG
-    from streams.topics import ensure_topics, wait_for_broker
+    from streams.ops.topics import ensure_topics, wait_for_broker
 
     try:
         wait_for_broker(s, s.startup_timeout_s)
         ensure_topics(s)
     except (RuntimeError, KafkaException) as exc:
         logging.getLogger("ledger.worker").critical("worker exiting: %s", exc)
-        from streams.acl import AuthenticationFailed
+        from streams.ops.acl import AuthenticationFailed
 
         # a wrong login is not an outage: a supervisor restarting it will not help
         return exits.NO_PERMISSION if isinstance(exc, AuthenticationFailed) \
             else exits.UNAVAILABLE
     import faust
 
-    from streams.app import crash_reason, create_app
+    from streams.worker.app import crash_reason, create_app
 
     app = create_app(s)
     # The log is JSON for machines: no banner, and no progress spinner (Faust's writes
@@ -293,7 +293,7 @@ def _iso(epoch_ms: int) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from streams.status import render, status
+    from streams.ops.status import render, status
 
     doc = status(Settings(), sample_s=args.sample)
     _print(args, doc, render(doc))
@@ -301,7 +301,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from streams.demo import run_demo
+    from streams.dev.demo import run_demo
 
     return run_demo(json_out=args.json, serve=args.serve)
 
@@ -332,7 +332,7 @@ def _progress(args: argparse.Namespace) -> Any:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from streams.verify import verify
+    from streams.ops.verify import verify
 
     report = verify(Settings(), progress=not args.json)
     doc = report.summary()
@@ -343,7 +343,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from streams.projection import GroupActive, replay
+    from streams.readmodels.projection import GroupActive, replay
 
     offsets = None
     if args.offsets:
@@ -369,7 +369,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_as_of(args: argparse.Namespace) -> int:
-    from streams.projection import Projection
+    from streams.readmodels.projection import Projection
 
     at_ms = parse_instant(args.time)
     with Projection(Settings(), args.group, Path(args.path) if args.path else None) as proj:
@@ -390,7 +390,7 @@ def cmd_as_of(args: argparse.Namespace) -> int:
 
 def cmd_project(args: argparse.Namespace) -> int:
     from streams import logs
-    from streams.projection import Projection
+    from streams.readmodels.projection import Projection
 
     logs.setup()
     log = logging.getLogger("ledger.projection")
@@ -404,8 +404,8 @@ def cmd_project(args: argparse.Namespace) -> int:
 
 
 def cmd_rebuild(args: argparse.Namespace) -> int:
-    from streams.projection import GroupActive
-    from streams.rebuild import rebuild
+    from streams.ops.rebuild import rebuild
+    from streams.readmodels.projection import GroupActive
 
     s = Settings()
     try:
@@ -423,7 +423,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from streams.bench import run_bench
+    from streams.dev.bench import run_bench
 
     return run_bench(commands=args.commands, mix=args.mix, seed=args.seed, json_out=args.json,
                      workers=args.workers)
@@ -576,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     bn.set_defaults(fn=cmd_bench)
 
     args = parser.parse_args(argv)
-    from streams.acl import AuthenticationFailed, check_login
+    from streams.ops.acl import AuthenticationFailed, check_login
 
     try:
         if args.cmd not in ("kafka", "worker", "balance", "demo", "bench"):

@@ -1,6 +1,6 @@
 """The worker's per-command core on plain typed data, compiled with mypyc when built.
 
-``streams.processor`` hands each ``ledger.commands`` record here first: the command
+``streams.worker.processor`` hands each ``ledger.commands`` record here first: the command
 batch is read straight from its Avro bytes into ``Cmd`` objects, the rules run on
 plain fields, and events, rejections and stored values are written straight to Avro
 bytes (the same bytes as ``schemas.codec``; the tests compare them). A command this
@@ -777,7 +777,7 @@ def wrap_changes(changes: dict[bytes, bytes | None], known: dict[bytes, bytes | 
                  tag_transfers: int) -> dict[bytes, bytes | None]:
     """Store records (key -> value carrying its undo information, None deletes) for a
     step's changes: ``tag_commands (8) | tag_transfers (8) | len(prev) (4, -1 = none) |
-    prev | new`` (see ``streams.state``). ``known``: values read already; ``previous``
+    prev | new`` (see ``streams.worker.state``). ``known``: values read already; ``previous``
     reads the others."""
     tag = tag_commands.to_bytes(8, "big", signed=True) + \
         tag_transfers.to_bytes(8, "big", signed=True)
@@ -802,7 +802,7 @@ def expiry_key(expires_at: int, account_id: str, hold_id: str) -> bytes:
 
 
 def _content(c: Cmd) -> str:
-    """What a command asks for, as ``streams.processor.command_digest`` hashes it: its
+    """What a command asks for, as ``streams.worker.processor.command_digest`` hashes it: its
     type and its fields but ``issued_at`` and ``correlation_id``, in the model's order."""
     k = c.kind
     base = (c.command_id, c.account_id, c.actor, c.expected_version)

@@ -109,7 +109,7 @@ class Settings(BaseSettings):
     # How long a flush to the broker may take before the worker gives up and exits.
     flush_timeout_s: float = Field(default=60.0, gt=0)
     # For crash tests: "POINT:N" makes the worker SIGKILL itself the N-th time it
-    # reaches POINT (see streams.engine.CRASH_POINTS). Off unless
+    # reaches POINT (see streams.worker.engine.CRASH_POINTS). Off unless
     # the worker's own environment sets LEDGER_CRASH_AT; nothing a client sends can.
     crash_at: str | None = Field(default=None, pattern=r"^[a-z/-]+:[1-9][0-9]{0,5}$")
 

@@ -1,7 +1,7 @@
 """Session-wide fixtures: one real Kafka broker for the test run, and unique names.
 
 Tests that need Kafka take ``kafka_bootstrap`` (a bootstrap servers string).
-By default it starts a local Apache Kafka broker (``streams.kafka_local``)
+By default it starts a local Apache Kafka broker (``streams.dev.kafka_local``)
 once per session; set ``LEDGER_BOOTSTRAP_SERVERS`` to use an external broker
 instead. Tests that restart or kill the broker take ``local_broker``, which
 is skipped when an external broker is configured.
@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 
 from producers.client import LedgerClient
-from streams.kafka_local import BrokerError, LocalBroker, ensure_jars, free_port
-from streams.procs import WorkerProcess
+from streams.dev.kafka_local import BrokerError, LocalBroker, ensure_jars, free_port
+from streams.dev.procs import WorkerProcess
+from streams.ops.topics import ensure_topics
 from streams.settings import Settings
-from streams.topics import ensure_topics
 
 EXTERNAL_BOOTSTRAP_ENV = "LEDGER_BOOTSTRAP_SERVERS"
 # Property tests draw fresh examples on every run; in CI from this seed, so that a red

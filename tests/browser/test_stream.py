@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 
 from schemas.models import Deposit, OpenAccount
-from streams.processor import partition_for
+from streams.partitions import partition_for
 
 pytestmark = pytest.mark.kafka
 

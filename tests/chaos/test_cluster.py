@@ -13,10 +13,10 @@ import pytest
 
 from producers.client import LedgerClient, Outcome
 from schemas.models import CommandBase, encode
-from streams.kafka_local import LocalCluster, ensure_jars
-from streams.processor import partition_for
+from streams.dev.kafka_local import LocalCluster, ensure_jars
+from streams.ops.topics import ensure_topics
+from streams.partitions import partition_for
 from streams.settings import Settings
-from streams.topics import ensure_topics
 from tests.chaos.test_kill9 import (
     Supervisor,
     check_ledger,

@@ -1,4 +1,4 @@
-"""The worker killed at every named point (streams.engine.CRASH_POINTS): each step of its
+"""The worker killed at every named point (streams.worker.engine.CRASH_POINTS): each step of its
 commit path, each step of finishing a batch a crashed worker left pending, during table
 recovery and during a rebalance handover, while clients wait for their outcomes. What
 each client was told is what the log holds, once."""
@@ -16,9 +16,9 @@ from confluent_kafka import Consumer, TopicPartition
 
 from producers.client import LedgerClient, Outcome
 from schemas.models import CommandBase, encode
-from streams.engine import CRASH_POINTS
-from streams.procs import WorkerProcess
+from streams.dev.procs import WorkerProcess
 from streams.settings import Settings
+from streams.worker.engine import CRASH_POINTS
 from tests.chaos.test_kill9 import (
     Supervisor,
     check_ledger,

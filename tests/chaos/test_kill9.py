@@ -17,9 +17,9 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from producers.client import LedgerClient
 from schemas.codec import CODEC
 from schemas.models import CommandBase, Deposit, OpenAccount, Transfer, Withdraw
-from streams.eventlog import read_all
+from streams.ops.verify import Report, verify
+from streams.readmodels.eventlog import read_all
 from streams.settings import Settings
-from streams.verify import Report, verify
 
 pytestmark = [pytest.mark.kafka, pytest.mark.chaos]
 
@@ -130,7 +130,7 @@ class Supervisor:
     """Restarts a worker that exited by itself, as compose or systemd would.
 
     A worker exits on purpose when an internal service fails or it stalls (see the
-    watchdogs in ``streams.app``); nothing may be lost or doubled across that either.
+    watchdogs in ``streams.worker.app``); nothing may be lost or doubled across that either.
     """
 
     def __init__(self, start_worker, worker) -> None:

@@ -28,14 +28,14 @@ from producers.client import LedgerClient, Outcome
 from schemas.codec import CODEC
 from schemas.models import Deposit, LedgerEvent, OpenAccount, Transfer
 from streams import exits
-from streams.acl import AuthenticationFailed, apply_acls, ledger_acls
-from streams.kafka_local import LocalBroker, ensure_jars, free_port
-from streams.processor import partition_for
-from streams.procs import WorkerProcess, settings_env
-from streams.projection import replay
+from streams.dev.kafka_local import LocalBroker, ensure_jars, free_port
+from streams.dev.procs import WorkerProcess, settings_env
+from streams.ops.acl import AuthenticationFailed, apply_acls, ledger_acls
+from streams.ops.topics import ensure_topics
+from streams.ops.verify import Report, verify
+from streams.partitions import partition_for
+from streams.readmodels.projection import replay
 from streams.settings import Settings
-from streams.topics import ensure_topics
-from streams.verify import Report, verify
 
 pytestmark = pytest.mark.kafka
 

@@ -11,8 +11,9 @@ from confluent_kafka import Producer
 from schemas.codec import CODEC, MAGIC
 from schemas.models import Deposit, OpenAccount, TransferLeg, Withdraw, encode
 from schemas.models import encode_batch as batch
-from streams.eventlog import read_all
-from streams.processor import LegSigner, partition_for
+from streams.partitions import partition_for
+from streams.readmodels.eventlog import read_all
+from streams.worker.processor import LegSigner
 
 pytestmark = pytest.mark.kafka
 

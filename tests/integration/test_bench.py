@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from streams.bench import KEYS, run_bench
+from streams.dev.bench import KEYS, run_bench
 
 pytestmark = pytest.mark.kafka
 

@@ -10,9 +10,9 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from streams.kafka_local import LocalBroker
+from streams.dev.kafka_local import LocalBroker
+from streams.ops.topics import ensure_topics, specs
 from streams.settings import Settings
-from streams.topics import ensure_topics, specs
 
 pytestmark = pytest.mark.kafka
 

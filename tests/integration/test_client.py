@@ -13,7 +13,7 @@ import pytest
 
 from producers.client import DeliveryError, LedgerClient, QueueFull
 from schemas.models import Deposit, OpenAccount, Transfer
-from streams.processor import partition_for
+from streams.partitions import partition_for
 
 pytestmark = pytest.mark.kafka
 

@@ -19,8 +19,8 @@ from schemas.models import (
     Transfer,
     Withdraw,
 )
-from streams.eventlog import read_all
-from streams.verify import verify
+from streams.ops.verify import verify
+from streams.readmodels.eventlog import read_all
 
 pytestmark = pytest.mark.kafka
 

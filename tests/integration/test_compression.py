@@ -8,8 +8,8 @@ import pytest
 from confluent_kafka import Producer
 
 from schemas.models import Deposit, OpenAccount, encode_batch
-from streams.processor import partition_for
-from streams.verify import verify
+from streams.ops.verify import verify
+from streams.partitions import partition_for
 
 pytestmark = pytest.mark.kafka
 

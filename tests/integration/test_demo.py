@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from streams.kafka_local import free_port
+from streams.dev.kafka_local import free_port
 
 pytestmark = pytest.mark.kafka
 

@@ -13,11 +13,12 @@ from rocksdict import Options, Rdict
 
 from schemas.codec import CODEC
 from schemas.models import Deposit, OpenAccount, encode_batch
-from streams.engine import DeliveryFailed, Engine, PartitionInput, Record
-from streams.eventlog import read_all
-from streams.processor import outcome_log_key, partition_for, unpack_records
-from streams.state import FAUST_OFFSET_KEY, PartitionView, payload
-from streams.topics import ensure_topics
+from streams.ops.topics import ensure_topics
+from streams.partitions import partition_for
+from streams.readmodels.eventlog import read_all
+from streams.worker.engine import DeliveryFailed, Engine, PartitionInput, Record
+from streams.worker.processor import outcome_log_key, unpack_records
+from streams.worker.state import FAUST_OFFSET_KEY, PartitionView, payload
 
 pytestmark = pytest.mark.kafka
 

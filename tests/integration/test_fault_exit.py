@@ -17,10 +17,10 @@ from confluent_kafka import Producer
 from schemas.codec import CODEC
 from schemas.models import Deposit, OpenAccount, encode_batch
 from streams import exits
-from streams.eventlog import read_all
-from streams.kafka_local import free_port
-from streams.processor import partition_for
-from streams.procs import WorkerProcess
+from streams.dev.kafka_local import free_port
+from streams.dev.procs import WorkerProcess
+from streams.partitions import partition_for
+from streams.readmodels.eventlog import read_all
 
 pytestmark = pytest.mark.kafka
 

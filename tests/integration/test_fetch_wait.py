@@ -10,7 +10,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka.consumer.fetcher import Fetcher
 
-from streams.app import FETCH_MAX_WAIT_MS, create_app
+from streams.worker.app import FETCH_MAX_WAIT_MS, create_app
 
 pytestmark = pytest.mark.kafka
 

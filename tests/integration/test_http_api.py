@@ -13,7 +13,7 @@ from confluent_kafka import Producer
 
 from schemas.models import Deposit, OpenAccount, PlaceHold, Withdraw, encode
 from streams.cli import main
-from streams.processor import partition_for
+from streams.partitions import partition_for
 
 pytestmark = pytest.mark.kafka
 

@@ -7,8 +7,8 @@ from aiokafka.partitioner import DefaultPartitioner
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from streams.eventlog import read_all
-from streams.processor import partition_for
+from streams.partitions import partition_for
+from streams.readmodels.eventlog import read_all
 from streams.settings import Settings
 
 pytestmark = pytest.mark.kafka

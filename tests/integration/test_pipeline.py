@@ -10,7 +10,7 @@ import pytest
 
 from schemas.codec import CODEC
 from schemas.models import Deposit, LedgerEvent, OpenAccount, Withdraw
-from streams.eventlog import read_all
+from streams.readmodels.eventlog import read_all
 
 pytestmark = pytest.mark.kafka
 

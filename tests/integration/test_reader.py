@@ -17,8 +17,8 @@ from confluent_kafka.admin import AdminClient
 from producers.reader import EventReader
 from schemas.codec import CODEC
 from schemas.models import Deposit, LedgerEvent, OpenAccount
-from streams.eventlog import read_all
-from streams.procs import settings_env
+from streams.dev.procs import settings_env
+from streams.readmodels.eventlog import read_all
 from tests.unit.test_codec import V1_EVENT, a_v1_event, parse, single_object
 
 pytestmark = pytest.mark.kafka

@@ -9,12 +9,12 @@ from confluent_kafka.admin import AdminClient
 
 from schemas.codec import CODEC
 from schemas.models import CommandOutcome, Deposit, OpenAccount, Transfer, Withdraw
-from streams.eventlog import read_all
-from streams.processor import _MS, retained, unpack_records
-from streams.projection import GroupActive
-from streams.rebuild import rebuild
-from streams.state import _HEAD, payload
-from streams.verify import verify
+from streams.ops.rebuild import rebuild
+from streams.ops.verify import verify
+from streams.readmodels.eventlog import read_all
+from streams.readmodels.projection import GroupActive
+from streams.worker.processor import _MS, retained, unpack_records
+from streams.worker.state import _HEAD, payload
 
 pytestmark = pytest.mark.kafka
 

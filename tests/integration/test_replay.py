@@ -24,7 +24,8 @@ from schemas.models import (
     Withdraw,
     encode,
 )
-from streams.projection import (
+from streams.ops.verify import verify
+from streams.readmodels.projection import (
     GroupActive,
     Projection,
     checksum_of,
@@ -32,7 +33,6 @@ from streams.projection import (
     reset_offsets,
     state_checksum,
 )
-from streams.verify import verify
 
 pytestmark = pytest.mark.kafka
 

@@ -9,7 +9,7 @@ from confluent_kafka import ConsumerGroupTopicPartitions, Producer, TopicPartiti
 from confluent_kafka.admin import AdminClient
 
 from schemas.models import Deposit, OpenAccount, encode_batch
-from streams.processor import partition_for
+from streams.partitions import partition_for
 
 pytestmark = pytest.mark.kafka
 

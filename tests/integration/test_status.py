@@ -8,7 +8,7 @@ import time
 import pytest
 
 from schemas.models import Deposit, OpenAccount
-from streams.status import status
+from streams.ops.status import status
 from tests.integration.test_verify import run_cli
 
 pytestmark = pytest.mark.kafka

@@ -8,7 +8,7 @@ import pytest
 
 from producers.client import LedgerClient
 from schemas.models import CommandBase, Deposit, OpenAccount
-from streams.eventlog import read_all
+from streams.readmodels.eventlog import read_all
 from tests.integration.test_metrics import scrape, total
 
 pytestmark = pytest.mark.kafka

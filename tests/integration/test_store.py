@@ -1,5 +1,5 @@
 """The worker's RocksDB stores open within the worker's memory budget, not Faust's
-defaults (see streams.store; tests/unit/test_store.py shows the budget holding)."""
+defaults (see streams.worker.store; tests/unit/test_store.py shows the budget holding)."""
 
 from __future__ import annotations
 

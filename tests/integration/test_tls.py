@@ -19,11 +19,11 @@ from pydantic import SecretStr
 from producers.client import LedgerClient
 from schemas.models import Deposit, OpenAccount
 from streams import exits
-from streams.acl import AuthenticationFailed, apply_acls, ledger_acls
-from streams.kafka_local import LocalBroker, ensure_jars, free_port
-from streams.procs import WorkerProcess
+from streams.dev.kafka_local import LocalBroker, ensure_jars, free_port
+from streams.dev.procs import WorkerProcess
+from streams.ops.acl import AuthenticationFailed, apply_acls, ledger_acls
+from streams.ops.topics import ensure_topics
 from streams.settings import Settings
-from streams.topics import ensure_topics
 
 pytestmark = pytest.mark.kafka
 

@@ -9,8 +9,8 @@ import pytest
 
 from producers.client import CommandRefused, LedgerClient
 from schemas.models import CloseAccount, Deposit, OpenAccount, Transfer, Withdraw
-from streams.processor import partition_for
-from streams.verify import verify
+from streams.ops.verify import verify
+from streams.partitions import partition_for
 
 pytestmark = pytest.mark.kafka
 

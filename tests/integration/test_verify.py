@@ -12,9 +12,9 @@ from confluent_kafka import Producer
 
 from schemas.models import Deposit, LedgerEvent, OpenAccount, TransferCredited, encode
 from streams import exits
-from streams.processor import partition_for
-from streams.procs import settings_env
-from streams.verify import verify
+from streams.dev.procs import settings_env
+from streams.ops.verify import verify
+from streams.partitions import partition_for
 
 pytestmark = pytest.mark.kafka
 

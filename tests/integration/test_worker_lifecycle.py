@@ -7,8 +7,8 @@ import time
 
 from schemas.models import OpenAccount
 from streams import exits
-from streams.kafka_local import free_port
-from streams.procs import WorkerProcess
+from streams.dev.kafka_local import free_port
+from streams.dev.procs import WorkerProcess
 from streams.settings import Settings
 
 

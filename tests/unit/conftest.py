@@ -31,7 +31,8 @@ from schemas.models import (
     encode,
 )
 from streams.domain import Decision, decide, decide_leg
-from streams.processor import BatchProcessor, LegSigner, Output, partition_for, retained
+from streams.partitions import partition_for
+from streams.worker.processor import BatchProcessor, LegSigner, Output, retained
 
 T0 = 1_700_000_000_000  # an epoch-ms instant; every test's clock starts here
 ACTOR = "alice"

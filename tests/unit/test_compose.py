@@ -45,6 +45,7 @@ def test_dockerfile_runs_the_worker_and_readme_shows_compose():
     for package in ("schemas", "streams", "producers"):
         assert f"COPY {package} " in dockerfile
     assert "setup.py" in dockerfile  # what compiles the worker's core
+    assert "pip install --no-cache-dir '.[worker]'" in dockerfile  # Faust, RocksDB, ...
     assert "docker compose up" in (ROOT / "README.md").read_text()
 
 

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from schemas.codec import CODEC
 from schemas.models import CommandBase, Deposit, PlaceHold, encode_batch
-from streams import processor
-from streams.processor import REJECTIONS, BatchProcessor
+from streams.worker import processor
+from streams.worker.processor import REJECTIONS, BatchProcessor
 from tests.unit.conftest import (
     T0,
     Partition,

@@ -15,9 +15,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer, make_mocked_request
 from confluent_kafka import KafkaException
 
-from streams import web as ledger_web
+from streams.api import web as ledger_web
+from streams.api.web import Api, ApiError
 from streams.settings import Settings
-from streams.web import Api, ApiError
 
 S = Settings(dev_mode=True)
 

@@ -6,7 +6,7 @@ import pytest
 from confluent_kafka import KafkaError
 
 from schemas.models import AccountOpened, Deposited, LedgerEvent, encode
-from streams.history import History, _key_of, event_key
+from streams.readmodels.history import History, _key_of, event_key
 from streams.settings import Settings
 
 

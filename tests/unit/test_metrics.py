@@ -6,7 +6,7 @@ import random
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from streams.metrics import BatchHistogram
+from streams.worker.metrics import BatchHistogram
 
 BOUNDS_MS = (5, 10, 25, 50, 100, 250, 500, 1_000)
 

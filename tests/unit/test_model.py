@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from schemas.codec import CODEC
 from schemas.models import CloseAccount, CommandBase, Deposit, OpenAccount, Withdraw, encode_batch
-from streams.processor import EVENTS, REJECTIONS, account_key
+from streams.worker.processor import EVENTS, REJECTIONS, account_key
 from tests.unit.conftest import T0, Partition, accounts_on
 
 WINDOW_MS = 100_000

@@ -18,9 +18,10 @@ from schemas.models import (
     encode,
     encode_batch,
 )
-from streams import processor
 from streams.domain import Reason
-from streams.processor import (
+from streams.partitions import partition_for
+from streams.worker import processor
+from streams.worker.processor import (
     DLQ,
     EVENTS,
     REJECTIONS,
@@ -34,7 +35,6 @@ from streams.processor import (
     outcome_log_key,
     pack_records,
     parse_expiry_key,
-    partition_for,
     retained,
     retention_key,
     unpack_records,
@@ -961,7 +961,7 @@ def test_records_packed_in_one_value_unpack_as_they_were(records):
 
 def test_a_steps_outcome_log_is_indexed_and_forgotten_like_its_outcomes(part):
     """With its step's tag, a batch indexes the one changelog record that will carry its
-    outcome records (streams.engine), and forgets it a window after the step."""
+    outcome records (streams.worker.engine), and forgets it a window after the step."""
     tag = (41, -1)
     bp = part.processor()
     bp.command_record(None, encode_batch([open_account(A), deposit(5, A)]), "t", 41,

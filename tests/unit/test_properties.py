@@ -25,7 +25,7 @@ from schemas.models import (
     encode_batch,
 )
 from streams.domain import decide, decide_leg, fold
-from streams.processor import EVENTS, REJECTIONS, TRANSFERS
+from streams.worker.processor import EVENTS, REJECTIONS, TRANSFERS
 from tests.unit.conftest import (
     T0,
     Book,

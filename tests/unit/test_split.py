@@ -7,7 +7,7 @@ from itertools import pairwise
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streams.app import split_by_size
+from streams.worker.app import split_by_size
 
 
 @given(st.lists(st.integers(min_value=0, max_value=300)), st.integers(min_value=1, max_value=500))

@@ -1,4 +1,4 @@
-"""Undo-tagged store values and the per-partition checkpoint (streams.state)."""
+"""Undo-tagged store values and the per-partition checkpoint (streams.worker.state)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from streams.core import wrap_changes
-from streams.state import CHECKPOINT_KEY, Checkpoint, PartitionView, unwrap, wrap
+from streams.worker.state import CHECKPOINT_KEY, Checkpoint, PartitionView, unwrap, wrap
 
 
 @pytest.mark.parametrize("tag", [(5, 7), (-1, 7), (5, -1), (0, 0)])
@@ -130,7 +130,7 @@ def test_a_checkpoint_written_as_json_still_reads():
        st.dictionaries(st.binary(max_size=6), st.one_of(st.none(), st.binary(max_size=40))),
        st.integers(-1, 2**62), st.integers(-1, 2**62))
 def test_the_cores_wrap_is_the_reference_wrap(changes, stored, tag_c, tag_x):
-    """streams.core.wrap_changes (compiled) writes what streams.state.wrap does, whether a
+    """streams.core.wrap_changes (compiled) writes what streams.worker.state.wrap does, whether a
     previous value was read already (``known``) or is read now."""
     known = dict(list(stored.items())[::2])
     got = wrap_changes(changes, known, lambda k: stored.get(k), tag_c, tag_x)

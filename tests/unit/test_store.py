@@ -6,7 +6,7 @@ import os
 
 import rocksdict
 
-from streams import store
+from streams.worker import store
 
 
 def test_partition_stores_share_one_cache_that_holds_their_memtables_and_indexes(tmp_path):

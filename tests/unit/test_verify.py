@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from schemas.models import encode_batch
-from streams.processor import EVENTS, TRANSFERS
-from streams.verify import check
+from streams.ops.verify import check
+from streams.worker.processor import EVENTS, TRANSFERS
 from tests.unit.conftest import Partition, accounts_on, deposit, open_account, transfer
 
 A, B, C = accounts_on(0, 3)

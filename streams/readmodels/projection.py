@@ -24,7 +24,7 @@ batch is written in one WriteBatch before its offsets are committed
 check then skips.
 
 Replay: ``reset_offsets`` moves the group (refusing while it has members) and
-``replay`` rebuilds the store and compares it with ``streams.verify`` (the fold of
+``replay`` rebuilds the store and compares it with ``streams.ops.verify`` (the fold of
 the whole log).
 """
 
@@ -675,7 +675,7 @@ def replay(settings: Settings, group_id: str | None = None, path: Path | None = 
 
     Raises GroupActive, changing nothing, while the group has members.
     """
-    from streams.verify import verify  # verify imports the domain; keep this module light
+    from streams.ops.verify import verify  # verify imports the domain; keep this module light
 
     group_id = group_id or f"{settings.app_id}-balances"
     path = path if path is not None else settings.data_dir / "balances"

@@ -49,7 +49,9 @@ from rocksdict import WriteBatch
 from schemas.codec import CODEC
 from schemas.models import CommandBase, encode_batch
 from streams.core import Stats
-from streams.processor import (
+from streams.partitions import partition_for
+from streams.settings import Settings
+from streams.worker.processor import (
     DLQ,
     EVENTS,
     OUTCOME_PREFIX,
@@ -59,10 +61,8 @@ from streams.processor import (
     LegSigner,
     outcome_log_key,
     pack_records,
-    partition_for,
 )
-from streams.settings import Settings
-from streams.state import CHECKPOINT_KEY, FAUST_OFFSET_KEY, Checkpoint, PartitionView, wrap
+from streams.worker.state import CHECKPOINT_KEY, FAUST_OFFSET_KEY, Checkpoint, PartitionView, wrap
 
 log = logging.getLogger("ledger.engine")
 
@@ -399,7 +399,7 @@ class Engine:
             records = w.view.changes_to_records(w.changes, w.tag)
             done = w.view.checkpoint.advanced(*w.tag)
             # RocksDB gets every record; the changelog gets the outcome records of the
-            # step in one record (streams.processor.outcome_log_key)
+            # step in one record (streams.worker.processor.outcome_log_key)
             outcomes: list[tuple[bytes, bytes | None]] = []
             for key, value in records.items():
                 if key[:1] == OUTCOME_PREFIX:

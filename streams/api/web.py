@@ -1,6 +1,6 @@
 """HTTP on the worker's web server: accounts, their events, commands, health, metrics.
 
-The API is described in ``streams/openapi.yaml`` (served at ``GET /openapi.yaml``).
+The API is described in ``streams/api/openapi.yaml`` (served at ``GET /openapi.yaml``).
 Any worker answers for any account: a read of an account whose partition another
 worker owns is forwarded to that worker's web server (its URL comes from Faust's
 partition assignor, by partition number) and its answer relayed as it is. Every
@@ -10,7 +10,7 @@ command conflicts with the ledger's state, 422 invalid input or a command the
 rules refuse, 503 not ready (partition moving, history catching up).
 
 The same server hands out a web page for people (``GET /``, its files under
-``/static/``, from ``streams/static``) and a server-sent events stream of an
+``/static/``, from ``streams/api/static``) and a server-sent events stream of an
 account's new events (``GET /accounts/{id}/stream``) that the page follows.
 """
 
@@ -42,12 +42,13 @@ from producers.client import CommandRefused, DeliveryError, LedgerClient, QueueF
 from schemas.codec import CODEC
 from schemas.models import COMMAND_TYPES, AccountState, CommandBase, ExpireHold, LedgerEvent
 from schemas.money import format_amount
-from streams import metrics
 from streams.core import valid_id
-from streams.history import History
-from streams.processor import account_key, partition_for
+from streams.partitions import partition_for
+from streams.readmodels.history import History
 from streams.settings import Settings
-from streams.state import PartitionView
+from streams.worker import metrics
+from streams.worker.processor import account_key
+from streams.worker.state import PartitionView
 
 log = logging.getLogger("ledger.web")
 

@@ -6,7 +6,7 @@ index and filter blocks of every table file it has written; the history index op
 one more with RocksDB's defaults. So a worker's memory could grow with the partitions
 it held and with the data in them (every command_id of the idempotency window).
 
-Here every partition's store, and the history index (``streams.history``), charge
+Here every partition's store, and the history index (``streams.readmodels.history``), charge
 their memtables (through a shared write buffer manager) and their index and filter
 blocks to one block cache of ``STORE_CACHE_BYTES`` per worker: RocksDB's memory stays
 inside that however many commands or partitions the worker has. (What else a worker's
@@ -22,8 +22,8 @@ from typing import Any
 import rocksdict
 from faust.stores.rocksdb import RocksDBOptions
 
-from streams.processor import OUTCOME_LOG_PREFIX, unpack_records
-from streams.state import payload
+from streams.worker.processor import OUTCOME_LOG_PREFIX, unpack_records
+from streams.worker.state import payload
 
 STORE_CACHE_BYTES = 96 << 20  # the worker's RocksDB memory, all partitions
 MEMTABLE_BYTES = 32 << 20  # of which memtables (all partitions), charged to the cache
@@ -73,11 +73,11 @@ def use_shared_budget(table: Any) -> None:
 
 def unpack_outcome_logs(table: Any, applied: Callable[[], None] = lambda: None) -> None:
     """Make Faust's changelog recovery of the accounts table also write the outcome
-    records each step's outcome log carries (``streams.processor.outcome_log_key``):
+    records each step's outcome log carries (``streams.worker.processor.outcome_log_key``):
     the changelog holds them only there. They are written before the records Faust
     applies, whose persisted offset moves last, so a crash in between unpacks them
     again. A log of a step that never finished holds values tagged beyond the
-    checkpoint, which read as absent (``streams.state``), as its other records do.
+    checkpoint, which read as absent (``streams.worker.state``), as its other records do.
     ``applied`` is called after each batch is in the store (a crash test's point)."""
     store = table.data
     apply = store.apply_changelog_batch

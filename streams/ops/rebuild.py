@@ -38,20 +38,20 @@ from schemas.models import (
 )
 from streams.core import expiry_key
 from streams.domain import evolve
-from streams.eventlog import read_all
-from streams.processor import (
+from streams.ops.topics import ensure_topics
+from streams.partitions import partition_for
+from streams.readmodels.eventlog import read_all
+from streams.readmodels.projection import GroupActive, _members
+from streams.settings import Settings
+from streams.worker.processor import (
     account_key,
     leg_outcome_key,
     outcome_key,
     outcome_log_key,
     pack_records,
-    partition_for,
     retention_records,
 )
-from streams.projection import GroupActive, _members
-from streams.settings import Settings
-from streams.state import CHECKPOINT_KEY, Checkpoint, wrap
-from streams.topics import ensure_topics
+from streams.worker.state import CHECKPOINT_KEY, Checkpoint, wrap
 
 log = logging.getLogger("ledger.rebuild")
 
@@ -62,7 +62,7 @@ LOG_BYTES = 1 << 20  # the outcome records in one changelog record, about
 
 @dataclass
 class OutcomeLog:
-    """Outcome records packed into one changelog record (streams.processor)."""
+    """Outcome records packed into one changelog record (streams.worker.processor)."""
 
     key: bytes
     expires_at: int = 0  # the last of its outcomes'

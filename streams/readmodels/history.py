@@ -48,7 +48,7 @@ from rocksdict import Options, Rdict, WriteBatch
 from schemas.codec import CODEC, HEADER_LEN, MAGIC, DecodeError, read_long
 from schemas.models import LedgerEvent
 from streams.settings import Settings
-from streams.store import within_budget
+from streams.worker.store import within_budget
 
 log = logging.getLogger("ledger.history")
 

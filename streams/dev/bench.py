@@ -45,12 +45,12 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 
 from producers.client import LedgerClient
 from schemas import models as m
-from streams.kafka_local import broker_for_job, free_port
-from streams.processor import core_build
-from streams.procs import WorkerProcess
+from streams.dev.kafka_local import broker_for_job, free_port
+from streams.dev.procs import WorkerProcess
+from streams.ops.topics import ensure_topics
+from streams.ops.verify import verify
 from streams.settings import Settings
-from streams.topics import ensure_topics
-from streams.verify import verify
+from streams.worker.processor import core_build
 
 KEYS = (
     "commands", "mix", "workers", "raw_produce_per_s", "raw_consume_per_s",
@@ -144,7 +144,8 @@ def deciding(commands: list[m.CommandBase], per_record: int) -> Callable[[], int
     decode the command records, validate, decide, encode events, outcomes and state)
     over ``commands``, ``per_record`` to a record, a dict as the store; it returns the
     commands decided. No Kafka, Faust or RocksDB: the Python per command."""
-    from streams.processor import BatchProcessor, LegSigner, partition_for
+    from streams.partitions import partition_for
+    from streams.worker.processor import BatchProcessor, LegSigner
 
     by_partition: dict[int, list[m.CommandBase]] = {}
     for c in commands:
@@ -397,7 +398,7 @@ def scratch_ledger(stack: ExitStack, name: str) -> tuple[Settings, int | None, P
 
 def replay_rate(s: Settings) -> float:
     """Events/s rebuilding every balance from the events topic into a fresh store."""
-    from streams.projection import replay
+    from streams.readmodels.projection import replay
 
     result = replay(s, fresh=True)
     if not result.ok:
@@ -407,7 +408,7 @@ def replay_rate(s: Settings) -> float:
 
 def as_of_latency(s: Settings, accounts: list[str]) -> list[float]:
     """ms per as-of query on the projection built by ``replay_rate``."""
-    from streams.projection import Projection
+    from streams.readmodels.projection import Projection
 
     now = int(time.time() * 1000)
     out = []

@@ -15,8 +15,8 @@ from typing import Any
 from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from streams.ops.topics import end_offsets
 from streams.settings import Settings
-from streams.topics import end_offsets
 
 
 @dataclass

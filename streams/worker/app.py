@@ -2,7 +2,7 @@
 
 Faust owns the consumer group, partition assignment, rebalancing, the accounts
 table's RocksDB stores and their recovery from the changelog, and the web server.
-The agent takes records in batches and hands them to ``streams.engine.Engine``,
+The agent takes records in batches and hands them to ``streams.worker.engine.Engine``,
 which decides them and writes outputs and state itself (see its docstring for the
 order that makes kill -9 safe).
 
@@ -29,13 +29,14 @@ from confluent_kafka.admin import AdminClient
 from faust.types import TP, EventT
 
 from schemas.models import ExpireHold
-from streams import exits, metrics
-from streams.engine import Engine, PartitionInput, Record
-from streams.processor import core_build, parse_expiry_key
+from streams import exits
+from streams.ops.topics import end_offsets
 from streams.settings import Settings
-from streams.state import PartitionView
-from streams.store import STORE_OPTIONS, unpack_outcome_logs, use_shared_budget
-from streams.topics import end_offsets
+from streams.worker import metrics
+from streams.worker.engine import Engine, PartitionInput, Record
+from streams.worker.processor import core_build, parse_expiry_key
+from streams.worker.state import PartitionView
+from streams.worker.store import STORE_OPTIONS, unpack_outcome_logs, use_shared_budget
 
 log = logging.getLogger("ledger.worker")
 T = TypeVar("T")
@@ -187,7 +188,7 @@ def create_app(s: Settings) -> faust.App:
                         partitions=s.partitions)
     # Faust's defaults would give each partition's RocksDB up to 3 x 64 MB of memtables,
     # a 2 GB block cache, and index and filter blocks outside any cache: a worker's
-    # memory would grow with its data and its partitions. See streams.store.
+    # memory would grow with its data and its partitions. See streams.worker.store.
     accounts = app.Table("accounts", key_type=bytes, value_type=bytes, partitions=s.partitions,
                          options=dict(STORE_OPTIONS))
     use_shared_budget(accounts)
@@ -462,7 +463,7 @@ def create_app(s: Settings) -> faust.App:
                                           "partitions": s.partitions, "web_port": s.web_port,
                                           "core": core_build()})
 
-    from streams import web
+    from streams.api import web
 
     web.register(app, s)
     web.register_health(app, s)

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from streams.engine import BatchReport
+from streams.worker.engine import BatchReport
 
 
 class BatchHistogram(Collector):

@@ -34,7 +34,7 @@ from schemas.models import (
     Withdrawn,
 )
 from streams.domain import evolve
-from streams.eventlog import read_all
+from streams.readmodels.eventlog import read_all
 from streams.settings import Settings
 
 

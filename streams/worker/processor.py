@@ -36,11 +36,10 @@ import logging
 import operator
 import struct
 from collections.abc import Callable, Iterable
-from functools import cache, lru_cache
+from functools import cache
 from pathlib import Path
 
 import fastavro
-from aiokafka.partitioner import murmur2
 from pydantic import ValidationError
 
 from schemas.codec import CODEC, HEADER_LEN, DecodeError
@@ -70,16 +69,11 @@ from streams.core import (
     read_commands,
 )
 from streams.domain import Decision, Reason, decide, decide_leg, reject
+from streams.partitions import partition_for
 
 EVENTS, REJECTIONS, TRANSFERS, DLQ = "events", "rejections", "transfers", "dlq"
 
 log = logging.getLogger("ledger.processor")
-
-
-@lru_cache(maxsize=1 << 16)
-def partition_for(account_id: str, partitions: int) -> int:
-    """Kafka's default (murmur2) partition of a key: the same as Faust and the Java client."""
-    return int(murmur2(account_id.encode()) & 0x7FFFFFFF) % partitions
 
 
 # Store key prefixes of a command's outcome, and of a step's outcomes packed for the
@@ -132,7 +126,7 @@ def outcome_log_key(tag: tuple[int, int]) -> bytes:
     """The changelog record that carries a step's outcome records (``o`` + the step's
     last input offsets). The changelog holds one such record per step and partition,
     not one record per outcome; RocksDB holds the outcome records themselves, and
-    recovery from the changelog unpacks them (``streams.store.unpack_outcome_logs``).
+    recovery from the changelog unpacks them (``streams.worker.store.unpack_outcome_logs``).
     It is forgotten like an outcome, a window after its step."""
     return OUTCOME_LOG_PREFIX + _MS.pack(tag[0]) + _MS.pack(tag[1])
 
@@ -529,7 +523,7 @@ class BatchProcessor:
     def _replayed(self, okey: bytes, prior: CommandOutcome, digest: bytes) -> bool:
         """A command_id seen before (``prior``, its stored outcome): if it asked for the
         same thing, send its first outcome again."""
-        # an empty digest: rebuilt from the log (streams.rebuild), content unknown
+        # an empty digest: rebuilt from the log (streams.ops.rebuild), content unknown
         if prior.digest != digest and prior.digest:
             return False
         self.stats.replays += 1

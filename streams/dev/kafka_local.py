@@ -1,12 +1,12 @@
 """A real local Apache Kafka broker (KRaft, combined broker+controller) without Docker.
 
 The broker jars come from Maven Central: ``ensure_jars()`` runs ``mvn
-dependency:copy-dependencies`` on ``streams/broker/pom.xml`` into a cache
+dependency:copy-dependencies`` on ``streams/dev/broker/pom.xml`` into a cache
 outside the repo (``$LEDGER_KAFKA_CACHE`` or ``~/.cache/ledger/kafka-4.1.1``),
 once. ``LocalBroker`` then formats a data directory and runs ``kafka.Kafka``
 with the ``java`` found on ``PATH``, on free 127.0.0.1 ports::
 
-    from streams.kafka_local import LocalBroker, ensure_jars
+    from streams.dev.kafka_local import LocalBroker, ensure_jars
 
     ensure_jars()
     with LocalBroker() as broker:
@@ -20,7 +20,7 @@ with the ``java`` found on ``PATH``, on free 127.0.0.1 ports::
 For people, ``run_foreground()`` (the future ``ledger kafka up``) keeps a
 broker running on a persistent data dir until Ctrl-C::
 
-    python -c 'from streams.kafka_local import run_foreground; run_foreground(None)'
+    python -c 'from streams.dev.kafka_local import run_foreground; run_foreground(None)'
 
 Tests use the fixtures in ``tests/conftest.py``.
 """
@@ -283,7 +283,7 @@ def _write_properties(path: Path, props: dict[str, str]) -> None:
     # Owner-only before anything is written: a secured broker's file holds a password.
     path.touch(mode=0o600)
     path.chmod(0o600)
-    path.write_text("# Written by streams.kafka_local; rewritten on every start.\n" + body)
+    path.write_text("# Written by streams.dev.kafka_local; rewritten on every start.\n" + body)
 
 
 _LOG4J2_TEMPLATE = """\
@@ -394,7 +394,7 @@ class LocalBroker:
     one SASL_PLAINTEXT listener with SCRAM-SHA-512, the users created when the
     storage is formatted (a data dir keeps its first users), ``admin`` the only
     super user, and the StandardAuthorizer denying whatever no ACL allows
-    (``streams.acl`` grants the ledger's). The broker's own links log in as
+    (``streams.ops.acl`` grants the ledger's). The broker's own links log in as
     ``admin`` (SCRAM between brokers, PLAIN to the controller). Passwords may
     use letters, digits and ``._~+-`` only.
 

@@ -22,11 +22,11 @@ from producers.client import LedgerClient
 from schemas import models as m
 from schemas.codec import CODEC
 from schemas.money import format_amount, parse_amount
-from streams.eventlog import read_all
-from streams.kafka_local import broker_for_job, free_port, port_is_free
-from streams.procs import WorkerProcess
+from streams.dev.kafka_local import broker_for_job, free_port, port_is_free
+from streams.dev.procs import WorkerProcess
+from streams.ops.topics import ensure_topics
+from streams.readmodels.eventlog import read_all
 from streams.settings import Settings
-from streams.topics import ensure_topics
 
 
 def step(msg: str) -> None:

@@ -19,7 +19,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
     OffsetSpec,
 )
 
-from streams.acl import LoginWatch
+from streams.ops.acl import LoginWatch
 from streams.settings import Settings
 
 log = logging.getLogger("ledger.topics")

@@ -1,0 +1,1 @@
+"""The HTTP API, the page (static/) and the OpenAPI document."""

@@ -1,0 +1,2 @@
+"""Development tooling, not run by a deployment: the local broker, the demo, the
+benchmark, worker processes for tests."""

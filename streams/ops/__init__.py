@@ -1,0 +1,1 @@
+"""Operator jobs: topics, ACLs, verify, rebuild, status."""
