@@ -129,6 +129,17 @@ def check_told(s: Settings, told: dict[str, Outcome]) -> None:
         assert records == seen[command_id], command_id
 
 
+def check_the_run(s: Settings, load: Load, told: dict[str, Outcome], supervisor: Supervisor,
+                  points: list[str]) -> None:
+    """Every command has one outcome, verify passes, and each client was told the log's."""
+    report = check_ledger(s, [c for c, _ in load.submitted], supervisor)
+    assert report.events > len(told) // 2
+    check_told(s, told)
+    report_run("crash points: " + ", ".join(points), len(told), len(told), report.duplicates,
+               worker_kills=len(points))
+    print(f"crash points met: {points}; {len(told)} outcomes told, each the log's")
+
+
 def test_a_crash_at_every_step_of_the_commit_path(ledger_settings, start_worker):
     rng = random.Random(seed(11))
     s = ledger_settings.model_copy(update={"session_timeout_s": 6.0})
@@ -147,12 +158,7 @@ def test_a_crash_at_every_step_of_the_commit_path(ledger_settings, start_worker)
                                   data_dir=worker.settings.data_dir, **OPTIONS)
         told = load.told()
 
-    report = check_ledger(s, [c for c, _ in load.submitted], Supervisor(start_worker, worker))
-    assert report.events > len(told) // 2
-    check_told(s, told)
-    report_run("crash points: " + ", ".join(COMMIT_ORDER), len(told), len(told),
-               report.duplicates, worker_kills=len(COMMIT_ORDER))
-    print(f"crash points met: {COMMIT_ORDER}; {len(told)} outcomes told, each the log's")
+    check_the_run(s, load, told, Supervisor(start_worker, worker), COMMIT_ORDER)
 
 
 def test_a_crash_in_a_rebalance_handover_and_during_recovery(ledger_settings, start_worker):
@@ -187,9 +193,4 @@ def test_a_crash_in_a_rebalance_handover_and_during_recovery(ledger_settings, st
         e.wait_ready(120)
         told = load.told()
 
-    report = check_ledger(s, [c for c, _ in load.submitted], Supervisor(start_worker, e))
-    assert report.events > len(told) // 2
-    check_told(s, told)
-    report_run("crash points: " + ", ".join(HANDOVER_ORDER), len(told), len(told),
-               report.duplicates, worker_kills=len(HANDOVER_ORDER))
-    print(f"crash points met: {HANDOVER_ORDER}; {len(told)} outcomes told, each the log's")
+    check_the_run(s, load, told, Supervisor(start_worker, e), HANDOVER_ORDER)
