@@ -8,6 +8,7 @@
     ledger submit deposit ACCT "12.34 USD"   submit a command and print its outcome
     ledger balance ACCT             an account's balance, from a worker
     ledger history ACCT             an account's events, paged, from a worker
+    ledger statement ACCT --from T --to T [--format text|json|csv]   a period's statement
     ledger status                   workers, partition owners, lag and rates
     ledger demo [--serve]           broker + worker + a scripted scenario, end to end
                                     (--serve: then the page, until Ctrl-C)
@@ -287,6 +288,34 @@ def cmd_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_statement(args: argparse.Namespace) -> int:
+    query = urllib.parse.urlencode({"from": args.from_, "to": args.to})
+    path = f"/accounts/{urllib.parse.quote(args.account, safe='')}/statement?{query}"
+    try:
+        doc = get_json(args.url, path, 30)
+    except OSError as exc:
+        print(f"error: no answer from {args.url}: {exc}", file=sys.stderr)
+        return exits.USAGE
+    if "error" in doc:
+        _print(args, doc, f"{args.account}: {doc.get('error')} ({doc.get('detail')})")
+        return exits.REFUSED
+    args.json = args.json or args.format == "json"
+    if args.format == "csv":
+        from streams.readmodels.statement import to_csv
+
+        print(to_csv(doc), end="")
+        return 0
+    lines = [f"{args.account} from {_iso(doc['from'])} to {_iso(doc['to'])}",
+             f"  opening balance {doc.get('opening_balance', '-'):>16}"]
+    lines += [f"  {_iso(e['occurred_at'])}  {e['description']:<20} {e['amount']:>16}  "
+              f"balance {e['balance_after']}"
+              + (f"  ({e['counterparty']}, {e['transfer_id']})" if e["counterparty"] else "")
+              for e in doc["entries"]]
+    lines.append(f"  closing balance {doc.get('closing_balance', '-'):>16}")
+    _print(args, doc, "\n".join(lines))
+    return 0
+
+
 def _iso(epoch_ms: int) -> str:
     when = datetime.datetime.fromtimestamp(epoch_ms / 1000, datetime.UTC)
     return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -527,6 +556,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="any worker: it forwards to the account's owner (default: LEDGER_URL, "
                          "else LEDGER_WEB_PORT on 127.0.0.1)")
     hi.set_defaults(fn=cmd_history)
+
+    sm = sub.add_parser("statement", help="an account's statement for a period: opening "
+                                          "balance, entries, closing balance "
+                                          "(GET /accounts/ID/statement)")
+    sm.add_argument("account")
+    sm.add_argument("--from", dest="from_", required=True,
+                    help="start (included): epoch ms or ISO 8601, UTC unless it says otherwise")
+    sm.add_argument("--to", required=True, help="end (excluded)")
+    sm.add_argument("--format", choices=["text", "json", "csv"], default="text")
+    sm.add_argument("--url", default=worker_url(),
+                    help="any worker: it forwards to the account's owner")
+    sm.set_defaults(fn=cmd_statement)
 
     st = sub.add_parser("status", help="workers, partition owners, lag and rates at a glance")
     st.add_argument("--sample", type=float, default=2.0, help="seconds to measure rates over")

@@ -45,6 +45,7 @@ from schemas.money import format_amount
 from streams.core import valid_id
 from streams.partitions import partition_for
 from streams.readmodels.history import History
+from streams.readmodels.statement import TooLong, statement, to_csv
 from streams.settings import Settings
 from streams.worker import metrics
 from streams.worker.processor import account_key
@@ -243,7 +244,7 @@ def sse_event(e: LedgerEvent) -> bytes:
 # ---------------------------------------------------------------- input
 
 
-def parse_instant(text: str) -> int:
+def parse_instant(text: str, name: str = "as_of") -> int:
     """Epoch milliseconds, or an ISO 8601 date-time (UTC unless it says otherwise)."""
     if _DIGITS.match(text):
         return int(text)
@@ -253,8 +254,8 @@ def parse_instant(text: str) -> int:
             when = when.replace(tzinfo=datetime.UTC)
         return (when - _EPOCH) // datetime.timedelta(milliseconds=1)  # exact, no float
     except (ValueError, OverflowError):
-        raise ApiError(422, "invalid_parameter", "as_of must be epoch milliseconds or an "
-                       f"ISO 8601 date-time, not {text[:100]!r}", parameter="as_of") from None
+        raise ApiError(422, "invalid_parameter", f"{name} must be epoch milliseconds or an "
+                       f"ISO 8601 date-time, not {text[:100]!r}", parameter=name) from None
 
 
 def query_int(request: Request, name: str, default: int, low: int, high: int) -> int:
@@ -657,6 +658,28 @@ def register(app: faust.App, s: Settings) -> None:
                 "events": [event_json(e) for e in events[:limit]],
                 "next_from_version": events[limit - 1].version + 1 if more else None,
             })
+
+    @app.page("/accounts/{account_id}/statement")
+    class StatementView(JsonView):
+        async def get(self, request: Request, account_id: str) -> Response:
+            p = partition_for(account_id, s.partitions)
+            if not owned(p):
+                return await api.forward(self, request, p)
+            if "from" not in request.query or "to" not in request.query:
+                raise ApiError(422, "invalid_parameter", "from and to are required")
+            from_ms = parse_instant(request.query["from"], "from")
+            to_ms = parse_instant(request.query["to"], "to")
+            history = api.history_of(p)
+            if not history.exists(_account_id(account_id)):
+                raise ApiError(404, "account_not_found", "no account has this id",
+                               account_id=account_id)
+            try:
+                doc = statement(history, account_id, from_ms, to_ms)
+            except TooLong as exc:
+                raise ApiError(422, "statement_too_long", str(exc)) from None
+            if request.query.get("format") == "csv":
+                return self.bytes(to_csv(doc).encode(), content_type="text/csv")
+            return self.json(doc)
 
     @app.page("/accounts/{account_id}/stream")
     class StreamView(JsonView):

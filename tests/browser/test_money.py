@@ -10,7 +10,7 @@ from schemas.money import CURRENCY_SCALE, AmountError, format_amount, parse_amou
 
 pytestmark = pytest.mark.browser
 
-APP_JS = Path(__file__).parents[2] / "streams" / "static" / "app.js"
+APP_JS = Path(__file__).parents[2] / "streams" / "api" / "static" / "app.js"
 
 
 @pytest.fixture(scope="module")

@@ -168,6 +168,43 @@ def test_account_events_paging_and_as_of(ledger_settings, start_worker, client, 
         assert "no answer from http://127.0.0.1:9" in capsys.readouterr().err
 
 
+def test_a_statement_over_http_and_the_cli(ledger_settings, start_worker, client, capsys):
+    w = start_worker()
+    scripted_history(client, "stella")
+    period = f"from={T0 + 1500}&to=2026-01-01T00:00:04Z"  # v3 and v4; v5 is at the end
+
+    doc = until(lambda: (d := call(w.url, f"/accounts/stella/statement?{period}")[1])
+                .get("entries") and d)
+    assert (doc["opening_balance"], doc["closing_balance"]) == ("10.00 USD", "7.00 USD")
+    assert [(e["version"], e["type"], e["amount_minor"]) for e in doc["entries"]] == [
+        (3, "Withdrawn", -300), (4, "HoldPlaced", 0)]
+    req = urllib.request.Request(f"{w.url}/accounts/stella/statement?{period}&format=csv")
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert resp.headers.get_content_type() == "text/csv"
+        rows = resp.read().decode().splitlines()
+    assert rows[1].endswith("opening balance,,,,,,10.00 USD")
+    assert rows[2].split(",")[2:4] == ["Withdrawn", "Withdrawn"] and len(rows) == 5
+
+    for path, status, error in (
+        ("/accounts/stella/statement?from=1", 422, "invalid_parameter"),
+        ("/accounts/stella/statement?from=x&to=1", 422, "invalid_parameter"),
+        ("/accounts/nobody/statement?from=1&to=2", 404, "account_not_found"),
+    ):
+        got, body = call(w.url, path)
+        assert (got, body["error"]) == (status, error), path
+
+    capsys.readouterr()
+    assert main(["statement", "stella", "--url", w.url, "--from", str(T0 + 1500),
+                 "--to", "2026-01-01T00:00:04Z", "--format", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines() == rows
+    assert main(["statement", "stella", "--url", w.url, "--from", str(T0), "--to",
+                 "2027-01-01"]) == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    assert lines[1].split() == ["opening", "balance", "0.00", "USD"] and len(lines) == 8
+    assert lines[-1].split() == ["closing", "balance", "7.05", "USD"]
+
+
 def test_duplicate_event_records_appear_once(ledger_settings, start_worker, client):
     s = ledger_settings
     w = start_worker()

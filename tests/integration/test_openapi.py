@@ -33,7 +33,7 @@ from schemas.money import CURRENCY_SCALE
 
 pytestmark = pytest.mark.kafka
 
-OPENAPI = Path(__file__).parents[2] / "streams" / "openapi.yaml"
+OPENAPI = Path(__file__).parents[2] / "streams" / "api" / "openapi.yaml"
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_schema_conformance, response_headers_conformance]
 EXAMPLES = {GenerationMode.POSITIVE: 40, GenerationMode.NEGATIVE: 25}
