@@ -186,3 +186,41 @@ def test_phone_width_and_errors_in_words(new_page, artifacts, start_worker):
         "Refused: The currency is not the account's currency.")
     page.screenshot(path=str(artifacts / "page-phone.png"), full_page=True)
 
+
+
+def test_a_month_statement_and_its_csv(new_page, start_worker):
+    w = start_worker()
+    t = int(time.time() * 1000)
+    month = datetime.fromtimestamp(t / 1000, UTC).strftime("%Y-%m")
+    for i, (kind, fields) in enumerate((
+            ("OpenAccount", {"currency": "USD"}),
+            ("Deposit", {"amount_minor": 15_000, "currency": "USD"}),
+            ("Withdraw", {"amount_minor": 2_005, "currency": "USD"}),
+            ("PlaceHold", {"hold_id": "h-1", "amount_minor": 100, "currency": "USD",
+                           "expires_at": t + 3_600_000}))):
+        post_command(w.url, {"type": kind, "command_id": f"s{i}", "account_id": "sam",
+                             "actor": "t", "issued_at": t + i, **fields})
+    page = new_page()
+    page.goto(w.url + "/#sam")
+    expect(page.locator("#acc-version")).to_have_text("4")
+
+    page.fill("#statement-month", month)
+    page.click("text=Show statement")
+    expect(page.locator("#statement-summary")).to_have_text(
+        f"{month}: opening balance 0.00 USD, 4 entries, closing balance 129.95 USD.")
+    entries = page.locator("#statement tbody tr")
+    expect(entries).to_have_count(4)
+    expect(entries.nth(2)).to_contain_text("-20.05 USD")
+    expect(entries.nth(3)).to_contain_text("HoldPlaced h-1")
+    link = page.locator("#statement-csv")
+    expect(link).to_be_visible()
+    assert link.get_attribute("download") == f"statement-sam-{month}.csv"
+    with urllib.request.urlopen(w.url + link.get_attribute("href"), timeout=30) as resp:
+        csv_rows = resp.read().decode().splitlines()
+    assert len(csv_rows) == 1 + 1 + 4 + 1 and csv_rows[-1].endswith("129.95 USD")
+
+    page.fill("#statement-month", "2001-01")  # before the account
+    page.click("text=Show statement")
+    expect(page.locator("#statement-summary")).to_have_text(
+        "2001-01: opening balance none (no account yet), 0 entries, closing balance none.")
+    expect(page.locator("#statement")).to_be_hidden()

@@ -229,6 +229,8 @@ async function showAccount(id, justOpened = false) {
   const gen = ++state.gen;
   closeStream();
   Object.assign(state, { id, account: null, events: [], asOf: null, asOfDoc: null, page: 0 });
+  $("statement").hidden = $("statement-csv").hidden = true;
+  $("statement-summary").textContent = "";
   $("find-status").textContent = `Looking up account “${id}”…`;
   let answer = await get(`/accounts/${enc(id)}`);
   for (let i = 0; justOpened && answer.status === 404 && i < 25 && gen === state.gen; i++) {
@@ -682,6 +684,48 @@ async function submitCommand(event) {
 
 // ------------------------------------------------------------------ wiring
 
+// ------------------------------------------------------------------ statement
+
+/** The chosen month's statement (UTC months), with a link to the same as CSV. */
+async function showStatement(event) {
+  event.preventDefault();
+  const gen = state.gen;
+  const id = state.id;
+  const month = $("statement-month").value; // "YYYY-MM"
+  if (!id || !/^[0-9]{4}-[0-9]{2}$/.test(month)) return;
+  const [y, m] = month.split("-").map(Number);
+  const path = `/accounts/${enc(id)}/statement?from=${Date.UTC(y, m - 1, 1)}` +
+    `&to=${Date.UTC(y, m, 1)}`;
+  $("statement-summary").textContent = `Reading the statement of ${month}…`;
+  const answer = await get(path);
+  if (gen !== state.gen) return;
+  const table = $("statement");
+  const link = $("statement-csv");
+  if (answer.status !== 200) {
+    table.hidden = link.hidden = true;
+    $("statement-summary").textContent = `Could not read the statement: ${answer.doc.detail}.`;
+    return;
+  }
+  const doc = answer.doc;
+  const body = table.querySelector("tbody");
+  body.replaceChildren(...doc.entries.map((e) => {
+    const tr = el("tr", { "data-version": String(e.version) });
+    for (const text of [localTime(Number(e.occurred_at)), e.description,
+      e.counterparty || "", e.transfer_id || "", e.amount, e.balance_after]) {
+      tr.append(el("td", {}, text));
+    }
+    return tr;
+  }));
+  table.hidden = doc.entries.length === 0;
+  const n = doc.entries.length;
+  $("statement-summary").textContent = `${month}: opening balance ` +
+    `${doc.opening_balance || "none (no account yet)"}, ${n} ${n === 1 ? "entry" : "entries"}, ` +
+    `closing balance ${doc.closing_balance || "none"}.`;
+  link.href = `${path}&format=csv`;
+  link.download = `statement-${id}-${month}.csv`;
+  link.hidden = false;
+}
+
 function start() {
   const select = $("cmd-currency");
   for (const code of Object.keys(SCALES).sort()) select.append(el("option", { value: code }, code));
@@ -695,6 +739,9 @@ function start() {
     }
   });
   $("cmd-form").addEventListener("submit", submitCommand);
+  $("statement-form").addEventListener("submit", showStatement);
+  const now = new Date();
+  $("statement-month").value = `${now.getUTCFullYear()}-${pad(now.getUTCMonth() + 1)}`;
   $("cmd-type").addEventListener("change", syncForm);
   $("cmd-account").addEventListener("change", syncCurrency);
   $("time-slider").addEventListener("input", onSlider);
