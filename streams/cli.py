@@ -236,9 +236,19 @@ def get_json(base_url: str, path: str, timeout_s: float = 5.0) -> dict[str, Any]
         return json.loads(exc.read()) | {"status": exc.code}  # type: ignore[no-any-return]
 
 
-def fetch_account(base_url: str, account_id: str, timeout_s: float = 5.0) -> dict[str, Any]:
-    return get_json(base_url, f"/accounts/{urllib.parse.quote(account_id, safe='')}",
-                    timeout_s)
+def ask_worker(args: argparse.Namespace, path: str, timeout_s: float) -> dict[str, Any] | int:
+    """GET ``path`` (under the account's URL) from the worker at ``args.url``: its JSON,
+    or the exit status after saying why there is none."""
+    url_path = f"/accounts/{urllib.parse.quote(args.account, safe='')}{path}"
+    try:
+        doc = get_json(args.url, url_path, timeout_s)
+    except OSError as exc:
+        print(f"error: no answer from {args.url}: {exc}", file=sys.stderr)
+        return exits.USAGE
+    if "error" in doc:
+        _print(args, doc, f"{args.account}: {doc.get('error')} ({doc.get('detail')})")
+        return exits.REFUSED
+    return doc
 
 
 def worker_url() -> str:
@@ -248,33 +258,22 @@ def worker_url() -> str:
 
 
 def cmd_balance(args: argparse.Namespace) -> int:
-    try:
-        doc = fetch_account(args.url, args.account)
-    except OSError as exc:
-        print(f"error: no answer from {args.url}: {exc}", file=sys.stderr)
-        return exits.USAGE
-    if "error" in doc:
-        _print(args, doc, f"{args.account}: {doc['error']}")
-        return exits.REFUSED
+    doc = ask_worker(args, "", 5.0)
+    if isinstance(doc, int):
+        return doc
     _print(args, doc, f"{doc['account_id']}: balance {doc['balance']}, available "
                       f"{doc['available']}, version {doc['version']}, {doc['status']}")
     return 0
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    path = f"/accounts/{urllib.parse.quote(args.account, safe='')}/events"
     events: list[dict[str, Any]] = []
     version: int | None = args.from_version
     while version is not None and (args.limit is None or len(events) < args.limit):
         page_size = min(1000, args.limit - len(events)) if args.limit else 1000
-        try:
-            page = get_json(args.url, f"{path}?from_version={version}&limit={page_size}", 10)
-        except OSError as exc:
-            print(f"error: no answer from {args.url}: {exc}", file=sys.stderr)
-            return exits.USAGE
-        if "error" in page:
-            _print(args, page, f"{args.account}: {page.get('error')} ({page.get('detail')})")
-            return exits.REFUSED
+        page = ask_worker(args, f"/events?from_version={version}&limit={page_size}", 10.0)
+        if isinstance(page, int):
+            return page
         events += page["events"]
         version = page["next_from_version"]
     lines = [f"v{e['version']:<5} {_iso(e['occurred_at'])}  {e['type']:<16} "
@@ -290,15 +289,9 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 def cmd_statement(args: argparse.Namespace) -> int:
     query = urllib.parse.urlencode({"from": args.from_, "to": args.to})
-    path = f"/accounts/{urllib.parse.quote(args.account, safe='')}/statement?{query}"
-    try:
-        doc = get_json(args.url, path, 30)
-    except OSError as exc:
-        print(f"error: no answer from {args.url}: {exc}", file=sys.stderr)
-        return exits.USAGE
-    if "error" in doc:
-        _print(args, doc, f"{args.account}: {doc.get('error')} ({doc.get('detail')})")
-        return exits.REFUSED
+    doc = ask_worker(args, f"/statement?{query}", 30.0)
+    if isinstance(doc, int):
+        return doc
     args.json = args.json or args.format == "json"
     if args.format == "csv":
         from streams.readmodels.statement import to_csv
