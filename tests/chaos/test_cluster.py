@@ -103,7 +103,7 @@ def test_brokers_and_a_worker_die_mid_stream(cluster, ledger_settings, start_wor
             {encode(outcome.rejection)}
         assert records == seen[command_id], command_id
     report_run("3 brokers: leader and a second broker killed, worker kill -9", len(told),
-               len(told), report.duplicates, broker_kills=broker_kills, worker_kills=1)
+               len(told), report.duplicates, broker_kills=len(broker_kills), worker_kills=1)
     print(f"3 brokers: {len(told)} commands, broker kills {broker_kills} (the second while "
           f"the first was down), worker kills 1 (+{supervisor.restarts} restarts by the "
           f"supervisor); lost 0, doubled 0; duplicate event records {report.duplicates}")
