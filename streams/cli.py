@@ -38,6 +38,7 @@ from confluent_kafka import KafkaException
 
 from schemas.money import AmountError, format_amount, parse_amount
 from streams import exits
+from streams.instants import parse_instant
 from streams.settings import Settings
 
 
@@ -328,18 +329,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(json_out=args.json, serve=args.serve)
 
 
-def parse_instant(text: str) -> int:
-    """Epoch milliseconds, or an ISO 8601 date-time (UTC unless it says otherwise)."""
-    if text.isdigit():
-        return int(text)
-    when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.UTC)
-    # in whole milliseconds, rounded down, with no float on the way
-    return (when - _EPOCH) // datetime.timedelta(milliseconds=1)
-
-
-_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 
 
 def _progress(args: argparse.Namespace) -> Any:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import hmac
 import http
 import json
@@ -42,6 +41,7 @@ from producers.client import CommandRefused, DeliveryError, LedgerClient, QueueF
 from schemas.codec import CODEC
 from schemas.models import COMMAND_TYPES, AccountState, CommandBase, ExpireHold, LedgerEvent
 from schemas.money import format_amount
+from streams import instants
 from streams.core import valid_id
 from streams.partitions import partition_for
 from streams.readmodels.history import History
@@ -83,8 +83,6 @@ PUBLIC_COMMANDS = {n: c for n, c in COMMAND_TYPES.items() if c is not ExpireHold
 # Rejections that say "the ledger's state differs from what you assumed": 409.
 CONFLICT_REASONS = frozenset({"version_conflict", "idempotency_key_reused",
                               "account_already_exists", "hold_already_exists"})
-_DIGITS = re.compile(r"^[0-9]{1,19}$")
-_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 
 
 class ApiError(Exception):
@@ -245,14 +243,9 @@ def sse_event(e: LedgerEvent) -> bytes:
 
 
 def parse_instant(text: str, name: str = "as_of") -> int:
-    """Epoch milliseconds, or an ISO 8601 date-time (UTC unless it says otherwise)."""
-    if _DIGITS.match(text):
-        return int(text)
+    """An instant (``streams.instants``) from a query parameter; else 422."""
     try:
-        when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=datetime.UTC)
-        return (when - _EPOCH) // datetime.timedelta(milliseconds=1)  # exact, no float
+        return instants.parse_instant(text)
     except (ValueError, OverflowError):
         raise ApiError(422, "invalid_parameter", f"{name} must be epoch milliseconds or an "
                        f"ISO 8601 date-time, not {text[:100]!r}", parameter=name) from None
@@ -262,7 +255,7 @@ def query_int(request: Request, name: str, default: int, low: int, high: int) ->
     text = request.query.get(name)
     if text is None:
         return default
-    value = int(text) if _DIGITS.match(text) else None
+    value = int(text) if instants.DIGITS.match(text) else None
     if value is None or not low <= value <= high:
         raise ApiError(422, "invalid_parameter",
                        f"{name} must be an integer from {low} to {high}", parameter=name)
@@ -281,7 +274,7 @@ def stream_from(request: Request) -> int:
     """The first version a stream sends: ``from_version``, or after ``Last-Event-ID``."""
     version = query_int(request, "from_version", 1, 1, INT64_MAX)
     last = request.headers.get("Last-Event-ID", "").strip()
-    if _DIGITS.match(last) and int(last) < INT64_MAX:
+    if instants.DIGITS.match(last) and int(last) < INT64_MAX:
         version = max(version, int(last) + 1)
     return version
 
