@@ -148,22 +148,7 @@ def ensure_jars() -> Path:
                     mvn, "-q", "-B", "-f", str(pom),
                     "dependency:copy-dependencies", f"-DoutputDirectory={staging}",
                 ]  # fmt: skip
-                try:
-                    result = subprocess.run(
-                        cmd,
-                        stdin=subprocess.DEVNULL,
-                        capture_output=True,
-                        text=True,
-                        timeout=_MVN_TIMEOUT_S,
-                        check=False,
-                    )
-                except subprocess.TimeoutExpired as e:
-                    raise BrokerError(f"mvn did not finish in {_MVN_TIMEOUT_S:.0f} s") from e
-            if result.returncode != 0:
-                raise BrokerError(
-                    f"mvn failed with exit code {result.returncode}:\n"
-                    f"{_tail(result.stdout + result.stderr)}"
-                )
+                _run(cmd, "mvn", _MVN_TIMEOUT_S)
             jars = sorted(p.name for p in staging.glob("*.jar"))
             if not any(name.startswith("kafka_2.13-") for name in jars):
                 raise BrokerError(f"mvn succeeded but no kafka_2.13 jar is in {staging}")
@@ -200,6 +185,18 @@ def free_port() -> int:
     raise RuntimeError("no free loopback port below the ephemeral range")
 
 
+def _run(cmd: list[str], what: str, timeout_s: float, cwd: Path | None = None) -> None:
+    """Run a tool to completion; BrokerError, with the end of its output, if it fails."""
+    try:
+        result = subprocess.run(cmd, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True,
+                                text=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired as e:
+        raise BrokerError(f"{what} did not finish in {timeout_s:.0f} s") from e
+    if result.returncode != 0:
+        raise BrokerError(f"{what} failed (exit {result.returncode}):\n"
+                          f"{_tail(result.stdout + result.stderr)}")
+
+
 def make_test_certificates(folder: Path) -> None:
     """A CA, a certificate for a broker on 127.0.0.1/localhost (``broker.p12``) and one
     for a client (``client.pem``, ``client.key``, subject CN=ledger-client), all signed
@@ -210,10 +207,7 @@ def make_test_certificates(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
 
     def openssl(*args: str) -> None:
-        r = subprocess.run(["openssl", *args], cwd=folder, capture_output=True, text=True,
-                           timeout=60, check=False)
-        if r.returncode != 0:
-            raise BrokerError(f"openssl {args[0]} failed: {r.stderr[-2000:]}")
+        _run(["openssl", *args], f"openssl {args[0]}", 60.0, cwd=folder)
 
     openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
             "-subj", "/CN=ledger-test-ca", "-keyout", "ca.key", "-out", "ca.pem")
@@ -656,15 +650,20 @@ class LocalBroker:
         port, controller = self.port, self.controller_port
         log_dir = self._data_dir / "logs"
         log_dir.mkdir(exist_ok=True)
+        # One listener for the clients and the brokers' own links, and the controller's
+        # (on loopback, never behind TLS).
+        client = self.security_protocol
         props = {
             "process.roles": "broker,controller",
             "node.id": "1",
             "controller.quorum.bootstrap.servers": f"{_HOST}:{controller}",
-            "listeners": f"PLAINTEXT://{_HOST}:{port},CONTROLLER://{_HOST}:{controller}",
-            "advertised.listeners": f"PLAINTEXT://{_HOST}:{port}",
+            "listeners": f"{client}://{_HOST}:{port},CONTROLLER://{_HOST}:{controller}",
+            "advertised.listeners": f"{client}://{_HOST}:{port}",
             "controller.listener.names": "CONTROLLER",
-            "inter.broker.listener.name": "PLAINTEXT",
-            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "inter.broker.listener.name": client,
+            "listener.security.protocol.map":
+                f"CONTROLLER:{'SASL_PLAINTEXT' if self.secured else 'PLAINTEXT'},"
+                f"{client}:{client}",
             "log.dirs": str(self._data_dir / "kraft-data"),
             "num.partitions": "1",
             "offsets.topic.replication.factor": "1",
@@ -683,7 +682,7 @@ class LocalBroker:
         if self._users is not None:
             props |= self._security_properties()
         if self._tls:
-            props |= self._tls_properties(props)
+            props |= self._tls_properties()
         if self._quorum is not None:
             props |= self._quorum.properties()
             del props["controller.quorum.bootstrap.servers"]
@@ -695,20 +694,15 @@ class LocalBroker:
 
     def _security_properties(self) -> dict[str, str]:
         assert self._users is not None
-        port, controller = self.port, self.controller_port
         admin = self._users["admin"]
+        name = self.security_protocol.lower()  # sasl_plaintext, or sasl_ssl
         scram = "org.apache.kafka.common.security.scram.ScramLoginModule"
         plain = "org.apache.kafka.common.security.plain.PlainLoginModule"
         return {
-            "listeners": f"SASL_PLAINTEXT://{_HOST}:{port},CONTROLLER://{_HOST}:{controller}",
-            "advertised.listeners": f"SASL_PLAINTEXT://{_HOST}:{port}",
-            "inter.broker.listener.name": "SASL_PLAINTEXT",
-            "listener.security.protocol.map":
-                "CONTROLLER:SASL_PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT",
             # Clients and broker-to-broker: SCRAM, users kept in the metadata log.
             "sasl.mechanism.inter.broker.protocol": "SCRAM-SHA-512",
-            "listener.name.sasl_plaintext.sasl.enabled.mechanisms": "SCRAM-SHA-512",
-            "listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config":
+            f"listener.name.{name}.sasl.enabled.mechanisms": "SCRAM-SHA-512",
+            f"listener.name.{name}.scram-sha-512.sasl.jaas.config":
                 f'{scram} required username="admin" password="{admin}";',
             # Broker to controller: PLAIN with a static user, since SCRAM users only
             # exist once the metadata log (served by the controller) is read.
@@ -721,15 +715,11 @@ class LocalBroker:
             "allow.everyone.if.no.acl.found": "false",
         }
 
-    def _tls_properties(self, props: dict[str, str]) -> dict[str, str]:
-        """The client listener (and the broker's own links to it) behind TLS."""
+    def _tls_properties(self) -> dict[str, str]:
+        """The client listener's certificate (and its CA, for the broker's own links)."""
         make_test_certificates(self.tls_dir)
-        plain, tls = self.security_protocol.replace("SSL", "PLAINTEXT"), self.security_protocol
-        name = tls.lower()
-        out = {key: props[key].replace(f"{plain}://", f"{tls}://")
-               for key in ("listeners", "advertised.listeners")}
-        out |= {
-            "inter.broker.listener.name": tls,
+        name = self.security_protocol.lower()  # ssl, or sasl_ssl
+        return {
             f"listener.name.{name}.ssl.keystore.type": "PKCS12",
             f"listener.name.{name}.ssl.keystore.location": str(self.tls_dir / "broker.p12"),
             f"listener.name.{name}.ssl.keystore.password": _TEST_KEYSTORE_PASSWORD,
@@ -737,14 +727,6 @@ class LocalBroker:
             f"listener.name.{name}.ssl.truststore.location": str(self.ca_path),
             f"listener.name.{name}.ssl.client.auth": "none" if self.secured else "required",
         }
-        if self.secured:  # the SCRAM settings move to the TLS listener's name
-            for key in ("sasl.enabled.mechanisms", "scram-sha-512.sasl.jaas.config"):
-                out[f"listener.name.{name}.{key}"] = props.pop(
-                    f"listener.name.{plain.lower()}.{key}")
-            out["listener.security.protocol.map"] = f"CONTROLLER:SASL_PLAINTEXT,{tls}:{tls}"
-        else:
-            out["listener.security.protocol.map"] = f"CONTROLLER:PLAINTEXT,{tls}:{tls}"
-        return out
 
     def _java(self, java: str, lib: Path, *args: str, heap: str | None = None) -> list[str]:
         return [
@@ -770,22 +752,8 @@ class LocalBroker:
               for name, password in (self._users or {}).items()),
         )  # fmt: skip
         log.info("formatting Kafka storage in %s", ", ".join(log_dirs))
-        try:
-            result = subprocess.run(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                timeout=max(1.0, min(_FORMAT_TIMEOUT_S, deadline - time.monotonic())),
-                check=False,
-            )
-        except subprocess.TimeoutExpired as e:
-            raise BrokerError(f"formatting Kafka storage timed out after {e.timeout:.0f} s") from e
-        if result.returncode != 0:
-            raise BrokerError(
-                f"formatting Kafka storage failed (exit {result.returncode}):\n"
-                f"{_tail(result.stdout + result.stderr)}"
-            )
+        _run(cmd, "formatting Kafka storage",
+             max(1.0, min(_FORMAT_TIMEOUT_S, deadline - time.monotonic())))
 
     def _spawn(self, java: str, lib: Path, config: Path) -> None:
         self._close_log()
