@@ -225,6 +225,38 @@ def content_digest(content: str) -> bytes:
     return hashlib.blake2b(content.encode(), digest_size=16).digest()
 
 
+# ---------------------------------------------------------------- partitions
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 hash (``org.apache.kafka.common.utils.Utils.murmur2``), unsigned."""
+    m = 0x5BD1E995
+    length = len(data)
+    h = (0x9747B28C ^ length) & 0xFFFFFFFF
+    end = length - length % 4
+    for i in range(0, end, 4):
+        k = data[i] | data[i + 1] << 8 | data[i + 2] << 16 | data[i + 3] << 24
+        k = k * m & 0xFFFFFFFF
+        k ^= k >> 24
+        k = k * m & 0xFFFFFFFF
+        h = (h * m & 0xFFFFFFFF) ^ k
+    extra = length - end
+    if extra >= 3:
+        h ^= data[end + 2] << 16
+    if extra >= 2:
+        h ^= data[end + 1] << 8
+    if extra >= 1:
+        h = (h ^ data[end]) * m & 0xFFFFFFFF
+    h ^= h >> 13
+    h = h * m & 0xFFFFFFFF
+    return h ^ h >> 15
+
+
+def partition_for(account_id: str, partitions: int) -> int:
+    """Kafka's default partition of a key (murmur2): the same as the Java client's."""
+    return (murmur2(account_id.encode()) & 0x7FFFFFFF) % partitions
+
+
 # ---------------------------------------------------------------- Avro
 
 
@@ -552,7 +584,7 @@ class Core:
     ``decode_other(raw)`` reads an account stored in another schema version."""
 
     def __init__(self, headers: Headers, partition: int,
-                 partition_of: Callable[[str], int],
+                 partitions: int,
                  decode_other: Callable[[bytes], Account],
                  read: Callable[[bytes], bytes | None],
                  accounts: dict[str, Account | None], dirty: set[str],
@@ -563,7 +595,7 @@ class Core:
         self.max_skew_ms = max_skew_ms
         self.leg_secret = leg_secret
         self.partition = partition
-        self.partition_of = partition_of
+        self.n_partitions = partitions
         self.decode_other = decode_other
         self.read = read
         self.accounts = accounts
@@ -600,7 +632,7 @@ class Core:
         account_id = c.account_id
         p = self.partitions.get(account_id, -1)
         if p < 0:
-            p = self.partitions[account_id] = self.partition_of(account_id)
+            p = self.partitions[account_id] = partition_for(account_id, self.n_partitions)
         if p != self.partition:
             return False
         okey = b"i" + account_id.encode() + b"\0" + c.command_id.encode()

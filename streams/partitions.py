@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from aiokafka.partitioner import murmur2
+from streams import core
 
-
-@lru_cache(maxsize=1 << 16)
-def partition_for(account_id: str, partitions: int) -> int:
-    """Kafka's default (murmur2) partition of a key: the same as Faust and the Java client."""
-    return int(murmur2(account_id.encode()) & 0x7FFFFFFF) % partitions
+# Kafka's default (murmur2) partition of a key: the same as Faust and the Java client.
+partition_for = lru_cache(maxsize=1 << 16)(core.partition_for)

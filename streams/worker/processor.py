@@ -327,15 +327,12 @@ class BatchProcessor:
         self._headers = _headers()
         self._core: Core | None = None
         if self._headers is not None:
-            self._core = Core(self._headers, partition, self._partition_of, _decode_account,
+            self._core = Core(self._headers, partition, partitions, _decode_account,
                               read, self._accounts, self._dirty, self._writes, self._retained,
                               self.outputs, self.stats, window_ms, signer.key,
                               max_skew_ms)
 
     # ------------------------------------------------------------ reads
-
-    def _partition_of(self, account_id: str) -> int:
-        return partition_for(account_id, self.partitions)
 
     def _account(self, account_id: str) -> Account | None:
         if account_id in self._accounts:

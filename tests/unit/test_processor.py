@@ -422,6 +422,16 @@ def test_partition_for_matches_the_java_client(key, java_murmur2):
         assert partition_for(key, partitions) == (java_murmur2 & 0x7FFFFFFF) % partitions
 
 
+@given(st.binary(max_size=300))
+def test_murmur2_is_the_one_faust_partitions_with(data):
+    """The worker's own murmur2 (compiled with the core) against aiokafka's, which
+    Faust and the producers' librdkafka ("murmur2_random") partition with."""
+    from aiokafka.partitioner import murmur2 as aiokafka_murmur2
+
+    from streams.core import murmur2
+    assert murmur2(data) == aiokafka_murmur2(data)
+
+
 def test_partition_for_spreads_accounts():
     assert all(0 <= partition_for(f"acct-{i}", 7) < 7 for i in range(200))
     assert len({partition_for(f"acct-{i}", 4) for i in range(200)}) == 4
