@@ -27,6 +27,7 @@ stable: see ``KEYS``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -334,33 +335,56 @@ def http_latency(url: str, paths: list[str]) -> list[float]:
     return out
 
 
+def family(pid: int) -> list[int]:
+    """A process and its descendants, as they are now."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for children in Path(f"/proc/{p}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                todo.extend(int(c) for c in children.read_text().split())
+    return out
+
+
 def rss_mb(pid: int, field: str = "VmRSS") -> float:
-    """A process's resident memory now (VmRSS) or at its peak (VmHWM), in MB."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    """A process's resident memory with its child processes' now (VmRSS) or the sum of
+    their peaks (VmHWM), in MB."""
+    total = float("nan")
+    for p in family(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith(field + ":"):
+                    total = (0 if total != total else total) + int(line.split()[1]) / 1024
+    return total
 
 
 def cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) a process has used so far, all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    """CPU seconds (user + system) a process has used so far, all its threads (0 once
+    it has gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Cores:
     """Cores used on average between ``start`` and ``stop``, per named group of processes
-    (a group with a pid not known, such as a broker the bench did not start, is left out)."""
+    with their child processes (a worker's history index runs in one), each counted in
+    one group only (a group with a pid not known, such as a broker the bench did not
+    start, is left out)."""
 
     def __init__(self, pids: dict[str, list[int | None]]) -> None:
         self.pids = {name: [p for p in ps if p is not None] for name, ps in pids.items()
                      if None not in ps}
 
     def _now(self) -> dict[str, float]:
-        return {name: sum(cpu_s(p) for p in ps) for name, ps in self.pids.items()}
+        fam = {name: {q for p in ps for q in family(p)} for name, ps in self.pids.items()}
+        # less the groups below this one (the bench's children are the broker and workers)
+        return {name: sum(cpu_s(q) for q in mine.difference(*(
+                    fam[o] for o in fam if o != name and mine.issuperset(self.pids[o]))))
+                for name, mine in fam.items()}
 
     def start(self) -> None:
         self._t0, self._c0 = time.monotonic(), self._now()

@@ -30,7 +30,6 @@ from __future__ import annotations
 import atexit
 import base64
 import contextlib
-import ctypes
 import fcntl
 import importlib.resources
 import logging
@@ -41,7 +40,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -54,6 +52,8 @@ from types import FrameType, TracebackType
 from typing import IO
 
 from confluent_kafka.admin import AdminClient
+
+from streams.exits import can_die_with_parent, die_with_parent
 
 __all__ = [
     "KAFKA_VERSION",
@@ -318,19 +318,6 @@ logger.requestchannel.level = WARN
 logger.authorizer.name = kafka.authorizer.logger
 logger.authorizer.level = WARN
 """
-
-
-_PR_SET_PDEATHSIG = 1
-# Looked up in the parent: the forked child should do as little as possible before exec.
-_PRCTL: Callable[..., int] | None = (
-    ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
-)
-
-
-def _die_with_parent() -> None:
-    """Runs in the forked child before exec: SIGKILL it when the parent goes away."""
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 # Strong references on purpose: a broker dropped without stop() must still be
@@ -762,8 +749,8 @@ class LocalBroker:
         # PDEATHSIG fires when the forking *thread* exits, so only use it from the
         # main thread; other callers rely on the atexit hook.
         preexec = (
-            _die_with_parent
-            if _PRCTL is not None and threading.current_thread() is threading.main_thread()
+            die_with_parent
+            if can_die_with_parent() and threading.current_thread() is threading.main_thread()
             else None
         )
         self._process = subprocess.Popen(

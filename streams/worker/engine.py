@@ -282,6 +282,10 @@ class Engine:
         t0 = time.perf_counter()
         work: list[_Work] = []
         for p in sorted(inputs):
+            # Between partitions the step being committed goes on (its next produce and
+            # flush), and Faust's stream fills the next step: deciding a whole step at
+            # once held both back for its length.
+            await asyncio.sleep(0)
             view = self._view(p)
             if view.checkpoint.pending is not None:
                 await self.settled()

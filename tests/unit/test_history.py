@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+
 import pytest
 from confluent_kafka import KafkaError
 
 from schemas.models import AccountOpened, Deposited, LedgerEvent, encode
-from streams.readmodels.history import History, _key_of, event_key
+from streams.readmodels.history import History, Indexer, _key_of, event_key
 from streams.settings import Settings
 
 
@@ -38,9 +43,31 @@ def event(account: str, version: int, occurred_at: int, amount: int = 10) -> byt
         correlation_id=None, actor="t", payload=payload))
 
 
+class Indexed(History):
+    """The reading side, and the indexing side run here (not in its process)."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.indexer = Indexer(settings, self.path, self.wanted, self.caught)
+
+    def caught_up(self, partition: int) -> bool:  # no process to be alive
+        return bool(self.wanted[partition] and self.caught[partition])
+
+    def _index(self, msgs, assigned: frozenset[int]) -> None:
+        self.follow(set(assigned))
+        self.indexer._index(msgs, assigned)
+
+    def _next_offset(self, partition: int) -> int:
+        return self.indexer._next_offset(partition)
+
+    def stop(self) -> None:
+        super().stop()
+        self.indexer.close()
+
+
 @pytest.fixture
 def history(tmp_path):
-    h = History(Settings(data_dir=tmp_path))
+    h = Indexed(Settings(data_dir=tmp_path))
     yield h
     h.stop()
 
@@ -90,3 +117,61 @@ def test_as_of_is_the_last_event_by_then(history):
         99: None, 100: 1, 150: 1, 399: 3, 400: 6, 699: 6, 700: 7, 899: 7, 900: 9, 10**15: 9}
     assert history.as_of("nobody", 10**15) is None
     assert history.as_of("acc", 10**15) is None
+
+
+def _gone(pid: int, within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_the_indexing_process_is_started_again_and_stopped(tmp_path, monkeypatch):
+    # no broker: the process runs, its consumer finds nobody to fetch from
+    monkeypatch.setattr(History, "RESTART_AFTER_S", 0.0)
+    h = History(Settings(data_dir=tmp_path, bootstrap_servers="127.0.0.1:9"))
+    h.start()
+    try:
+        first = h._proc
+        assert first is not None and first.is_alive()
+        h.follow({1})
+        h.caught[1] = 1  # as the indexer marks a partition read to its end
+        assert h.caught_up(1)
+        first.kill()
+        first.join(10)
+        assert not h.caught_up(1)  # a dead indexer vouches for nothing
+        h.follow({1})
+        second = h._proc
+        assert second is not first and second is not None and second.is_alive()
+        assert not h.caught_up(1)  # what the first one read is not taken on trust
+    finally:
+        h.stop()
+    assert not second.is_alive()
+
+
+def test_the_indexing_process_dies_with_the_worker(tmp_path):
+    # a worker killed with SIGKILL runs no cleanup: the kernel ends its indexer
+    script = (
+        "import sys, time\n"
+        "from streams.readmodels.history import History\n"
+        "from streams.settings import Settings\n"
+        "h = History(Settings(data_dir=sys.argv[1], bootstrap_servers='127.0.0.1:9'))\n"
+        "h.start()\n"
+        "print(h._proc.pid, flush=True)\n"
+        "time.sleep(60)\n")
+    worker = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout is not None
+        indexer = int(worker.stdout.readline())
+        assert not _gone(indexer, 1.0)
+        worker.kill()
+        worker.wait(10)
+        assert _gone(indexer, 10.0)
+    finally:
+        worker.kill()
+        worker.wait(10)
