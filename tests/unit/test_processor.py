@@ -991,3 +991,27 @@ def test_a_steps_outcome_log_is_indexed_and_forgotten_like_its_outcomes(part):
     bp.command_record(None, encode_batch([deposit(2, A, command_id="again")]), "t", 60,
                       part.clock)
     assert not any(k[:1] == b"o" or k[9:10] == b"o" for k in bp.finish())
+
+
+@pytest.mark.parametrize("mix", ["simple", "full"])
+def test_deciding_alone_times_decisions_not_rejections_at_the_door(mix, monkeypatch):
+    """``bench/decide.py``'s run stamps each record as the broker would: at a record time
+    of 1 ms, as it once did, every command was issued_in_future and the figure timed
+    rejections alone."""
+    import random
+
+    from streams.dev.bench import deciding, workload
+
+    seen: list[processor.Stats] = []
+    finish = processor.BatchProcessor.finish
+
+    def finish_and_count(self, *args):
+        seen.append(self.stats)
+        return finish(self, *args)
+
+    monkeypatch.setattr(processor.BatchProcessor, "finish", finish_and_count)
+    commands = workload(mix, 3000, random.Random(1), "a")
+    assert deciding(commands, 500)() == len(commands)
+    events = sum(s.events for s in seen)
+    reasons = {r for s in seen for r in s.reasons}
+    assert events > len(commands) * 0.7 and "issued_in_future" not in reasons
