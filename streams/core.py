@@ -204,7 +204,7 @@ def plain_text(value: str) -> bool:
 # ---------------------------------------------------------------- ids and digests
 
 _EVENT_ID_HASH: Final = hashlib.blake2b(digest_size=16, key=b"ledger-event-id-v1")
-_HEX: Final = "0123456789abcdef"
+_VARIANT: Final = "89ab"
 
 
 def event_id(causation_id: str, account_id: str, version: int) -> str:
@@ -213,19 +213,30 @@ def event_id(causation_id: str, account_id: str, version: int) -> str:
     as a new command after the idempotency window. A version-4 UUID of a keyed hash."""
     h = _EVENT_ID_HASH.copy()
     h.update("/".join([causation_id, account_id, str(version)]).encode())
-    b = bytearray(h.digest())
-    b[6] = b[6] & 0x0F | 0x40  # version 4
-    b[8] = b[8] & 0x3F | 0x80  # RFC 4122 variant
-    x = b.hex()
-    return "-".join([x[:8], x[8:12], x[12:16], x[16:20], x[20:]])
+    x = h.hexdigest()
+    # byte 6's high nibble is the version (4); byte 8's top two bits the variant (10)
+    return "-".join([x[:8], x[8:12], "4" + x[13:16], _VARIANT[int(x[16], 16) & 3] + x[17:20],
+                     x[20:]])
+
+
+_CONTENT_HASH: Final = hashlib.blake2b(digest_size=16)
 
 
 def content_digest(content: str) -> bytes:
     """The digest of a command's content (``repr`` of its type and content fields)."""
-    return hashlib.blake2b(content.encode(), digest_size=16).digest()
+    h = _CONTENT_HASH.copy()
+    h.update(content.encode())
+    return h.digest()
 
 
 # ---------------------------------------------------------------- partitions
+
+
+def _mul32(a: int, b: int) -> int:
+    """``a * b`` modulo 2**32 for 32-bit ``a`` and ``b``, from 16-bit halves: mypyc
+    multiplies machine words only while both factors are under 2**30."""
+    al, ah, bl, bh = a & 0xFFFF, a >> 16, b & 0xFFFF, b >> 16
+    return (al * bl + ((ah * bl + al * bh) & 0xFFFF) * 0x10000) & 0xFFFFFFFF
 
 
 def murmur2(data: bytes) -> int:
@@ -236,19 +247,19 @@ def murmur2(data: bytes) -> int:
     end = length - length % 4
     for i in range(0, end, 4):
         k = data[i] | data[i + 1] << 8 | data[i + 2] << 16 | data[i + 3] << 24
-        k = k * m & 0xFFFFFFFF
+        k = _mul32(k, m)
         k ^= k >> 24
-        k = k * m & 0xFFFFFFFF
-        h = (h * m & 0xFFFFFFFF) ^ k
+        k = _mul32(k, m)
+        h = _mul32(h, m) ^ k
     extra = length - end
     if extra >= 3:
         h ^= data[end + 2] << 16
     if extra >= 2:
         h ^= data[end + 1] << 8
     if extra >= 1:
-        h = (h ^ data[end]) * m & 0xFFFFFFFF
+        h = _mul32(h ^ data[end], m)
     h ^= h >> 13
-    h = h * m & 0xFFFFFFFF
+    h = _mul32(h, m)
     return h ^ h >> 15
 
 
@@ -260,15 +271,25 @@ def partition_for(account_id: str, partitions: int) -> int:
 # ---------------------------------------------------------------- Avro
 
 
+# Under mypyc, ``bytearray.append`` is a method looked up by name on every call; adding
+# a one-byte bytes object is one call.
+_BYTE: Final = [bytes((i,)) for i in range(256)]
+
+
 def write_long(out: bytearray, n: int) -> None:
     """An Avro long: zigzag, then a little-endian base-128 varint."""
     z = (n << 1) ^ (n >> 63)
     if z < 0 or z >> 64:
         raise OverflowError("does not fit an Avro long: " + str(n))
-    while z > 127:
-        out.append((z & 0x7F) | 0x80)
+    if z < 0x80:
+        out += _BYTE[z]
+        return
+    varint = size = 0
+    while z > 0x7F:
+        varint |= ((z & 0x7F) | 0x80) << size
         z >>= 7
-    out.append(z)
+        size += 8
+    out += (varint | z << size).to_bytes(size // 8 + 1, "little")
 
 
 def write_str(out: bytearray, s: str) -> None:
@@ -284,9 +305,9 @@ def write_bytes(out: bytearray, b: bytes) -> None:
 
 def write_opt_str(out: bytearray, s: str | None) -> None:
     if s is None:
-        out.append(0)
+        out += _BYTE[0]
     else:
-        out.append(2)
+        out += _BYTE[2]
         write_str(out, s)
 
 
@@ -481,7 +502,7 @@ class Account:
                 write_str(out, hold_id)
                 write_long(out, amount)
                 write_long(out, expires_at)
-        out.append(0)
+        out += _BYTE[0]
         return bytes(out)
 
 
@@ -563,10 +584,10 @@ def encode_outcome(h: Headers, digest: bytes, record: bytes, rejected: bool,
                    expires_at: int) -> bytes:
     out = bytearray(h.outcome)
     write_bytes(out, digest)
-    out.append(2)  # an array of one record
+    out += _BYTE[2]  # an array of one record
     write_bytes(out, record)
-    out.append(0)
-    out.append(1 if rejected else 0)
+    out += _BYTE[0]
+    out += _BYTE[1 if rejected else 0]
     write_long(out, expires_at)
     return bytes(out)
 
@@ -714,7 +735,7 @@ class Core:
             state = Account(account_id, c.currency, "open", c.overdraft_limit_minor, 0, 0, 1,
                             c.issued_at, {})
             self.accounts[account_id] = state
-            payload.append(0)
+            payload += _BYTE[0]
             write_long(payload, c.overdraft_limit_minor)
         else:
             state.version += 1
@@ -725,12 +746,12 @@ class Core:
             if k in (DEPOSIT, WITHDRAW):
                 assert amount is not None
                 state.balance_minor += amount if k == DEPOSIT else -amount
-                payload.append(2 if k == DEPOSIT else 4)
+                payload += _BYTE[2 if k == DEPOSIT else 4]
                 write_long(payload, amount)
             elif k == TRANSFER:
                 assert amount is not None and c.to_account_id is not None
                 state.balance_minor -= amount
-                payload.append(6)
+                payload += _BYTE[6]
                 write_str(payload, c.command_id)
                 write_str(payload, c.to_account_id)
                 write_long(payload, amount)
@@ -739,13 +760,13 @@ class Core:
                 state.held_minor += amount
                 state.holds[hold_id] = (amount, c.expires_at)
                 self.writes[expiry_key(c.expires_at, account_id, hold_id)] = b""
-                payload.append(12)
+                payload += _BYTE[12]
                 write_str(payload, hold_id)
                 write_long(payload, amount)
                 write_long(payload, c.expires_at)
             elif k == CLOSE_ACCOUNT:
                 state.status = "closed"
-                payload.append(18)
+                payload += _BYTE[18]
             else:  # a capture, a release or an expiry: the hold ends
                 assert hold_id is not None
                 held, hold_expires_at = state.holds.pop(hold_id)
@@ -784,7 +805,7 @@ class Core:
         assert c.to_account_id is not None and c.amount_minor is not None
         assert c.currency is not None
         body = bytearray()
-        body.append(0)  # CREDIT
+        body += _BYTE[0]  # CREDIT
         write_str(body, c.command_id)
         write_str(body, c.account_id)
         write_str(body, c.to_account_id)
@@ -793,7 +814,7 @@ class Core:
         write_long(body, occurred_at)
         write_str(body, c.actor)
         write_opt_str(body, c.correlation_id)
-        body.append(0)  # no reason
+        body += _BYTE[0]  # no reason
         write_long(body, expires_at)
         unsigned = bytes(body)
         signature = hmac.new(self.leg_secret, unsigned + b"\0", hashlib.sha256).digest()

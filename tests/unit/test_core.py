@@ -147,3 +147,35 @@ def test_the_cores_rejection_details_speak_in_the_accounts_currency(part, genera
     rejection = [CODEC.decode(v)[1] for k, _, v in triples(bp.outputs) if k == REJECTIONS]
     assert [r["detail"] for r in rejection] == [
         "available 0.50 USD minus 0.80 USD would be below the overdraft limit of 0.00 USD"]
+
+
+@given(st.lists(st.one_of(st.text(), st.text("ab'\"\\\né\x7f ")), min_size=4, max_size=4),
+       st.one_of(st.none(), st.integers()), st.integers(-2**63, 2**63 - 1))
+def test_content_digest_is_the_general_paths(texts, expected_version, amount):
+    """A retry is matched by the digest of its content: the core's must be the general
+    path's (``processor.command_digest``), whatever the text."""
+    from streams import core
+
+    command_id, account_id, actor, currency = texts
+    c = core.Cmd(core.DEPOSIT, command_id, account_id, actor, 1, expected_version, None)
+    c.amount_minor, c.currency = amount, currency
+    general = Deposit.model_construct(command_id=command_id, account_id=account_id,
+                                      actor=actor, issued_at=1,
+                                      expected_version=expected_version, amount_minor=amount,
+                                      currency=currency)
+    assert core.content_digest(core._content(c)) == processor.command_digest(general)
+
+
+def test_event_ids_are_version_4_uuids_of_the_keyed_hash():
+    import hashlib
+    import uuid
+
+    from streams.core import event_id
+
+    for n in range(200):
+        raw = bytearray(hashlib.blake2b(f"c{n}/a{n}/{n}".encode(), digest_size=16,
+                                        key=b"ledger-event-id-v1").digest())
+        raw[6] = raw[6] & 0x0F | 0x40
+        raw[8] = raw[8] & 0x3F | 0x80
+        assert event_id(f"c{n}", f"a{n}", n) == str(uuid.UUID(bytes=bytes(raw)))
+        assert uuid.UUID(event_id(f"c{n}", f"a{n}", n)).version == 4
