@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import struct
 from collections.abc import Callable
 from typing import Final
 
@@ -823,6 +824,45 @@ class Core:
         write_bytes(out, signature)
         self.stats.legs += 1
         self.outputs.append(Output("transfers", c.to_account_id.encode(), bytes(out)))
+
+
+_HEAD: Final = struct.Struct(">qqi")  # tag_commands, tag_transfers, len(prev) (-1: none)
+
+
+def unwrap(raw: bytes | None, commands: int, transfers: int) -> bytes | None:
+    """The committed value of a stored record (see ``streams.worker.state``), as of a
+    checkpoint at these input offsets."""
+    if raw is None:
+        return None
+    head: tuple[int, int, int] = _HEAD.unpack_from(raw)
+    prev_len = head[2]
+    if head[0] <= commands and head[1] <= transfers:
+        return raw[20 + max(prev_len, 0):]
+    return None if prev_len < 0 else raw[20:20 + prev_len]
+
+
+class Reads:
+    """Committed reads of one partition's store for one step, each key read once:
+    through ``overlay`` (the changes of a step decided before and not yet written to
+    the store), then the store (``db_get``), as of the checkpoint's offsets."""
+
+    def __init__(self, db_get: Callable[[bytes], bytes | None], commands: int,
+                 transfers: int, overlay: dict[bytes, bytes | None]) -> None:
+        self.db_get = db_get
+        self.commands = commands
+        self.transfers = transfers
+        self.overlay = overlay
+        self.known: dict[bytes, bytes | None] = {}
+
+    def get(self, key: bytes) -> bytes | None:
+        known = self.known
+        if key in known:
+            return known[key]
+        overlay = self.overlay
+        value = overlay[key] if key in overlay else \
+            unwrap(self.db_get(key), self.commands, self.transfers)
+        known[key] = value
+        return value
 
 
 def wrap_changes(changes: dict[bytes, bytes | None], known: dict[bytes, bytes | None],

@@ -260,12 +260,11 @@ class Engine:
     def _view(self, p: int) -> PartitionView:
         """Partition ``p`` as the next step must see it: through the changes of a step
         still being committed (decided, not yet in RocksDB), as if that step were done."""
-        view = PartitionView(self.db_for(p))
         staged = self._staged.get(p)
-        if staged is not None:
-            view.checkpoint, view.overlay = staged.view.checkpoint.advanced(*staged.tag), \
-                staged.changes
-        return view
+        if staged is None:
+            return PartitionView(self.db_for(p))
+        return PartitionView(self.db_for(p), staged.view.checkpoint.advanced(*staged.tag),
+                             staged.changes)
 
     async def decide(self, inputs: dict[int, PartitionInput]) -> Step:
         """Decide a step's inputs; a step being committed meanwhile is read through.
@@ -361,7 +360,7 @@ class Engine:
         legs, cmds = inp.legs, inp.commands
         if not legs and not cmds:
             return None
-        bp = BatchProcessor(view.get, lambda start: view.db.keys(from_key=start), p,
+        bp = BatchProcessor(view.reads.get, lambda start: view.db.keys(from_key=start), p,
                             self.s.partitions, self.signer, window_ms=self.s.idempotency_window_ms,
                             max_record_bytes=self.s.max_record_bytes,
                             max_skew_ms=self.s.max_skew_s * 1000)
@@ -462,8 +461,7 @@ class Engine:
             commands=await self._read(self.s.commands_topic, p, ck.commands + 1, last_cmd),
             legs=await self._read(self.s.transfers_topic, p, ck.transfers + 1, last_leg),
         )
-        committed = PartitionView(view.db)
-        committed.checkpoint = replace(ck, pending=None)
+        committed = PartitionView(view.db, replace(ck, pending=None))
         w = self._decide(p, committed, inp)
         if w is None:  # nothing was in the range after all
             raise DeliveryFailed(f"partition {p}: pending batch {ck.pending} has no inputs")

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from streams.core import wrap_changes
+from streams import core
 
 CHECKPOINT_KEY = b"\x00checkpoint"
 FAUST_OFFSET_KEY = b"__faust\0offset__"
@@ -80,13 +79,7 @@ def wrap(tag: tuple[int, int], prev: bytes | None, new: bytes) -> bytes:
 
 def unwrap(raw: bytes | None, ck: Checkpoint) -> bytes | None:
     """The committed value of a stored record, as of checkpoint ``ck``."""
-    if raw is None:
-        return None
-    tag_c, tag_x, prev_len = _HEAD.unpack_from(raw)
-    start = _HEAD.size
-    if ck.covers(tag_c, tag_x):
-        return raw[start + max(prev_len, 0):]
-    return None if prev_len < 0 else raw[start:start + prev_len]
+    return core.unwrap(raw, ck.commands, ck.transfers)
 
 
 def payload(raw: bytes) -> bytes:
@@ -103,23 +96,19 @@ class PartitionView:
     that its new value carries).
     """
 
-    def __init__(self, db: Any) -> None:
+    def __init__(self, db: Any, checkpoint: Checkpoint | None = None,
+                 overlay: dict[bytes, bytes | None] | None = None) -> None:
         self.db = db
-        self.checkpoint = Checkpoint.decode(db.get(CHECKPOINT_KEY))
-        # the changes of a step decided before and not yet written here (read first)
-        self.overlay: Mapping[bytes, bytes | None] = {}
-        self._read: dict[bytes, bytes | None] = {}
+        self.checkpoint = checkpoint if checkpoint is not None else \
+            Checkpoint.decode(db.get(CHECKPOINT_KEY))
+        # ``overlay``: the changes of a step decided before and not yet written here
+        self.reads = core.Reads(db.get, self.checkpoint.commands, self.checkpoint.transfers,
+                                overlay if overlay is not None else {})
 
     def get(self, key: bytes) -> bytes | None:
-        try:
-            return self._read[key]
-        except KeyError:
-            overlay = self.overlay
-            value = self._read[key] = overlay[key] if key in overlay else \
-                unwrap(self.db.get(key), self.checkpoint)
-            return value
+        return self.reads.get(key)
 
     def changes_to_records(self, changes: dict[bytes, bytes | None],
                            tag: tuple[int, int]) -> dict[bytes, bytes | None]:
         """Store records (key -> wrapped value, None deletes) for a batch's changes."""
-        return wrap_changes(changes, self._read, self.get, *tag)
+        return core.wrap_changes(changes, self.reads.known, self.reads.get, *tag)
