@@ -272,43 +272,43 @@ def partition_for(account_id: str, partitions: int) -> int:
 # ---------------------------------------------------------------- Avro
 
 
-# Under mypyc, ``bytearray.append`` is a method looked up by name on every call; adding
-# a one-byte bytes object is one call.
+# Records are written as lists of parts joined once: under mypyc, appending to a list
+# is native, and one join allocates once where a bytearray grows and copies.
 _BYTE: Final = [bytes((i,)) for i in range(256)]
 
 
-def write_long(out: bytearray, n: int) -> None:
+def write_long(out: list[bytes], n: int) -> None:
     """An Avro long: zigzag, then a little-endian base-128 varint."""
     z = (n << 1) ^ (n >> 63)
     if z < 0 or z >> 64:
         raise OverflowError("does not fit an Avro long: " + str(n))
     if z < 0x80:
-        out += _BYTE[z]
+        out.append(_BYTE[z])
         return
     varint = size = 0
     while z > 0x7F:
         varint |= ((z & 0x7F) | 0x80) << size
         z >>= 7
         size += 8
-    out += (varint | z << size).to_bytes(size // 8 + 1, "little")
+    out.append((varint | z << size).to_bytes(size // 8 + 1, "little"))
 
 
-def write_str(out: bytearray, s: str) -> None:
+def write_str(out: list[bytes], s: str) -> None:
     b = s.encode()
     write_long(out, len(b))
-    out += b
+    out.append(b)
 
 
-def write_bytes(out: bytearray, b: bytes) -> None:
+def write_bytes(out: list[bytes], b: bytes) -> None:
     write_long(out, len(b))
-    out += b
+    out.append(b)
 
 
-def write_opt_str(out: bytearray, s: str | None) -> None:
+def write_opt_str(out: list[bytes], s: str | None) -> None:
     if s is None:
-        out += _BYTE[0]
+        out.append(_BYTE[0])
     else:
-        out += _BYTE[2]
+        out.append(_BYTE[2])
         write_str(out, s)
 
 
@@ -488,7 +488,7 @@ class Account:
         return self.balance_minor - self.held_minor
 
     def encode(self, header: bytes) -> bytes:
-        out = bytearray(header)
+        out = [header]
         write_str(out, self.account_id)
         write_str(out, self.currency)
         write_str(out, self.status)
@@ -503,8 +503,8 @@ class Account:
                 write_str(out, hold_id)
                 write_long(out, amount)
                 write_long(out, expires_at)
-        out += _BYTE[0]
-        return bytes(out)
+        out.append(_BYTE[0])
+        return b"".join(out)
 
 
 def read_account(buf: bytes, start: int) -> Account:
@@ -569,7 +569,7 @@ class Headers:
 def encode_rejection(h: Headers, command_id: str, account_id: str, command_type: str,
                      reason: str, detail: str, occurred_at: int, correlation_id: str | None,
                      actor: str) -> bytes:
-    out = bytearray(h.rejection)
+    out = [h.rejection]
     write_str(out, command_id)
     write_str(out, account_id)
     write_str(out, command_type)
@@ -578,19 +578,19 @@ def encode_rejection(h: Headers, command_id: str, account_id: str, command_type:
     write_long(out, occurred_at)
     write_opt_str(out, correlation_id)
     write_str(out, actor)
-    return bytes(out)
+    return b"".join(out)
 
 
 def encode_outcome(h: Headers, digest: bytes, record: bytes, rejected: bool,
                    expires_at: int) -> bytes:
-    out = bytearray(h.outcome)
+    out = [h.outcome]
     write_bytes(out, digest)
-    out += _BYTE[2]  # an array of one record
+    out.append(_BYTE[2])  # an array of one record
     write_bytes(out, record)
-    out += _BYTE[0]
-    out += _BYTE[1 if rejected else 0]
+    out.append(_BYTE[0])
+    out.append(_BYTE[1 if rejected else 0])
     write_long(out, expires_at)
-    return bytes(out)
+    return b"".join(out)
 
 
 # ---------------------------------------------------------------- deciding
@@ -730,13 +730,13 @@ class Core:
         """Apply an accepted command to its account; its event's bytes."""
         account_id = c.account_id
         k = c.kind
-        payload = bytearray()
+        payload: list[bytes] = []
         if state is None:  # an opening
             assert c.currency is not None and c.overdraft_limit_minor is not None
             state = Account(account_id, c.currency, "open", c.overdraft_limit_minor, 0, 0, 1,
                             c.issued_at, {})
             self.accounts[account_id] = state
-            payload += _BYTE[0]
+            payload.append(_BYTE[0])
             write_long(payload, c.overdraft_limit_minor)
         else:
             state.version += 1
@@ -747,12 +747,12 @@ class Core:
             if k in (DEPOSIT, WITHDRAW):
                 assert amount is not None
                 state.balance_minor += amount if k == DEPOSIT else -amount
-                payload += _BYTE[2 if k == DEPOSIT else 4]
+                payload.append(_BYTE[2 if k == DEPOSIT else 4])
                 write_long(payload, amount)
             elif k == TRANSFER:
                 assert amount is not None and c.to_account_id is not None
                 state.balance_minor -= amount
-                payload += _BYTE[6]
+                payload.append(_BYTE[6])
                 write_str(payload, c.command_id)
                 write_str(payload, c.to_account_id)
                 write_long(payload, amount)
@@ -761,13 +761,13 @@ class Core:
                 state.held_minor += amount
                 state.holds[hold_id] = (amount, c.expires_at)
                 self.writes[expiry_key(c.expires_at, account_id, hold_id)] = b""
-                payload += _BYTE[12]
+                payload.append(_BYTE[12])
                 write_str(payload, hold_id)
                 write_long(payload, amount)
                 write_long(payload, c.expires_at)
             elif k == CLOSE_ACCOUNT:
                 state.status = "closed"
-                payload += _BYTE[18]
+                payload.append(_BYTE[18])
             else:  # a capture, a release or an expiry: the hold ends
                 assert hold_id is not None
                 held, hold_expires_at = state.holds.pop(hold_id)
@@ -777,15 +777,15 @@ class Core:
                 if k == CAPTURE_HOLD:
                     captured = held if amount is None else amount
                     state.balance_minor -= captured
-                    payload.insert(0, 14)
+                    payload.insert(0, _BYTE[14])
                     write_long(payload, captured)
                     write_long(payload, held - captured)
                 else:
-                    payload.insert(0, 16)
+                    payload.insert(0, _BYTE[16])
                     write_long(payload, held)
                     write_str(payload, "released" if k == RELEASE_HOLD else "expired")
         self.dirty.add(account_id)
-        out = bytearray(self.h.event)
+        out = [self.h.event]
         write_str(out, event_id(c.command_id, account_id, state.version))
         write_str(out, account_id)
         write_long(out, state.version)
@@ -797,16 +797,16 @@ class Core:
         write_str(out, c.command_id)
         write_opt_str(out, c.correlation_id)
         write_str(out, c.actor)
-        out += payload
-        return bytes(out)
+        out.extend(payload)
+        return b"".join(out)
 
     def _credit_leg(self, c: Cmd, occurred_at: int, expires_at: int) -> None:
         """The credit leg of an accepted transfer, signed, to the destination's partition
         (``leg_secret``: the processor's LegSigner key)."""
         assert c.to_account_id is not None and c.amount_minor is not None
         assert c.currency is not None
-        body = bytearray()
-        body += _BYTE[0]  # CREDIT
+        body: list[bytes] = []
+        body.append(_BYTE[0])  # CREDIT
         write_str(body, c.command_id)
         write_str(body, c.account_id)
         write_str(body, c.to_account_id)
@@ -815,15 +815,14 @@ class Core:
         write_long(body, occurred_at)
         write_str(body, c.actor)
         write_opt_str(body, c.correlation_id)
-        body += _BYTE[0]  # no reason
+        body.append(_BYTE[0])  # no reason
         write_long(body, expires_at)
-        unsigned = bytes(body)
+        unsigned = b"".join(body)
         signature = hmac.new(self.leg_secret, unsigned + b"\0", hashlib.sha256).digest()
-        out = bytearray(self.h.leg)
-        out += unsigned
+        out = [self.h.leg, unsigned]
         write_bytes(out, signature)
         self.stats.legs += 1
-        self.outputs.append(Output("transfers", c.to_account_id.encode(), bytes(out)))
+        self.outputs.append(Output("transfers", c.to_account_id.encode(), b"".join(out)))
 
 
 _HEAD: Final = struct.Struct(">qqi")  # tag_commands, tag_transfers, len(prev) (-1: none)
