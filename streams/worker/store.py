@@ -8,8 +8,9 @@ it held and with the data in them (every command_id of the idempotency window).
 
 Here every partition's store, and the history index (``streams.readmodels.history``), charge
 their memtables (through a shared write buffer manager) and their index and filter
-blocks to one block cache of ``STORE_CACHE_BYTES`` per worker: RocksDB's memory stays
-inside that however many commands or partitions the worker has. (What else a worker's
+blocks to one block cache of ``STORE_CACHE_BYTES`` per process: RocksDB's memory stays
+inside that however many commands or partitions the worker has (the history index's
+process has one budget, the worker, reading the index too, another). (What else a worker's
 memory follows, the size of what it decides at once, is bounded by
 ``Settings.batch_max_bytes``.)
 """
