@@ -154,9 +154,8 @@ def _cap_fetch_wait() -> None:
     Fetcher.__init__ = capped
 
 
-def create_app(s: Settings) -> faust.App:
-    _cap_fetch_wait()
-    app = faust.App(
+def _faust_app(s: Settings) -> faust.App:
+    return faust.App(
         s.app_id,
         broker=f"kafka://{s.bootstrap_servers}",
         broker_credentials=s.faust_credentials(),
@@ -183,9 +182,13 @@ def create_app(s: Settings) -> faust.App:
         web_port=s.web_port,
         web_in_thread=False,
     )
+
+
+def create_app(s: Settings) -> faust.App:
+    _cap_fetch_wait()
+    app = _faust_app(s)
     channel = app.topic(s.commands_topic, s.transfers_topic, key_serializer="raw",
-                        value_serializer="raw",
-                        partitions=s.partitions)
+                        value_serializer="raw", partitions=s.partitions)
     # Faust's defaults would give each partition's RocksDB up to 3 x 64 MB of memtables,
     # a 2 GB block cache, and index and filter blocks outside any cache: a worker's
     # memory would grow with its data and its partitions. See streams.worker.store.
@@ -194,84 +197,124 @@ def create_app(s: Settings) -> faust.App:
     use_shared_budget(accounts)
     engine = Engine(s, lambda p: accounts.data._db_for_partition(p))  # type: ignore[attr-defined]
     unpack_outcome_logs(accounts, applied=lambda: engine.crash.reached("recovering"))
+    worker = Worker(app, s, engine, accounts)
     app.ledger_engine = engine  # type: ignore[attr-defined]
     app.accounts_table = accounts  # type: ignore[attr-defined]
-    totals = {"commands": 0, "batches": 0, "since": time.monotonic(), "logged": 0}
-    health: dict[str, Any] = {"progress_at": time.monotonic(), "lag": {}, "stalled_s": 0.0}
-    app.ledger_health = health  # type: ignore[attr-defined]
+    app.ledger_health = worker.health  # type: ignore[attr-defined]
 
-    @app.agent(channel)
-    async def ledger(stream: Any) -> None:
-        async for events in take_while_deciding(stream, s.batch_max_records,
-                                                s.batch_within_ms / 1000):
-            if app.should_stop:  # the tables may be closing: the next owner decides these
+    app.agent(channel, name=f"{__name__}.ledger")(worker.agent)
+    # On a clean stop Faust closes the tables' stores before it stops the agents; it
+    # calls this in between (and when partitions are revoked in a rebalance).
+    worker.wait_empty = app._consumer_wait_empty
+    app._consumer_wait_empty = worker.finish_before_tables_close  # type: ignore[method-assign]
+    app.on_partitions_revoked.connect(worker.finish_step_on_revoke)  # type: ignore[arg-type]
+    app.timer(2.0)(worker.stall_watchdog)
+    app.timer(1.0)(worker.expire_holds)
+    app.task(worker.announce)
+
+    from streams.api import web
+
+    web.register(app, s)
+    web.register_health(app, s)
+    return app
+
+
+class Worker:
+    """The worker's agent, handlers and timers, and its mutable state in one place."""
+
+    def __init__(self, app: faust.App, s: Settings, engine: Engine, accounts: Any) -> None:
+        self.app, self.s, self.engine, self.accounts = app, s, engine, accounts
+        # The batch the agent has in hand (all its steps), and the last step taken: a
+        # task that decides it, waits for the step before to be committed, then commits.
+        self.in_hand: asyncio.Future[Any] | None = None
+        self.step: asyncio.Future[Any] | None = None
+        self.wait_empty: Callable[..., Any] | None = None  # Faust's, before we wrap it
+        # progress, for the log every 10 s
+        self.commands_total = self.batches_total = 0
+        self.since = time.monotonic()
+        self.logged = 0.0
+        # what /health/ready and /health/live read (streams.api.web.register_health)
+        self.health: dict[str, Any] = {"progress_at": time.monotonic(), "lag": {},
+                                       "stalled_s": 0.0}
+        self.still: dict[TP, tuple[int, float]] = {}  # per input partition: checkpoint, since
+        self.expiry_sent: dict[bytes, float] = {}  # hold expiry key -> when last submitted
+        self.admin = AdminClient(s.kafka_config())
+
+    # ------------------------------------------------------------ the agent
+
+    async def agent(self, stream: Any) -> None:
+        async for events in take_while_deciding(stream, self.s.batch_max_records,
+                                                self.s.batch_within_ms / 1000):
+            if self.app.should_stop:  # the tables may be closing: the next owner decides these
                 continue
-            batch = deciding["in_hand"] = asyncio.ensure_future(_handle_in_steps(stream,
-                                                                                 events))
+            batch = self.in_hand = asyncio.ensure_future(self._handle_in_steps(stream, events))
             try:
                 await asyncio.shield(batch)
             except asyncio.CancelledError:
                 # Stopping (SIGTERM): finish the batch in hand, so that the acks Faust
                 # sends on the way out cover only inputs whose outputs and state are
                 # written; if it cannot finish, exit before anything is acked.
-                await finish("stopping", "in_hand", "step")
+                await self.finish("stopping", in_hand=True)
                 log.info("stopping: batch in hand finished")
                 raise
             except BaseException as exc:  # any failure here must stop the worker
                 log.exception("batch failed")
                 die(f"batch failed: {type(exc).__name__}: {exc}")
 
-    # The batch the agent has in hand (all its steps), and the last step taken: a task
-    # that decides it, waits for the step before to be committed, then commits it.
-    deciding: dict[str, asyncio.Future[Any] | None] = {"in_hand": None, "step": None}
-
-    async def finish(why: str, *which: str) -> None:
-        """Wait for ``deciding[which]`` in turn; a worker whose steps cannot finish
-        exits before anything else happens."""
-        for which_one in which:
-            batch = deciding[which_one]
+    async def finish(self, why: str, in_hand: bool) -> None:
+        """Wait for the batch in hand (if ``in_hand``), then the last step taken; a
+        worker whose steps cannot finish exits before anything else happens."""
+        for batch in ((self.in_hand, self.step) if in_hand else (self.step,)):
             if batch is not None and not batch.done():
                 log.info("%s: finishing the batch in hand first", why)
                 try:
-                    await asyncio.wait_for(asyncio.shield(batch), timeout=s.flush_timeout_s)
+                    await asyncio.wait_for(asyncio.shield(batch),
+                                           timeout=self.s.flush_timeout_s)
                 except BaseException as exc:
                     die(f"{why}: the batch in hand did not finish: {exc!r}")
 
-    wait_empty = app._consumer_wait_empty
-
-    async def finish_batch_before_tables_close(consumer: Any, logger: Any) -> None:
-        # On a clean stop Faust closes the tables' stores before it stops the agents:
-        # the batch in hand would write to (or open) a closed store. This runs between
-        # the consumer's stop and the tables' (where Faust would wait for its streams).
-        # Faust also runs it when partitions are revoked in a rebalance: then only the
-        # step being committed is waited for, as the batch in hand takes its next step
-        # once the rebalance is over (waiting for it would wait for ourselves).
-        if app.should_stop:
-            await finish("stopping", "in_hand", "step")
+    async def finish_before_tables_close(self, consumer: Any, logger: Any) -> None:
+        # The batch in hand would write to (or open) a closed store. In a rebalance only
+        # the step being committed is waited for, as the batch in hand takes its next
+        # step once the rebalance is over (waiting for it would wait for ourselves).
+        if self.app.should_stop:
+            await self.finish("stopping", in_hand=True)
         else:
-            engine.crash.reached("handover")
-            await finish("rebalance", "step")
-        await wait_empty(consumer, logger)
+            self.engine.crash.reached("handover")
+            await self.finish("rebalance", in_hand=False)
+        assert self.wait_empty is not None
+        await self.wait_empty(consumer, logger)
 
-    app._consumer_wait_empty = finish_batch_before_tables_close  # type: ignore[method-assign]
+    async def finish_step_on_revoke(self, sender: Any, *args: Any, signal: Any,
+                                    **kwargs: Any) -> None:
+        # Faust does not wait for an agent's batch before it gives partitions away
+        # (stream_wait_empty=False, see DESIGN.md). The rebalance cannot complete
+        # while this receiver runs, so no new owner starts on a partition whose
+        # outputs and state are still being written here. (Not the batch in hand: its
+        # next step waits for the rebalance to end.)
+        await self.finish("rebalance", in_hand=False)
+        if args and args[0]:  # the partitions revoked (Faust sends the signal with none too)
+            self.engine.crash.reached("handover-done")
 
-    async def _handle_in_steps(stream: Any, events: list[EventT[Any]]) -> None:
+    async def _handle_in_steps(self, stream: Any, events: list[EventT[Any]]) -> None:
         # Faust hands over whatever it has fetched: over a backlog, hundreds of
         # thousands of commands at once. Deciding them in bounded steps keeps the
         # worker's memory bounded; the batch's events are acked after its last step.
         steps = split_by_size(events, lambda ev: len(ev.message.value or b""),
-                              s.batch_max_bytes)
+                              self.s.batch_max_bytes)
         for i, step in enumerate(steps):
-            await _take(stream, step, events if i == len(steps) - 1 else [])
+            await self._take(stream, step, events if i == len(steps) - 1 else [])
 
-    async def _take(stream: Any, events: list[EventT[Any]], ack: list[EventT[Any]]) -> None:
+    async def _take(self, stream: Any, events: list[EventT[Any]],
+                    ack: list[EventT[Any]]) -> None:
         # A batch taken just before a rebalance is decided after it: against the state
         # recovered for the new assignment, and only for partitions this worker owns.
         # Records of a partition it lost are left to the new owner, which reads them
         # again from its own checkpoint.
+        app, s = self.app, self.s
         while app.rebalancing and not app.should_stop:
             await asyncio.sleep(0.05)
-        before = deciding["step"]
+        before = self.step
         if app.rebalancing:  # stopping mid-rebalance: what it holds may be another's now
             return
         owned = {tp.partition for tp in app.assignor.assigned_actives()
@@ -284,53 +327,54 @@ def create_app(s: Settings) -> faust.App:
             part = inputs[m.partition]
             (part.legs if m.topic == s.transfers_topic else part.commands).append(
                 Record(m.key, m.value, m.offset, round((m.timestamp or 0) * 1000)))
-        deciding["step"] = asyncio.ensure_future(_step(stream, inputs, before, ack))
+        self.step = asyncio.ensure_future(self._step(stream, inputs, before, ack))
         # This step is decided while the one before is committed; the next is taken
         # once the one before is done, so at most two are in hand.
         if before is not None:
             await before
 
-    async def _step(stream: Any, inputs: dict[int, PartitionInput],
+    async def _step(self, stream: Any, inputs: dict[int, PartitionInput],
                     before: asyncio.Future[Any] | None, ack: list[EventT[Any]]) -> None:
-        decided = await engine.decide(inputs)
+        decided = await self.engine.decide(inputs)
         if before is not None:
             await before
-        report = await engine.commit(decided)
+        report = await self.engine.commit(decided)
         for event in ack:
             await stream.ack(event)
-        health["progress_at"] = time.monotonic()
+        self.health["progress_at"] = time.monotonic()
         metrics.record_batch(report, int(time.time() * 1000))
-        totals["commands"] += report.stats.commands
-        totals["batches"] += 1
+        self.commands_total += report.stats.commands
+        self.batches_total += 1
         log.debug("batch", extra={"commands": report.stats.commands,
                                   "decide_ms": round(report.decide_ms, 2),
                                   "flush_ms": round(report.flush_ms, 2)})
         now = time.monotonic()
-        if now - totals["logged"] >= 10:
-            rate = totals["commands"] / max(now - totals["since"], 1e-9)
-            log.info("progress", extra={"commands_total": totals["commands"],
-                                        "batches_total": totals["batches"],
+        if now - self.logged >= 10:
+            rate = self.commands_total / max(now - self.since, 1e-9)
+            log.info("progress", extra={"commands_total": self.commands_total,
+                                        "batches_total": self.batches_total,
                                         "commands_per_s": round(rate, 1)})
-            totals["logged"] = now
+            self.logged = now
 
-    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
-    async def finish_batch_in_hand(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
-        # Faust does not wait for an agent's batch before it gives partitions away
-        # (stream_wait_empty=False, see DESIGN.md). The rebalance cannot complete
-        # while this receiver runs, so no new owner starts on a partition whose
-        # outputs and state are still being written here. (Not the batch in hand: its
-        # next step waits for the rebalance to end.)
-        await finish("rebalance", "step")
-        if args and args[0]:  # the partitions revoked (Faust sends the signal with none too)
-            engine.crash.reached("handover-done")
+    # ------------------------------------------------------------ the stall watchdog
 
-    @app.timer(2.0)  # type: ignore[untyped-decorator]
-    async def stall_watchdog() -> None:
+    def _inputs(self) -> list[TP]:
+        return [tp for tp in self.app.assignor.assigned_actives()
+                if tp.topic in (self.s.commands_topic, self.s.transfers_topic)]
+
+    def _checkpoints(self, tps: list[TP]) -> dict[TP, int]:
+        """The last offset of each input partition decided and written (our checkpoint)."""
+        checkpoints = {p: PartitionView(self.accounts.data._db_for_partition(p)).checkpoint
+                       for p in {tp.partition for tp in tps}}
+        return {tp: (checkpoints[tp.partition].commands if tp.topic == self.s.commands_topic
+                     else checkpoints[tp.partition].transfers) for tp in tps}
+
+    async def stall_watchdog(self) -> None:
         # Faust can stop feeding an agent without crashing anything (a lost wake-up
         # after a rebalance, a fetcher stuck on a partition): input waits, nothing is
         # decided. Measure it against our own checkpoints and make it loud.
-        tps = [tp for tp in app.assignor.assigned_actives()
-               if tp.topic in (s.commands_topic, s.transfers_topic)]
+        app, health = self.app, self.health
+        tps = self._inputs()
         recovery = app.tables.recovery  # type: ignore[attr-defined]
         metrics.RECOVERY.set(recovery.active_remaining_total() if recovery.in_recovery else 0)
         if not tps or app.rebalancing or recovery.in_recovery:
@@ -341,7 +385,7 @@ def create_app(s: Settings) -> faust.App:
         # (say, on records it cannot decompress) leaves the consumer's view stale.
         try:
             highwaters = await asyncio.get_running_loop().run_in_executor(
-                None, end_offsets, admin, tps)
+                None, end_offsets, self.admin, tps)
         except KafkaException as exc:
             # No broker, no input to wait for: an outage is not a stall (and the worker
             # rides it out; see tests/chaos).
@@ -350,12 +394,9 @@ def create_app(s: Settings) -> faust.App:
             return
         if app.rebalancing or recovery.in_recovery:  # began while we asked the broker
             return
-        if not still:  # the first look since start: stalls are timed from here, so the
-            health["progress_at"] = time.monotonic()  # fetch below comes before an exit
-        checkpoints = {p: PartitionView(accounts.data._db_for_partition(p)).checkpoint  # type: ignore[attr-defined]
-                       for p in {tp.partition for tp in tps}}
-        done = {tp: (checkpoints[tp.partition].commands if tp.topic == s.commands_topic
-                     else checkpoints[tp.partition].transfers) for tp in tps}
+        if not self.still:  # the first look since start: stalls are timed from here, so
+            health["progress_at"] = time.monotonic()  # the fetch below comes before an exit
+        done = self._checkpoints(tps)
         by_tp = {(tp.topic, tp.partition): max(0, highwaters.get(tp, 0) - done[tp] - 1)
                  for tp in tps}
         lag = {f"{t}[{p}]": n for (t, p), n in by_tp.items() if n}
@@ -365,33 +406,9 @@ def create_app(s: Settings) -> faust.App:
             health["progress_at"] = time.monotonic()
         health["stalled_s"] = time.monotonic() - health["progress_at"]
         metrics.STALLED.set(health["stalled_s"])
-        # Our checkpoint, not the group's committed offset, says where a partition
-        # stands: Faust can commit past records it skipped, and after a restart nothing
-        # would deliver them until new input arrived on that partition. A partition with
-        # input waiting and a checkpoint that has not moved for stall_timeout_s is
-        # fetched again from its checkpoint (whatever the other partitions are doing).
-        now = time.monotonic()
-        stuck = []
-        for tp in tps:
-            last, since = still.get(tp, (None, now))
-            if not by_tp[(tp.topic, tp.partition)] or done[tp] != last:
-                still[tp] = (done[tp], now)
-            elif now - since > s.stall_timeout_s:
-                stuck.append(tp)
-                still[tp] = (done[tp], now)  # once per stall_timeout_s
-        assigned = app.consumer.assignment()
-        offsets = {tp: done[tp] + 1 for tp in stuck if tp in assigned}
-        if offsets:
-            log.warning("stalled partitions: fetching from the checkpoint",
-                        extra={"offsets": {f"{tp.topic}[{tp.partition}]": o
-                                           for tp, o in offsets.items()}})
-            try:
-                await app.consumer.seek_wait(offsets)
-                health["progress_at"] = time.monotonic()  # give it time to deliver
-                return
-            except Exception as exc:  # a rebalance moved them meanwhile: nothing to do
-                log.warning("seek skipped: %r", exc)
-        if health["stalled_s"] > 2 * s.stall_timeout_s:
+        if await self._fetch_stuck_again(tps, done, by_tp):
+            return
+        if health["stalled_s"] > 2 * self.s.stall_timeout_s:
             missing = [name for name, ok in (("snappy", codecs.has_snappy()),
                                              ("lz4", codecs.has_lz4()),
                                              ("zstd", codecs.has_zstd())) if not ok]
@@ -399,32 +416,60 @@ def create_app(s: Settings) -> faust.App:
                     "(is cramjam installed?)" if missing else "")
             die(f"stalled: no batch for {health['stalled_s']:.0f}s with input waiting "
                 f"({sum(lag.values())} records on {len(lag)} partitions); hot path: "
-                f"{engine.phase}{hint}")
+                f"{self.engine.phase}{hint}")
 
-    admin = AdminClient(s.kafka_config())
+    async def _fetch_stuck_again(self, tps: list[TP], done: dict[TP, int],
+                                 by_tp: dict[tuple[str, int], int]) -> bool:
+        """Our checkpoint, not the group's committed offset, says where a partition
+        stands: Faust can commit past records it skipped, and after a restart nothing
+        would deliver them until new input arrived on that partition. A partition with
+        input waiting and a checkpoint that has not moved for stall_timeout_s is
+        fetched again from its checkpoint (whatever the other partitions are doing).
+        True if some were."""
+        now = time.monotonic()
+        stuck = []
+        for tp in tps:
+            last, since = self.still.get(tp, (None, now))
+            if not by_tp[(tp.topic, tp.partition)] or done[tp] != last:
+                self.still[tp] = (done[tp], now)
+            elif now - since > self.s.stall_timeout_s:
+                stuck.append(tp)
+                self.still[tp] = (done[tp], now)  # once per stall_timeout_s
+        assigned = self.app.consumer.assignment()
+        offsets = {tp: done[tp] + 1 for tp in stuck if tp in assigned}
+        if not offsets:
+            return False
+        log.warning("stalled partitions: fetching from the checkpoint",
+                    extra={"offsets": {f"{tp.topic}[{tp.partition}]": o
+                                       for tp, o in offsets.items()}})
+        try:
+            await self.app.consumer.seek_wait(offsets)
+        except Exception as exc:  # a rebalance moved them meanwhile: nothing to do
+            log.warning("seek skipped: %r", exc)
+            return False
+        self.health["progress_at"] = time.monotonic()  # give it time to deliver
+        return True
 
-    still: dict[TP, tuple[int, float]] = {}  # per input partition: checkpoint, since when
-    expiry_sent: dict[bytes, float] = {}
+    # ------------------------------------------------------------ hold expiry
 
-    @app.timer(1.0)  # type: ignore[untyped-decorator]
-    async def expire_holds() -> None:
+    async def expire_holds(self) -> None:
         # A hold's expiry acts through the log, as an ExpireHold command keyed by its
         # account, so a replay meets it in the same order; its content is fixed by
         # the hold (issued_at = expires_at), so a re-send is an idempotent retry.
-        if app.rebalancing:
+        if self.app.rebalancing:
             return
         now = time.time()
-        for tp in app.assignor.assigned_actives():
-            if tp.topic == s.commands_topic:
-                due = _due_holds(tp.partition, int(now * 1000), now)
+        for tp in self.app.assignor.assigned_actives():
+            if tp.topic == self.s.commands_topic:
+                due = self._due_holds(tp.partition, int(now * 1000), now)
                 for i in range(0, len(due), 500):
-                    engine.submit_commands(tp.partition, due[i:i + 500])
-        for key, sent in list(expiry_sent.items()):
+                    self.engine.submit_commands(tp.partition, due[i:i + 500])
+        for key, sent in list(self.expiry_sent.items()):
             if now - sent > 300:
-                del expiry_sent[key]
+                del self.expiry_sent[key]
 
-    def _due_holds(partition: int, now_ms: int, now: float) -> list[ExpireHold]:
-        view = PartitionView(accounts.data._db_for_partition(partition))  # type: ignore[attr-defined]
+    def _due_holds(self, partition: int, now_ms: int, now: float) -> list[ExpireHold]:
+        view = PartitionView(self.accounts.data._db_for_partition(partition))
         due = []
         for key in view.db.keys(from_key=b"x"):
             if not key.startswith(b"x"):
@@ -432,15 +477,25 @@ def create_app(s: Settings) -> faust.App:
             expires_at, account, hold_id = parse_expiry_key(key)
             if expires_at > now_ms:
                 break
-            if view.get(key) is None or now - expiry_sent.get(key, 0.0) < 30:
+            if view.get(key) is None or now - self.expiry_sent.get(key, 0.0) < 30:
                 continue
-            expiry_sent[key] = now
+            self.expiry_sent[key] = now
             due.append(ExpireHold(command_id=f"expire:{hold_id}:{expires_at}",
                                   account_id=account, actor="ledger", issued_at=expires_at,
                                   hold_id=hold_id))
         return due
 
-    def watch_for_crashes() -> None:
+    # ------------------------------------------------------------ start-up, crash watch
+
+    async def announce(self) -> None:
+        gc.freeze()  # what start-up made lives as long as the worker: never scan it again
+        threading.Thread(target=self.watch_for_crashes, name="ledger-crash-watch",
+                         daemon=True).start()
+        log.info("worker started", extra={"bootstrap": self.s.bootstrap_servers,
+                                          "partitions": self.s.partitions,
+                                          "web_port": self.s.web_port, "core": core_build()})
+
+    def watch_for_crashes(self) -> None:
         # Faust's fetcher or consumer can crash and leave the worker alive but idle, or
         # start a shutdown that hangs (it stops the app's timers first): so this runs
         # on a thread of its own, which nothing in Faust stops. A service that fails
@@ -448,23 +503,8 @@ def create_app(s: Settings) -> faust.App:
         stopping_cleanly = False
         while True:
             time.sleep(1.0)
-            reason = crash_reason(app)
+            reason = crash_reason(self.app)
             if reason and not stopping_cleanly:
                 die(reason)
-            if app.should_stop and crash_reason(app) is None:
+            if self.app.should_stop and crash_reason(self.app) is None:
                 stopping_cleanly = True
-
-    @app.task  # type: ignore[untyped-decorator]
-    async def announce() -> None:
-        gc.freeze()  # what start-up made lives as long as the worker: never scan it again
-        threading.Thread(target=watch_for_crashes, name="ledger-crash-watch",
-                         daemon=True).start()
-        log.info("worker started", extra={"bootstrap": s.bootstrap_servers,
-                                          "partitions": s.partitions, "web_port": s.web_port,
-                                          "core": core_build()})
-
-    from streams.api import web
-
-    web.register(app, s)
-    web.register_health(app, s)
-    return app

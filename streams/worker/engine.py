@@ -396,24 +396,7 @@ class Engine:
         flush_ms += await self._flush("outputs")
         self.crash.reached("outputs")
         self._changelog_offsets.clear()
-        staged = []
-        state: list[_Out] = []
-        for w in work:
-            records = w.view.changes_to_records(w.changes, w.tag)
-            done = w.view.checkpoint.advanced(*w.tag)
-            # RocksDB gets every record; the changelog gets the outcome records of the
-            # step in one record (streams.worker.processor.outcome_log_key)
-            outcomes: list[tuple[bytes, bytes | None]] = []
-            for key, value in records.items():
-                if key[:1] == OUTCOME_PREFIX:
-                    outcomes.append((key, value))
-                else:
-                    state.append((changelog, w.partition, key, value, None))
-            if outcomes:
-                state.append((changelog, w.partition, outcome_log_key(w.tag),
-                              wrap(w.tag, None, pack_records(outcomes)), None))
-            state.append((changelog, w.partition, CHECKPOINT_KEY, done.encode(), None))
-            staged.append((w, records, done))
+        state, staged = self._state_records(work)
         if self.crash.armed("state-half"):
             half, state = state[:len(state) // 2], state[len(state) // 2:]
             self._send(half)
@@ -448,6 +431,30 @@ class Engine:
             w.view.db.write(wb)
         self.crash.reached("stored")
         return flush_ms
+
+    def _state_records(self, work: list[_Work]) -> tuple[
+            list[_Out], list[tuple[_Work, dict[bytes, bytes | None], Checkpoint]]]:
+        """A step's changelog records, and per partition its store records and advanced
+        checkpoint. RocksDB gets every store record; the changelog gets the step's
+        outcome records packed in one record (``processor.outcome_log_key``)."""
+        changelog = self.s.changelog_topic
+        state: list[_Out] = []
+        staged = []
+        for w in work:
+            records = w.view.changes_to_records(w.changes, w.tag)
+            done = w.view.checkpoint.advanced(*w.tag)
+            outcomes: list[tuple[bytes, bytes | None]] = []
+            for key, value in records.items():
+                if key[:1] == OUTCOME_PREFIX:
+                    outcomes.append((key, value))
+                else:
+                    state.append((changelog, w.partition, key, value, None))
+            if outcomes:
+                state.append((changelog, w.partition, outcome_log_key(w.tag),
+                              wrap(w.tag, None, pack_records(outcomes)), None))
+            state.append((changelog, w.partition, CHECKPOINT_KEY, done.encode(), None))
+            staged.append((w, records, done))
+        return state, staged
 
     async def _resolve_pending(self, p: int, view: PartitionView, report: BatchReport) -> None:
         """Finish a batch a crashed worker left half-done: same inputs, same order."""
