@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 from schemas.codec import CODEC
 from schemas.text import MAX_ID_LENGTH, plain
@@ -22,9 +23,27 @@ def _plain(value: str) -> str:
     return value
 
 
+def _long(value: int) -> int:
+    if not -(2**63) <= value < 2**63:
+        raise PydanticCustomError("int64_range", "must fit in a signed 64-bit integer")
+    return value
+
+
+def _unicode(value: str) -> str:
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:  # a lone surrogate: no UTF-8 for it
+            raise PydanticCustomError("string_unicode", "not valid Unicode text") from None
+    return value
+
+
 # An identifier: no control or invisible characters (schemas/text.py; NUL separates
 # the parts of store keys).
 Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH), AfterValidator(_plain)]
+# A command's number: an Avro long. Its text: UTF-8, as Avro writes it.
+Long = Annotated[int, AfterValidator(_long)]
+Text = Annotated[str, AfterValidator(_unicode)]
 
 
 class Model(BaseModel):
@@ -58,8 +77,8 @@ class CommandBase(Model):
     command_id: Id
     account_id: Id
     actor: Id
-    issued_at: int
-    expected_version: int | None = None
+    issued_at: Long
+    expected_version: Long | None = None
     correlation_id: Annotated[str, Field(max_length=MAX_ID_LENGTH),
                               AfterValidator(_plain)] | None = None
 
@@ -69,38 +88,38 @@ class CommandBase(Model):
 
 
 class OpenAccount(CommandBase):
-    currency: str
-    overdraft_limit_minor: int = 0
+    currency: Text
+    overdraft_limit_minor: Long = 0
 
 
 class Deposit(CommandBase):
-    amount_minor: int
-    currency: str
+    amount_minor: Long
+    currency: Text
 
 
 class Withdraw(CommandBase):
-    amount_minor: int
-    currency: str
+    amount_minor: Long
+    currency: Text
 
 
 class Transfer(CommandBase):
     """Move money to ``to_account_id``; the transfer id is the ``command_id``."""
 
     to_account_id: Id
-    amount_minor: int
-    currency: str
+    amount_minor: Long
+    currency: Text
 
 
 class PlaceHold(CommandBase):
     hold_id: Id
-    amount_minor: int
-    currency: str
-    expires_at: int
+    amount_minor: Long
+    currency: Text
+    expires_at: Long
 
 
 class CaptureHold(CommandBase):
     hold_id: Id
-    amount_minor: int | None = None
+    amount_minor: Long | None = None
 
 
 class ReleaseHold(CommandBase):

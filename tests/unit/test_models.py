@@ -315,3 +315,37 @@ def test_trusted_and_replace_make_what_validation_and_model_copy_make():
     assert replaced == copied and replaced.model_dump() == copied.model_dump()
     assert state.balance_minor == 5  # the original is untouched
     assert encode(replaced) == encode(copied)
+
+
+@pytest.mark.parametrize("cls, field", [
+    (cls, name) for cls in COMMAND_TYPES.values() for name in cls.model_fields
+    if name in ("issued_at", "expected_version", "amount_minor", "overdraft_limit_minor",
+                "expires_at")])
+def test_a_command_number_is_an_avro_long(cls, field):
+    """The models are where a command is validated (the HTTP API and the client only
+    build them): a number outside int64 is refused, named ``int64_range``."""
+    for value, ok in ((2**63 - 1, True), (-(2**63), True), (2**63, False),
+                      (-(2**63) - 1, False)):
+        body = {"command_id": "c", "account_id": "a", "actor": "t", "issued_at": 1,
+                "currency": "USD", "amount_minor": 1, "hold_id": "h", "expires_at": 2,
+                "to_account_id": "b", field: value}
+        body = {k: v for k, v in body.items() if k in cls.model_fields}
+        if ok:
+            assert getattr(cls.model_validate(body), field) == value
+        else:
+            with pytest.raises(ValidationError) as info:
+                cls.model_validate(body)
+            assert [(e["type"], e["loc"]) for e in info.value.errors()] == \
+                [("int64_range", (field,))]
+
+
+@pytest.mark.parametrize("cls", [c for c in COMMAND_TYPES.values()
+                                 if "currency" in c.model_fields])
+def test_a_command_text_is_unicode(cls):
+    body = {"command_id": "c", "account_id": "a", "actor": "t", "issued_at": 1,
+            "currency": "US\ud800", "amount_minor": 1, "hold_id": "h", "expires_at": 2,
+            "to_account_id": "b"}
+    with pytest.raises(ValidationError) as info:
+        cls.model_validate({k: v for k, v in body.items() if k in cls.model_fields})
+    assert [(e["type"], e["loc"]) for e in info.value.errors()] == \
+        [("string_unicode", ("currency",))]
