@@ -825,7 +825,10 @@ class Core:
         self.outputs.append(Output("transfers", c.to_account_id.encode(), b"".join(out)))
 
 
-_HEAD: Final = struct.Struct(">qqi")  # tag_commands, tag_transfers, len(prev) (-1: none)
+# The head of every stored value (``streams.worker.state``): tag_commands,
+# tag_transfers, len(prev) (-1: none).
+VALUE_HEAD: Final = struct.Struct(">qqi")
+_HEAD_SIZE: Final = 20  # VALUE_HEAD.size, as a constant for the compiled reads
 
 
 def unwrap(raw: bytes | None, commands: int, transfers: int) -> bytes | None:
@@ -833,11 +836,11 @@ def unwrap(raw: bytes | None, commands: int, transfers: int) -> bytes | None:
     checkpoint at these input offsets."""
     if raw is None:
         return None
-    head: tuple[int, int, int] = _HEAD.unpack_from(raw)
+    head: tuple[int, int, int] = VALUE_HEAD.unpack_from(raw)
     prev_len = head[2]
     if head[0] <= commands and head[1] <= transfers:
-        return raw[20 + max(prev_len, 0):]
-    return None if prev_len < 0 else raw[20:20 + prev_len]
+        return raw[_HEAD_SIZE + max(prev_len, 0):]
+    return None if prev_len < 0 else raw[_HEAD_SIZE:_HEAD_SIZE + prev_len]
 
 
 class Reads:

@@ -152,9 +152,10 @@ def deciding(commands: list[m.CommandBase], per_record: int) -> Callable[[], int
     by_partition: dict[int, list[m.CommandBase]] = {}
     for c in commands:
         by_partition.setdefault(partition_for(c.account_id, PARTITIONS), []).append(c)
-    records = {p: [(m.encode_batch(cs[i:i + per_record]), cs[i:i + per_record][-1].issued_at)
-                   for i in range(0, len(cs), per_record)]
-               for p, cs in by_partition.items()}
+    chunks = {p: [cs[i:i + per_record] for i in range(0, len(cs), per_record)]
+              for p, cs in by_partition.items()}
+    records = {p: [(m.encode_batch(chunk), chunk[-1].issued_at) for chunk in cs]
+               for p, cs in chunks.items()}
     signer = LegSigner(b"bench-secret")
 
     def run() -> int:
@@ -355,13 +356,13 @@ def family(pid: int) -> list[int]:
 def rss_mb(pid: int, field: str = "VmRSS") -> float:
     """A process's resident memory with its child processes' now (VmRSS) or the sum of
     their peaks (VmHWM), in MB."""
-    total = float("nan")
+    kb = []
     for p in family(pid):
         with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith(field + ":"):
-                    total = (0 if total != total else total) + int(line.split()[1]) / 1024
-    return total
+            kb += [int(line.split()[1]) for line in
+                   Path(f"/proc/{p}/status").read_text().splitlines()
+                   if line.startswith(field + ":")]
+    return sum(kb) / 1024 if kb else float("nan")
 
 
 def cpu_s(pid: int) -> float:
@@ -386,10 +387,12 @@ class Cores:
 
     def _now(self) -> dict[str, float]:
         fam = {name: {q for p in ps for q in family(p)} for name, ps in self.pids.items()}
-        # less the groups below this one (the bench's children are the broker and workers)
-        return {name: sum(cpu_s(q) for q in mine.difference(*(
-                    fam[o] for o in fam if o != name and mine.issuperset(self.pids[o]))))
-                for name, mine in fam.items()}
+        used = {}
+        for name, mine in fam.items():
+            # less the groups below this one (the bench's children: the broker, workers)
+            below = [fam[o] for o in fam if o != name and mine.issuperset(self.pids[o])]
+            used[name] = sum(cpu_s(q) for q in mine.difference(*below))
+        return used
 
     def start(self) -> None:
         self._t0, self._c0 = time.monotonic(), self._now()

@@ -205,7 +205,6 @@ def create_app(s: Settings) -> faust.App:
     app.agent(channel, name=f"{__name__}.ledger")(worker.agent)
     # On a clean stop Faust closes the tables' stores before it stops the agents; it
     # calls this in between (and when partitions are revoked in a rebalance).
-    worker.wait_empty = app._consumer_wait_empty
     app._consumer_wait_empty = worker.finish_before_tables_close  # type: ignore[method-assign]
     app.on_partitions_revoked.connect(worker.finish_step_on_revoke)  # type: ignore[arg-type]
     app.timer(2.0)(worker.stall_watchdog)
@@ -228,7 +227,7 @@ class Worker:
         # task that decides it, waits for the step before to be committed, then commits.
         self.in_hand: asyncio.Future[Any] | None = None
         self.step: asyncio.Future[Any] | None = None
-        self.wait_empty: Callable[..., Any] | None = None  # Faust's, before we wrap it
+        self.wait_empty = app._consumer_wait_empty  # Faust's, which create_app replaces
         # progress, for the log every 10 s
         self.commands_total = self.batches_total = 0
         self.since = time.monotonic()
@@ -282,7 +281,6 @@ class Worker:
         else:
             self.engine.crash.reached("handover")
             await self.finish("rebalance", in_hand=False)
-        assert self.wait_empty is not None
         await self.wait_empty(consumer, logger)
 
     async def finish_step_on_revoke(self, sender: Any, *args: Any, signal: Any,

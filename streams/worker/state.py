@@ -25,7 +25,7 @@ from streams import core
 
 CHECKPOINT_KEY = b"\x00checkpoint"
 FAUST_OFFSET_KEY = b"__faust\0offset__"
-_HEAD = struct.Struct(">qqi")
+_HEAD = core.VALUE_HEAD
 _CK, _CK_PENDING = struct.Struct(">Bqq"), struct.Struct(">Bqqqq")
 
 
