@@ -846,14 +846,18 @@ def unwrap(raw: bytes | None, commands: int, transfers: int) -> bytes | None:
 class Reads:
     """Committed reads of one partition's store for one step, each key read once:
     through ``overlay`` (the changes of a step decided before and not yet written to
-    the store), then the store (``db_get``), as of the checkpoint's offsets."""
+    the store), then ``resident`` (the accounts as the steps before left them, kept
+    across steps: see ``keep_resident``), then the store (``db_get``), as of the
+    checkpoint's offsets."""
 
     def __init__(self, db_get: Callable[[bytes], bytes | None], commands: int,
-                 transfers: int, overlay: dict[bytes, bytes | None]) -> None:
+                 transfers: int, overlay: dict[bytes, bytes | None],
+                 resident: dict[bytes, bytes | None]) -> None:
         self.db_get = db_get
         self.commands = commands
         self.transfers = transfers
         self.overlay = overlay
+        self.resident = resident
         self.known: dict[bytes, bytes | None] = {}
 
     def get(self, key: bytes) -> bytes | None:
@@ -861,10 +865,35 @@ class Reads:
         if key in known:
             return known[key]
         overlay = self.overlay
-        value = overlay[key] if key in overlay else \
-            unwrap(self.db_get(key), self.commands, self.transfers)
+        resident = self.resident
+        if key in overlay:
+            value = overlay[key]
+        elif key in resident:
+            value = resident[key]
+        else:
+            value = unwrap(self.db_get(key), self.commands, self.transfers)
         known[key] = value
         return value
+
+
+def keep_resident(resident: dict[bytes, bytes | None], known: dict[bytes, bytes | None],
+                  changes: dict[bytes, bytes | None], max_keys: int) -> None:
+    """Keep a decided step's account values (``a<id>``: those it read, then those it
+    wrote) for the steps after it, so that an account a step touches is read from
+    RocksDB once, not once a step. The most recently written are kept: past
+    ``max_keys`` the oldest go."""
+    for key, value in known.items():
+        if key[:1] == b"a" and key not in resident:
+            resident[key] = value
+    for key, value in changes.items():
+        if key[:1] == b"a":
+            if key in resident:
+                del resident[key]
+            resident[key] = value
+    excess = len(resident) - max_keys
+    if excess > 0:
+        for key in list(resident)[:excess]:
+            del resident[key]
 
 
 def wrap_changes(changes: dict[bytes, bytes | None], known: dict[bytes, bytes | None],

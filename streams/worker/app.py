@@ -207,6 +207,7 @@ def create_app(s: Settings) -> faust.App:
     # calls this in between (and when partitions are revoked in a rebalance).
     app._consumer_wait_empty = worker.finish_before_tables_close  # type: ignore[method-assign]
     app.on_partitions_revoked.connect(worker.finish_step_on_revoke)  # type: ignore[arg-type]
+    app.on_partitions_assigned.connect(worker.forget_resident)  # type: ignore[arg-type]
     app.timer(2.0)(worker.stall_watchdog)
     app.timer(1.0)(worker.expire_holds)
     app.task(worker.announce)
@@ -290,9 +291,14 @@ class Worker:
         # while this receiver runs, so no new owner starts on a partition whose
         # outputs and state are still being written here. (Not the batch in hand: its
         # next step waits for the rebalance to end.)
+        self.engine.forget_resident()
         await self.finish("rebalance", in_hand=False)
         if args and args[0]:  # the partitions revoked (Faust sends the signal with none too)
             self.engine.crash.reached("handover-done")
+
+    async def forget_resident(self, sender: Any, *args: Any, signal: Any,
+                              **kwargs: Any) -> None:
+        self.engine.forget_resident()  # a partition assigned may have moved meanwhile
 
     async def _handle_in_steps(self, stream: Any, events: list[EventT[Any]]) -> None:
         # Faust hands over whatever it has fetched: over a backlog, hundreds of

@@ -48,6 +48,7 @@ from rocksdict import WriteBatch
 
 from schemas.codec import CODEC
 from schemas.models import CommandBase, encode_batch
+from streams import core
 from streams.core import Stats
 from streams.partitions import partition_for
 from streams.settings import Settings
@@ -76,6 +77,8 @@ log = logging.getLogger("ledger.engine")
 # records is applied to the store (``recovering``). During a rebalance handover: when
 # partitions are revoked, before the step being committed is finished (``handover``)
 # and after (``handover-done``).
+# Accounts kept across steps, per partition (core.keep_resident): about 200 bytes each
+RESIDENT_MAX_KEYS = 20_000
 COMMIT_POINTS = ("intent", "outputs-half", "outputs", "state-half", "state", "stored")
 CRASH_POINTS = (*COMMIT_POINTS, "deciding-next", *(f"resolve/{p}" for p in COMMIT_POINTS),
                 "recovering", "handover", "handover-done")
@@ -189,6 +192,10 @@ class Engine:
         self._staged: dict[int, _Work] = {}
         # the steps decided and not yet committed, in order
         self._uncommitted: list[Step] = []
+        # per partition: accounts as the steps decided so far left them (see
+        # core.keep_resident); forgotten whenever partitions move (``forget_resident``)
+        self._resident: dict[int, dict[bytes, bytes | None]] = {}
+        self._resident_era = 0
         self._deciding = asyncio.Lock()
         self.crash = CrashPoint(settings.crash_at)
         self._topics = {EVENTS: settings.events_topic, REJECTIONS: settings.rejections_topic,
@@ -261,10 +268,17 @@ class Engine:
         """Partition ``p`` as the next step must see it: through the changes of a step
         still being committed (decided, not yet in RocksDB), as if that step were done."""
         staged = self._staged.get(p)
+        resident = self._resident.setdefault(p, {})
         if staged is None:
-            return PartitionView(self.db_for(p))
+            return PartitionView(self.db_for(p), resident=resident)
         return PartitionView(self.db_for(p), staged.view.checkpoint.advanced(*staged.tag),
-                             staged.changes)
+                             staged.changes, resident)
+
+    def forget_resident(self) -> None:
+        """Forget the accounts kept across steps: partitions are moving, and one that
+        comes back may have been changed by another worker meanwhile."""
+        self._resident.clear()
+        self._resident_era += 1
 
     async def decide(self, inputs: dict[int, PartitionInput]) -> Step:
         """Decide a step's inputs; a step being committed meanwhile is read through.
@@ -279,6 +293,7 @@ class Engine:
         report = BatchReport()
         self.phase = "decide"
         t0 = time.perf_counter()
+        era = self._resident_era
         work: list[_Work] = []
         for p in sorted(inputs):
             # Between partitions the step being committed goes on (its next produce and
@@ -299,6 +314,9 @@ class Engine:
             w = self._decide(p, view, inp)
             if w is not None:
                 w.changes = w.processor.finish(w.tag)
+                if era == self._resident_era:  # no rebalance began while deciding
+                    core.keep_resident(self._resident.setdefault(p, {}), view.reads.known,
+                                       w.changes, RESIDENT_MAX_KEYS)
                 work.append(w)
                 if self._uncommitted:
                     self.crash.reached("deciding-next")
@@ -464,6 +482,7 @@ class Engine:
         log.warning("partition %d: resuming an unfinished batch (commands %d..%d, legs %d..%d)",
                     p, ck.commands + 1, last_cmd, ck.transfers + 1, last_leg)
         self.phase = f"resolve pending batch of partition {p}"
+        self._resident.pop(p, None)
         inp = PartitionInput(
             commands=await self._read(self.s.commands_topic, p, ck.commands + 1, last_cmd),
             legs=await self._read(self.s.transfers_topic, p, ck.transfers + 1, last_leg),

@@ -97,13 +97,16 @@ class PartitionView:
     """
 
     def __init__(self, db: Any, checkpoint: Checkpoint | None = None,
-                 overlay: dict[bytes, bytes | None] | None = None) -> None:
+                 overlay: dict[bytes, bytes | None] | None = None,
+                 resident: dict[bytes, bytes | None] | None = None) -> None:
         self.db = db
         self.checkpoint = checkpoint if checkpoint is not None else \
             Checkpoint.decode(db.get(CHECKPOINT_KEY))
-        # ``overlay``: the changes of a step decided before and not yet written here
+        # ``overlay``: the changes of a step decided before and not yet written here;
+        # ``resident``: accounts as the steps before left them (``core.keep_resident``)
         self.reads = core.Reads(db.get, self.checkpoint.commands, self.checkpoint.transfers,
-                                overlay if overlay is not None else {})
+                                overlay if overlay is not None else {},
+                                resident if resident is not None else {})
 
     def get(self, key: bytes) -> bytes | None:
         return self.reads.get(key)

@@ -122,6 +122,29 @@ def test_a_step_decided_while_the_one_before_commits_sees_its_changes(ledger_set
     assert events[-1]["balance_after_minor"] == sum(range(1, 7))
 
 
+def test_accounts_kept_across_steps_are_forgotten_when_partitions_move(ledger_settings,
+                                                                      tmp_path):
+    """The engine keeps the accounts its steps leave in memory for the next step; a
+    partition that moves away and back may have been changed by another worker
+    meanwhile, and must be read from the store again."""
+    s = ledger_settings
+    p, _, records = open_and_deposit(s, "acct-moves", 5)
+    db = Rdict(str(tmp_path / "p"), Options(raw_mode=True))
+    try:
+        here, elsewhere = Engine(s, lambda _: db), Engine(s, lambda _: db)
+        run(here.process({p: PartitionInput(commands=records[:3])}))  # open, 1, 2
+        run(elsewhere.process({p: PartitionInput(commands=records[3:5])}))  # 3, 4: 10 now
+        here.forget_resident()  # what a rebalance does
+        report = run(here.process({p: PartitionInput(commands=records[5:])}))
+        assert report.stats.events == 1
+        here.close()
+        elsewhere.close()
+    finally:
+        db.close()
+    last = CODEC.decode(list(read_all(s, s.events_topic))[-1].value())[1]
+    assert (last["version"], last["balance_after_minor"]) == (6, 15)
+
+
 class CountingProducer:
     """The engine's producer, counting the records that ask for a delivery report."""
 

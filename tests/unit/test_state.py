@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from streams.core import wrap_changes
+from streams import core
 from streams.worker.state import CHECKPOINT_KEY, Checkpoint, PartitionView, unwrap, wrap
 
 
@@ -108,6 +109,45 @@ def test_partition_view_wraps_changes_with_the_committed_prev():
     for key, prev in ((b"k", b"v1"), (b"torn", b"v1"), (b"fresh", None)):
         assert unwrap(records[key], Checkpoint(7, 7)) == b"v2"
         assert unwrap(records[key], Checkpoint(5, 5)) == prev
+
+
+class CountingDb(dict):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.reads: list[bytes] = []
+
+    def get(self, key, default=None):
+        self.reads.append(key)
+        return super().get(key, default)
+
+
+def test_accounts_kept_across_steps_are_read_from_the_store_once():
+    db = CountingDb({CHECKPOINT_KEY: Checkpoint(5, 5).encode(),
+                     b"aone": wrap((4, 4), None, b"one-v1"), b"ione": wrap((4, 4), None, b"o")})
+    resident: dict[bytes, bytes | None] = {}
+    first = PartitionView(db, resident=resident)
+    assert (first.get(b"aone"), first.get(b"atwo"), first.get(b"ione")) == \
+        (b"one-v1", None, b"o")
+    # the step wrote account two and changed account one
+    core.keep_resident(resident, first.reads.known, {b"atwo": b"two-v1", b"aone": b"one-v2",
+                                                     b"inew": b"x"}, max_keys=10)
+    assert resident == {b"aone": b"one-v2", b"atwo": b"two-v1"}  # accounts only
+
+    db.reads.clear()
+    second = PartitionView(db, Checkpoint(6, 6), resident=resident)
+    assert (second.get(b"aone"), second.get(b"atwo"), second.get(b"ione")) == \
+        (b"one-v2", b"two-v1", b"o")
+    assert db.reads == [b"ione"]
+    # a value wrapped for the store carries the resident value as its previous one
+    records = second.changes_to_records({b"aone": b"one-v3"}, tag=(7, 7))
+    assert unwrap(records[b"aone"], Checkpoint(6, 6)) == b"one-v2"
+
+
+def test_accounts_kept_across_steps_are_bounded_the_latest_written_kept():
+    resident: dict[bytes, bytes | None] = {}
+    core.keep_resident(resident, {b"a1": b"1", b"a2": b"2", b"a3": None}, {}, max_keys=3)
+    core.keep_resident(resident, {b"a4": b"4"}, {b"a1": b"1'"}, max_keys=3)
+    assert resident == {b"a3": None, b"a4": b"4", b"a1": b"1'"}
 
 
 @pytest.mark.parametrize("ck", [Checkpoint(), Checkpoint(5, -1),
