@@ -20,13 +20,14 @@ from hypothesis import strategies as st
 from schemas.codec import CODEC
 from schemas.models import CommandBase, Deposit, PlaceHold, encode_batch
 from streams.worker import processor
-from streams.worker.processor import REJECTIONS, BatchProcessor
+from streams.worker.processor import REJECTIONS, TRANSFERS, BatchProcessor
 from tests.unit.conftest import (
     T0,
     Partition,
     accounts_on,
     deposit,
     open_account,
+    transfer,
     triples,
     withdraw,
 )
@@ -37,16 +38,23 @@ def run(commands: list[CommandBase], cuts: list[int], general: bool,
         monkeypatch: pytest.MonkeyPatch) -> tuple[list[tuple[str, bytes | None, bytes]],
                                                   dict[bytes, bytes]]:
     """Outputs and final store of ``commands``, in records cut at ``cuts``, one batch
-    per record (with the clock moving, so some ids are forgotten on the way)."""
+    per record (with the clock moving, so some ids are forgotten on the way). The
+    transfer legs a batch sends are received by the next batch, and again by the one
+    after it (a redelivery)."""
     with monkeypatch.context() as m:
         if general:
             m.setattr(processor, "_headers", lambda: None)
         part = Partition(window_ms=200)
         outputs = []
         bounds = [0, *sorted({c % (len(commands) + 1) for c in cuts}), len(commands)]
-        for start, end in itertools.pairwise(bounds):
-            if start < end:
-                outputs += triples(part.batch([encode_batch(commands[start:end])]).outputs)
+        legs: list[bytes] = []
+        again: list[bytes] = []
+        for start, end in [*itertools.pairwise(bounds), (0, 0), (0, 0)]:
+            bp = part.batch([encode_batch(commands[start:end])] if start < end else [],
+                            legs=[*again, *legs])
+            outputs += triples(bp.outputs)
+            again, legs = legs, [value for kind, _, value in triples(bp.outputs)
+                                 if kind == TRANSFERS]
             part.clock += 50
         return outputs, dict(part.store)
 
@@ -122,6 +130,34 @@ def test_the_core_takes_opens_deposits_and_withdrawals(part, general):
     [(kind, _, _)] = triples(bp.outputs)
     assert kind == REJECTIONS and bp.stats.reasons == {"invalid_command": 1}
     assert general == ["ledger.Deposit"]
+
+
+def test_the_core_credits_a_transfers_leg(part, monkeypatch):
+    """A signed credit to an open account takes the core; a redelivery, a refusal and a
+    leg whose bytes are not its signer's take the general path (and their outcomes
+    are the general path's, as the test above shows byte for byte)."""
+    decoded: list[str] = []
+    decode = CODEC.decode
+    monkeypatch.setattr(CODEC, "decode", lambda raw, expect=None: (
+        decoded.append(expect or ""), decode(raw, expect=expect))[1])
+    a, b, c = accounts_on(0, 3)
+    bp = part.batch([encode_batch([open_account(a, issued_at=T0), open_account(b, issued_at=T0),
+                                   open_account(c, "EUR", issued_at=T0),
+                                   deposit(100, a, issued_at=T0),
+                                   transfer(40, b, a, issued_at=T0),
+                                   transfer(10, c, a, issued_at=T0)])])
+    to_b, to_c = [v for kind, _, v in triples(bp.outputs) if kind == TRANSFERS]
+    decoded.clear()
+
+    credited = part.batch(legs=[to_b])
+    [(kind, _, event)] = triples(credited.outputs)
+    assert kind == "events" and CODEC.decode(event)[1]["payload"][0] == "ledger.TransferCredited"
+    assert "ledger.TransferLeg" not in decoded
+
+    assert triples(part.batch(legs=[to_b]).outputs) == [("events", b.encode(), event)]
+    refused = part.batch(legs=[to_c])  # EUR account: a rejection and a refund leg
+    assert [kind for kind, _, _ in triples(refused.outputs)] == [REJECTIONS, TRANSFERS]
+    assert decoded.count("ledger.TransferLeg") == 2
 
 
 def test_a_compiled_core_older_than_its_source_is_stale(tmp_path):

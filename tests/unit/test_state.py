@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streams.core import wrap_changes
 from streams import core
+from streams.core import wrap_changes
 from streams.worker.state import CHECKPOINT_KEY, Checkpoint, PartitionView, unwrap, wrap
 
 
