@@ -83,13 +83,16 @@ class QueueFull(DeliveryError):
     """``max_in_flight`` commands are queued or awaiting outcomes: this one was not sent."""
 
 
-@dataclass
 class _Waiting:
     """Futures of one account's command id (a retry submitted meanwhile waits too)."""
 
-    command_type: str
-    futures: list[Future[Outcome]] = field(default_factory=list)
-    to_account_id: str | None = None  # a transfer's destination, for its settlement
+    __slots__ = ("command_type", "futures", "to_account_id")
+
+    def __init__(self, command_type: str, future: Future[Outcome],
+                 to_account_id: str | None = None) -> None:
+        self.command_type = command_type
+        self.futures = [future]
+        self.to_account_id = to_account_id  # a transfer's destination, for its settlement
 
 
 @dataclass
@@ -125,9 +128,12 @@ class LedgerClient:
         self.max_batch_commands = max_batch_commands
         self.max_batch_bytes = max_batch_bytes
         self.max_in_flight = max_in_flight
-        self._room = threading.BoundedSemaphore(max_in_flight)
         self.producer = Producer(settings.producer_config(**{"linger.ms": 1}))
         self._lock = threading.Lock()
+        # Commands in flight: counted under the lock, not with a semaphore and a done
+        # callback per future (over a bulk load those were most of ``submit``'s time)
+        self._in_flight = 0
+        self._room = threading.Condition(self._lock)
         self._queued: dict[int, list[CommandBase]] = defaultdict(list)
         self._in_hand = 0  # commands taken off the queue, not yet handed to librdkafka
         self._wake = threading.Event()
@@ -174,25 +180,36 @@ class LedgerClient:
             raise CommandRefused(r.reason.value, r.detail) from None
         if self._closed.is_set():
             raise RuntimeError("client is closed")
-        if not self._room.acquire(timeout=max(block_s, 0.0)):  # 0: do not wait
-            raise QueueFull(f"{self.max_in_flight} commands already queued or awaiting "
-                            f"their outcome; waited {block_s}s for room")
         fut: Future[Outcome] = Future()
-        fut.add_done_callback(lambda _: self._room.release())
         key = (command.account_id, command.command_id)
         p = partition_for(command.account_id, self.s.partitions)
         with self._lock:
+            if self._in_flight >= self.max_in_flight and not self._room.wait_for(
+                    lambda: self._in_flight < self.max_in_flight, max(block_s, 0.0)):
+                raise QueueFull(f"{self.max_in_flight} commands already queued or awaiting "
+                                f"their outcome; waited {block_s}s for room")
             if self._closed.is_set():
-                fut.set_exception(RuntimeError("client is closed"))
                 raise RuntimeError("client is closed")
-            self._waiting.setdefault(key, _Waiting(command.type)).futures.append(fut)
+            self._in_flight += 1
+            waiting = self._waiting.get(key)
+            if waiting is None:
+                self._waiting[key] = _Waiting(command.type, fut)
+            else:
+                waiting.futures.append(fut)
             if self._consumer is not None and isinstance(command, Transfer):
                 settlement: Future[Outcome] = Future()
                 fut.settlement = settlement  # type: ignore[attr-defined]
-                self._settling.setdefault(key, _Waiting(
-                    command.type, to_account_id=command.to_account_id)).futures.append(settlement)
+                settling = self._settling.get(key)
+                if settling is None:
+                    self._settling[key] = _Waiting(command.type, settlement,
+                                                   command.to_account_id)
+                else:
+                    settling.futures.append(settlement)
             self._queued[p].append(command)
-        self._wake.set()
+        # The send thread clears this before it takes the queue: if it is set, the
+        # command appended above goes out with the next take.
+        if not self._wake.is_set():
+            self._wake.set()
         return fut
 
     def _send_loop(self) -> None:
@@ -301,6 +318,12 @@ class LedgerClient:
         """The futures still waiting for these commands, no longer waiting."""
         with self._lock:
             taken = [(k, table.pop(k, None)) for k in keys]
+            if table is self._waiting:
+                left = sum(len(w.futures) for _, w in taken if w is not None)
+                if left:
+                    self._in_flight -= left
+                    if self._in_flight + left >= self.max_in_flight:  # submits may wait
+                        self._room.notify_all()
         return [(k, f) for k, w in taken if w is not None for f in w.futures if not f.done()]
 
     def _fail(self, keys: list[Key], exc: Exception) -> None:
