@@ -1015,3 +1015,23 @@ def test_deciding_alone_times_decisions_not_rejections_at_the_door(mix, monkeypa
     events = sum(s.events for s in seen)
     reasons = {r for s in seen for r in s.reasons}
     assert events > len(commands) * 0.7 and "issued_in_future" not in reasons
+
+
+def test_the_benchs_outcome_reader_reads_ids_as_a_decode_does(part):
+    """``ledger bench`` counts outcomes from their ids alone: the command's event and
+    rejection count, a leg's event (caused by the leg, not a command) does not."""
+    from streams.dev.bench import outcome_ids
+
+    a, b = accounts_on(0, 2)
+    bp = part.batch([encode_batch([open_account(a, issued_at=T0), open_account(b, issued_at=T0),
+                                   deposit(50, a, issued_at=T0), withdraw(500, a, issued_at=T0),
+                                   transfer(20, b, a, issued_at=T0)])])
+    legs = [v for kind, _, v in triples(bp.outputs) if kind == TRANSFERS]
+    credited = part.batch(legs=legs)
+    values = [v for kind, _, v in triples([*bp.outputs, *credited.outputs])
+              if kind in (EVENTS, REJECTIONS)]
+    assert len(values) == 6
+    for value in values:
+        d = CODEC.decode(value)[1]
+        assert outcome_ids(value) == (d["command_id"], d.get("causation_id", d["command_id"]))
+    assert sum(cid == cause for cid, cause in map(outcome_ids, values)) == 5
