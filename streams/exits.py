@@ -8,6 +8,7 @@ on NO_PERMISSION or CONFIG, where a restart does not help.
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -32,8 +33,14 @@ def can_die_with_parent() -> bool:
     return _PRCTL is not None
 
 
-def die_with_parent() -> None:
+def die_with_parent(parent: int | None = None) -> None:
     """In a child process: SIGKILL it when the *thread* that forked it exits (Linux; a
-    no-op elsewhere). Start such children from the main thread only."""
+    no-op elsewhere). Start such children from the main thread only.
+
+    ``parent``: the pid of the process that started this one. A child that gets here
+    after its parent died (a kill -9 while the child was starting) is not signalled:
+    it exits now instead."""
     if _PRCTL is not None:
         _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if parent is not None and os.getppid() != parent:
+            os._exit(0)

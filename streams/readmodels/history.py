@@ -196,9 +196,9 @@ class Indexer:
 
 
 def _index_forever(settings: Settings, path: Path, wanted: Flags, caught: Flags,
-                   stop: Stop, level: int) -> None:
-    """The indexing process: until ``stop`` is set or the worker is gone."""
-    die_with_parent()
+                   stop: Stop, level: int, parent: int) -> None:
+    """The indexing process: until ``stop`` is set or the worker (``parent``) is gone."""
+    die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the worker's to handle
     logs.setup(logging.getLevelName(level))
     indexer = Indexer(settings, path, wanted, caught)
@@ -236,7 +236,7 @@ class History:
         self._proc = self._ctx.Process(
             target=_index_forever, name="ledger-history", daemon=True,
             args=(self.s, self.path, self.wanted, self.caught, self._stop,
-                  logging.getLogger().getEffectiveLevel()))
+                  logging.getLogger().getEffectiveLevel(), os.getpid()))
         self._proc.start()
 
     def stop(self) -> None:

@@ -175,3 +175,22 @@ def test_the_indexing_process_dies_with_the_worker(tmp_path):
     finally:
         worker.kill()
         worker.wait(10)
+
+
+def test_the_indexing_process_ends_if_the_worker_died_while_it_started(tmp_path):
+    # killed before the child could ask the kernel to be signalled: it must see that
+    # its parent is gone and exit, not index for ever with no one to read it
+    script = (
+        "import os, signal, sys\n"
+        "from streams.readmodels.history import History\n"
+        "from streams.settings import Settings\n"
+        "h = History(Settings(data_dir=sys.argv[1], bootstrap_servers='127.0.0.1:9'))\n"
+        "h.start()\n"
+        "print(h._proc.pid, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n")
+    worker = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True)
+    assert worker.stdout is not None
+    indexer = int(worker.stdout.readline())
+    worker.wait(10)
+    assert _gone(indexer, 15.0)
