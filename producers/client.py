@@ -226,8 +226,8 @@ class LedgerClient:
                 except DeliveryError as exc:
                     self._fail([(c.account_id, c.command_id) for c in commands], exc)
                     continue
-                for chunk in self._chunks(commands):
-                    self._produce(p, chunk)
+                for start in range(0, len(commands), self.max_batch_commands):
+                    self._produce(p, commands[start:start + self.max_batch_commands])
             with self._lock:
                 self._in_hand = 0
             self.producer.poll(0)
@@ -272,20 +272,15 @@ class LedgerClient:
             self._fail([*self._waiting, *self._settling],
                        DeliveryError(f"cannot read outcomes: {exc}"))
 
-    def _chunks(self, commands: list[CommandBase]) -> list[list[CommandBase]]:
-        out: list[list[CommandBase]] = [[]]
-        size = 0
-        for c in commands:
-            approx = 100 + sum(len(v) for v in c.__dict__.values() if isinstance(v, str))
-            if out[-1] and (len(out[-1]) >= self.max_batch_commands
-                            or size + approx > self.max_batch_bytes):
-                out.append([])
-                size = 0
-            out[-1].append(c)
-            size += approx
-        return out
-
     def _produce(self, partition: int, commands: list[CommandBase]) -> None:
+        """One record of ``commands`` (halved until each record is within
+        ``max_batch_bytes``: commands are ~100 bytes, so that is rare)."""
+        value = encode_batch(commands)
+        if len(value) > self.max_batch_bytes and len(commands) > 1:
+            half = len(commands) // 2
+            self._produce(partition, commands[:half])
+            self._produce(partition, commands[half:])
+            return
         keys = [(c.account_id, c.command_id) for c in commands]
 
         def delivered(err: KafkaError | None, msg: Message) -> None:
@@ -307,7 +302,7 @@ class LedgerClient:
 
         while True:
             try:
-                self.producer.produce(self.s.commands_topic, encode_batch(commands), None,
+                self.producer.produce(self.s.commands_topic, value, None,
                                       partition=partition, on_delivery=delivered)
                 return
             except BufferError:

@@ -12,8 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from producers.client import DeliveryError, LedgerClient, QueueFull
+from schemas.codec import CODEC
 from schemas.models import Deposit, OpenAccount, Transfer
 from streams.partitions import partition_for
+from streams.readmodels.eventlog import read_all
 
 pytestmark = pytest.mark.kafka
 
@@ -98,6 +100,27 @@ def test_submit_is_bounded(ledger_settings):
         with pytest.raises(QueueFull):
             client.submit(dep(4), block_s=0.3)
         assert time.monotonic() - started >= 0.3
+
+
+def test_records_are_cut_to_the_size_asked(ledger_settings):
+    """Commands coalesce into records of at most ``max_batch_bytes`` (a record is cut in
+    halves until it fits), every command once, in the order submitted."""
+    s = ledger_settings
+    commands = [Deposit(command_id=f"d{i:03}", account_id="sized", actor="t",
+                        issued_at=now_ms(), amount_minor=1, currency="USD",
+                        correlation_id="c" * (10 + i % 50)) for i in range(300)]
+    with LedgerClient(s, wait_outcomes=False, max_batch_bytes=3000, linger_ms=50) as client:
+        futures = [client.submit(c) for c in commands]
+        client.flush(30)
+        where = [f.result(timeout=30) for f in futures]
+    records = {o.offset for o in where}
+    assert 1 < len(records) < 300
+    got = []
+    for m in read_all(s, s.commands_topic):
+        assert len(m.value()) <= 3000
+        got += [body["command_id"] for _, body in
+                CODEC.decode(m.value(), expect="ledger.CommandBatch")[1]["commands"]]
+    assert got == [c.command_id for c in commands]
 
 
 class ImplicitAcks:
