@@ -46,6 +46,7 @@ CAPTURE_EXCEEDS_HOLD: Final = "capture_exceeds_hold"
 BALANCE_NOT_ZERO: Final = "balance_not_zero"
 HOLDS_OPEN: Final = "holds_open"
 ISSUED_IN_FUTURE: Final = "issued_in_future"
+IDEMPOTENCY_KEY_REUSED: Final = "idempotency_key_reused"
 
 OK: Final = ("", "")  # no rule broken
 
@@ -359,6 +360,21 @@ class Reader:
             raise ValueError("bad union branch")
         return branch == 1
 
+    def boolean(self) -> bool:
+        b = self.buf[self.i]
+        if b > 1:
+            raise ValueError("bad boolean")
+        self.i += 1
+        return b == 1
+
+    def blob(self) -> bytes:
+        n = self.long()
+        i = self.i
+        if n < 0 or i + n > len(self.buf):
+            raise ValueError("bad bytes length")
+        self.i = i + n
+        return self.buf[i:i + n]
+
     def opt_long(self) -> int | None:
         return self.long() if self.present() else None
 
@@ -658,13 +674,28 @@ class Core:
         if p != self.partition:
             return False
         okey = b"i" + account_id.encode() + b"\0" + c.command_id.encode()
-        if okey in self.writes:
-            if self.writes[okey] is not None:
-                return False  # seen before: a retry, or the id reused
-        elif self.read(okey) is not None:
-            return False
+        prior = self.writes[okey] if okey in self.writes else self.read(okey)
         name = COMMAND_NAMES[k]
         stats = self.stats
+        if prior is not None:  # seen before: a retry, or the id reused
+            n = len(self.h.outcome)
+            if prior[:n] != self.h.outcome:
+                return False  # stored in another schema version
+            r = Reader(prior, n)
+            digest = r.blob()
+            records: list[bytes] = []
+            count = r.block()
+            while count:
+                for _ in range(count):
+                    records.append(r.blob())
+                count = r.block()
+            rejected = r.boolean()
+            expires_at = r.long()
+            if not (0 < expires_at < now):  # else forgotten: decided as a new command
+                stats.types[name] = stats.types.get(name, 0) + 1
+                stats.issued_at.append(c.issued_at)
+                self._seen(c, name, digest, records, rejected)
+                return True
         stats.types[name] = stats.types.get(name, 0) + 1
         stats.issued_at.append(c.issued_at)
         state = self.accounts[account_id] if account_id in self.accounts else self.load(account_id)
@@ -690,6 +721,26 @@ class Core:
                                            bool(reason), expires_at)
         self.retained.append((expires_at, okey))
         return True
+
+    def _seen(self, c: Cmd, name: str, digest: bytes, records: list[bytes],
+              rejected: bool) -> None:
+        """A command whose id this account has seen (its stored outcome: ``digest``,
+        ``records``): the same command gets its first outcome again; another command
+        under that id is refused."""
+        key = c.account_id.encode()
+        stats = self.stats
+        if not digest or digest == content_digest(_content(c)):  # empty: from a rebuild
+            stats.replays += 1
+            kind = "rejections" if rejected else "events"
+            for record in records:
+                self.outputs.append(Output(kind, key, record))
+            return
+        stats.rejections += 1
+        stats.reasons[IDEMPOTENCY_KEY_REUSED] = stats.reasons.get(IDEMPOTENCY_KEY_REUSED, 0) + 1
+        self.outputs.append(Output("rejections", key, encode_rejection(
+            self.h, c.command_id, c.account_id, name, IDEMPOTENCY_KEY_REUSED,
+            "".join(["command_id ", repr(c.command_id), " was used for another command"]),
+            c.issued_at, c.correlation_id, c.actor)))
 
     def _rules(self, c: Cmd, state: Account | None) -> tuple[str, str]:
         """The first rule ``c`` breaks, in the order of ``streams.domain.Reason``."""

@@ -132,6 +132,22 @@ def test_the_core_takes_opens_deposits_and_withdrawals(part, general):
     assert general == ["ledger.Deposit"]
 
 
+def test_the_core_answers_a_retry_and_refuses_an_id_reused(part, general):
+    (a,) = accounts_on(0, 1)
+    first = deposit(50, a, issued_at=T0)
+    bp = part.batch([encode_batch([open_account(a, issued_at=T0), first])])
+    event = triples(bp.outputs)[-1]
+
+    again = part.batch([encode_batch([first])])
+    assert triples(again.outputs) == [event] and again.stats.replays == 1
+    reused = part.batch([encode_batch([first.replace(amount_minor=51)])])
+    [(kind, _, value)] = triples(reused.outputs)
+    assert kind == REJECTIONS and reused.stats.reasons == {"idempotency_key_reused": 1}
+    assert CODEC.decode(value)[1]["detail"] == \
+        f"command_id {first.command_id!r} was used for another command"
+    assert general == []
+
+
 def test_the_core_credits_a_transfers_leg(part, monkeypatch):
     """A signed credit to an open account takes the core; a redelivery, a refusal and a
     leg whose bytes are not its signer's take the general path (and their outcomes
