@@ -20,7 +20,13 @@ import struct
 from collections.abc import Callable
 from typing import Final
 
-from schemas.money import CURRENCY_SCALE, MAX_AMOUNT_MINOR, MAX_BALANCE_MINOR, format_amount
+from schemas.money import (
+    CURRENCY_SCALE,
+    MAX_AMOUNT_MINOR,
+    MAX_BALANCE_MINOR,
+    MAX_MINOR,
+    format_amount,
+)
 from schemas.text import MAX_ID_LENGTH, REFUSED
 
 COMPILED: Final = not __file__.endswith(".py")
@@ -852,24 +858,25 @@ class Core:
         return b"".join(out)
 
     def leg(self, buf: bytes, start: int, now: int) -> bool:
-        """Credit a transfer's leg (``ledger.TransferLeg`` bytes from ``start``) to its
-        destination, if this core takes it (True). It takes the common case: a signed
-        CREDIT of the current schema, not expired, seen for the first time, to an open
-        account of its currency here. Everything else (a refund, a refusal, a leg seen
-        before, a bad signature or encoding) is left to the processor (False)."""
+        """Apply a transfer's leg (``ledger.TransferLeg`` bytes from ``start``) at the
+        account that receives it, if this core takes it (True): a signed leg of the
+        current schema, not expired, seen for the first time, to an account here. A
+        CREDIT is credited, or refused with a REFUND leg back to its source; a REFUND is
+        credited back. The rest (a leg seen before, a refund for an account that does not
+        exist or cannot take it, a bad signature or encoding) is left to the processor."""
         r = Reader(buf, start)
-        if r.long() != 0:  # a REFUND
+        kind = r.long()
+        if kind != 0 and kind != 1:
             return False
         transfer_id = r.string()
         from_account_id = r.string()
-        account_id = r.string()  # a credit's account is its destination
+        to_account_id = r.string()
         amount = r.long()
         currency = r.string()
         issued_at = r.long()
         actor = r.string()
         correlation_id = r.opt_str()
-        if r.present():  # a reason: only refunds carry one
-            return False
+        reason = r.opt_str()
         expires_at = r.long()
         unsigned_end = r.i
         signature = buf[unsigned_end:]
@@ -881,21 +888,73 @@ class Core:
         mac = hmac.new(self.leg_secret, buf[start:unsigned_end] + b"\0", hashlib.sha256)
         if not hmac.compare_digest(mac.digest(), signature[1:]):
             return False
+        refund = kind == 1
+        account_id = from_account_id if refund else to_account_id
         if partition_for(account_id, self.n_partitions) != self.partition:
             return False
-        leg_id = transfer_id + ":credit"
-        okey = b"".join([b"i", account_id.encode(), b"\0", leg_id.encode(), b"\0",
-                         from_account_id.encode()])
-        if okey in self.writes:
-            if self.writes[okey] is not None:
-                return False
-        elif self.read(okey) is not None:
-            return False
+        leg_id = transfer_id + (":refund" if refund else ":credit")
+        okey2 = b"".join([b"i", account_id.encode(), b"\0", leg_id.encode()])
+        okey = b"".join([okey2, b"\0", from_account_id.encode()])
+        if self._stored(okey) or (refund and self._stored(okey2)):
+            return False  # seen before (a refund's key once had two parts)
         state = self.accounts[account_id] if account_id in self.accounts else \
             self.load(account_id)
-        if state is None or state.status != "open" or state.currency != currency or \
-                state.balance_minor + amount > MAX_BALANCE_MINOR:
-            return False  # refused: a rejection and a refund leg
+        outcome_expires_at = now + self.window_ms
+        if refund:
+            if state is None or state.balance_minor + amount > MAX_MINOR:
+                return False  # a dead letter, or a rejection for an operator
+            value = self._leg_event(state, account_id, transfer_id, leg_id, issued_at,
+                                    actor, correlation_id, amount, _BYTE[10],
+                                    to_account_id, reason if reason else "refused")
+        else:
+            refused = ACCOUNT_NOT_FOUND if state is None else \
+                ACCOUNT_CLOSED if state.status != "open" else \
+                CURRENCY_MISMATCH if state.currency != currency else \
+                BALANCE_OUT_OF_RANGE if state.balance_minor + amount > MAX_BALANCE_MINOR else ""
+            if refused:
+                value = encode_rejection(
+                    self.h, leg_id, to_account_id, "TransferCredit", refused,
+                    "".join(["transfer ", transfer_id, " refunded to ", from_account_id]),
+                    issued_at, correlation_id, actor)
+                stats = self.stats
+                stats.rejections += 1
+                stats.reasons[refused] = stats.reasons.get(refused, 0) + 1
+                self.outputs.append(Output("rejections", account_id.encode(), value))
+                body: list[bytes] = [_BYTE[2]]  # REFUND
+                write_str(body, transfer_id)
+                write_str(body, from_account_id)
+                write_str(body, to_account_id)
+                write_long(body, amount)
+                write_str(body, currency)
+                write_long(body, issued_at)
+                write_str(body, actor)
+                write_opt_str(body, correlation_id)
+                write_opt_str(body, refused)
+                write_long(body, outcome_expires_at)
+                self._send_leg(b"".join(body), from_account_id)
+                self.writes[okey] = encode_outcome(self.h, signature[1:17], value, True,
+                                                   outcome_expires_at)
+                self.retained.append((outcome_expires_at, okey))
+                return True
+            assert state is not None
+            value = self._leg_event(state, account_id, transfer_id, leg_id, issued_at,
+                                    actor, correlation_id, amount, _BYTE[8],
+                                    from_account_id, None)
+        self.stats.events += 1
+        self.outputs.append(Output("events", account_id.encode(), value))
+        self.writes[okey] = encode_outcome(self.h, signature[1:17], value, False,
+                                           outcome_expires_at)
+        self.retained.append((outcome_expires_at, okey))
+        return True
+
+    def _stored(self, okey: bytes) -> bool:
+        return (self.writes[okey] if okey in self.writes else self.read(okey)) is not None
+
+    def _leg_event(self, state: Account, account_id: str, transfer_id: str, leg_id: str,
+                   issued_at: int, actor: str, correlation_id: str | None, amount: int,
+                   branch: bytes, other_account_id: str, reason: str | None) -> bytes:
+        """Credit ``amount`` to ``state``: a TransferCredited (``branch``, from
+        ``other_account_id``) or a TransferReversed (to it, for ``reason``) event."""
         state.version += 1
         if issued_at > state.updated_at:
             state.updated_at = issued_at
@@ -905,7 +964,7 @@ class Core:
         write_str(out, event_id(leg_id, account_id, state.version))
         write_str(out, account_id)
         write_long(out, state.version)
-        write_str(out, currency)
+        write_str(out, state.currency)
         write_long(out, state.balance_minor)
         write_long(out, state.balance_minor - state.held_minor)
         write_long(out, state.updated_at)
@@ -913,18 +972,13 @@ class Core:
         write_str(out, leg_id)
         write_opt_str(out, correlation_id)
         write_str(out, actor)
-        out.append(_BYTE[8])  # TransferCredited
+        out.append(branch)
         write_str(out, transfer_id)
-        write_str(out, from_account_id)
+        write_str(out, other_account_id)
         write_long(out, amount)
-        value = b"".join(out)
-        self.stats.events += 1
-        self.outputs.append(Output("events", account_id.encode(), value))
-        outcome_expires_at = now + self.window_ms
-        self.writes[okey] = encode_outcome(self.h, signature[1:17], value, False,
-                                           outcome_expires_at)
-        self.retained.append((outcome_expires_at, okey))
-        return True
+        if reason is not None:
+            write_str(out, reason)
+        return b"".join(out)
 
     def _credit_leg(self, c: Cmd, occurred_at: int, expires_at: int) -> None:
         """The credit leg of an accepted transfer, signed, to the destination's partition
@@ -943,12 +997,16 @@ class Core:
         write_opt_str(body, c.correlation_id)
         body.append(_BYTE[0])  # no reason
         write_long(body, expires_at)
-        unsigned = b"".join(body)
+        self._send_leg(b"".join(body), c.to_account_id)
+
+    def _send_leg(self, unsigned: bytes, account_id: str) -> None:
+        """A leg's body, signed (``leg_secret``: the processor's LegSigner key), to the
+        partition of the account that receives it."""
         signature = hmac.new(self.leg_secret, unsigned + b"\0", hashlib.sha256).digest()
         out = [self.h.leg, unsigned]
         write_bytes(out, signature)
         self.stats.legs += 1
-        self.outputs.append(Output("transfers", c.to_account_id.encode(), b"".join(out)))
+        self.outputs.append(Output("transfers", account_id.encode(), b"".join(out)))
 
 
 # The head of every stored value (``streams.worker.state``): tag_commands,

@@ -149,9 +149,9 @@ def test_the_core_answers_a_retry_and_refuses_an_id_reused(part, general):
 
 
 def test_the_core_credits_a_transfers_leg(part, monkeypatch):
-    """A signed credit to an open account takes the core; a redelivery, a refusal and a
-    leg whose bytes are not its signer's take the general path (and their outcomes
-    are the general path's, as the test above shows byte for byte)."""
+    """A signed leg takes the core: a credit, a credit refused (with its refund leg) and
+    the refund; a redelivery takes the general path (the outcomes are the general
+    path's either way, as the test above shows byte for byte)."""
     decoded: list[str] = []
     decode = CODEC.decode
     monkeypatch.setattr(CODEC, "decode", lambda raw, expect=None: (
@@ -170,10 +170,16 @@ def test_the_core_credits_a_transfers_leg(part, monkeypatch):
     assert kind == "events" and CODEC.decode(event)[1]["payload"][0] == "ledger.TransferCredited"
     assert "ledger.TransferLeg" not in decoded
 
-    assert triples(part.batch(legs=[to_b]).outputs) == [("events", b.encode(), event)]
     refused = part.batch(legs=[to_c])  # EUR account: a rejection and a refund leg
     assert [kind for kind, _, _ in triples(refused.outputs)] == [REJECTIONS, TRANSFERS]
-    assert decoded.count("ledger.TransferLeg") == 2
+    refund = triples(refused.outputs)[1][2]
+    [(kind, key, event)] = triples(part.batch(legs=[refund]).outputs)
+    assert (kind, key) == ("events", a.encode())
+    assert CODEC.decode(event)[1]["payload"][0] == "ledger.TransferReversed"
+    assert "ledger.TransferLeg" not in decoded
+
+    assert triples(part.batch(legs=[refund]).outputs) == [("events", a.encode(), event)]
+    assert decoded.count("ledger.TransferLeg") == 1
 
 
 def test_a_compiled_core_older_than_its_source_is_stale(tmp_path):
