@@ -344,12 +344,7 @@ class Reader:
         return (n >> 1) ^ -(n & 1)
 
     def string(self) -> str:
-        n = self.long()
-        i = self.i
-        if n < 0 or i + n > len(self.buf):
-            raise ValueError("bad string length")
-        self.i = i + n
-        return self.buf[i:i + n].decode()
+        return self.blob().decode()
 
     def block(self) -> int:
         """The item count of an array's or map's next block (0: the end)."""
@@ -374,10 +369,11 @@ class Reader:
         return b == 1
 
     def blob(self) -> bytes:
+        """Avro bytes (a string's too)."""
         n = self.long()
         i = self.i
         if n < 0 or i + n > len(self.buf):
-            raise ValueError("bad bytes length")
+            raise ValueError("bad length")
         self.i = i + n
         return self.buf[i:i + n]
 
@@ -842,18 +838,7 @@ class Core:
                     write_long(payload, held)
                     write_str(payload, "released" if k == RELEASE_HOLD else "expired")
         self.dirty.add(account_id)
-        out = [self.h.event]
-        write_str(out, event_id(c.command_id, account_id, state.version))
-        write_str(out, account_id)
-        write_long(out, state.version)
-        write_str(out, state.currency)
-        write_long(out, state.balance_minor)
-        write_long(out, state.balance_minor - state.held_minor)
-        write_long(out, state.updated_at)
-        write_str(out, c.command_id)
-        write_str(out, c.command_id)
-        write_opt_str(out, c.correlation_id)
-        write_str(out, c.actor)
+        out = self._envelope(state, c.command_id, c.command_id, c.correlation_id, c.actor)
         out.extend(payload)
         return b"".join(out)
 
@@ -960,18 +945,7 @@ class Core:
             state.updated_at = issued_at
         state.balance_minor += amount
         self.dirty.add(account_id)
-        out = [self.h.event]
-        write_str(out, event_id(leg_id, account_id, state.version))
-        write_str(out, account_id)
-        write_long(out, state.version)
-        write_str(out, state.currency)
-        write_long(out, state.balance_minor)
-        write_long(out, state.balance_minor - state.held_minor)
-        write_long(out, state.updated_at)
-        write_str(out, transfer_id)
-        write_str(out, leg_id)
-        write_opt_str(out, correlation_id)
-        write_str(out, actor)
+        out = self._envelope(state, transfer_id, leg_id, correlation_id, actor)
         out.append(branch)
         write_str(out, transfer_id)
         write_str(out, other_account_id)
@@ -979,6 +953,23 @@ class Core:
         if reason is not None:
             write_str(out, reason)
         return b"".join(out)
+
+    def _envelope(self, state: Account, command_id: str, causation_id: str,
+                  correlation_id: str | None, actor: str) -> list[bytes]:
+        """The parts of an event up to its payload, for ``state`` after it."""
+        out = [self.h.event]
+        write_str(out, event_id(causation_id, state.account_id, state.version))
+        write_str(out, state.account_id)
+        write_long(out, state.version)
+        write_str(out, state.currency)
+        write_long(out, state.balance_minor)
+        write_long(out, state.balance_minor - state.held_minor)
+        write_long(out, state.updated_at)
+        write_str(out, command_id)
+        write_str(out, causation_id)
+        write_opt_str(out, correlation_id)
+        write_str(out, actor)
+        return out
 
     def _credit_leg(self, c: Cmd, occurred_at: int, expires_at: int) -> None:
         """The credit leg of an accepted transfer, signed, to the destination's partition

@@ -62,7 +62,8 @@ KEYS = (
     "latency_rate_per_s", "latency_ms_p50",
     "latency_ms_p99", "latency_ms_p999", "replay_events_per_s", "as_of_ms_p50",
     "as_of_ms_p99", "get_ms_p50", "get_ms_p99", "worker_rss_mb_peak",
-    "worker_rss_mb_half", "worker_rss_mb_end", "backlog_cores", "latency_cores", "check_ok",
+    "worker_rss_mb_half", "worker_rss_mb_end", "backlog_cores", "latency_cores", "e2e_cores",
+    "check_ok",
     "decide_us_per_command", "core",
 )
 ACCOUNTS = 10_000
@@ -602,11 +603,15 @@ def run_bench(commands: int = 200_000, mix: str = "full", seed: int = 1,
             w.wait_ready()
         watch2 = OutcomeWatch(s2)
         say("end to end: submitting while the worker decides")
+        cores = Cores({"broker": [broker_pid], "workers": [w.proc.pid for w in pool],
+                       "bench": [os.getpid()]})
+        cores.start()
         t0 = time.time()
         sender = threading.Thread(target=submit_all, args=(s2, cmds))
         sender.start()
         watch2.wait(len(cmds), 1800, "e2e", pool)
         sender.join()
+        results["e2e_cores"] = cores.stop()
         results["e2e_commands_per_s"] = len(cmds) / max(watch2.last_ts / 1000 - t0, 1e-3)
         results["worker_rss_mb_peak"] = max(results["worker_rss_mb_peak"],
                                             *(rss_mb(w.proc.pid, "VmHWM") for w in pool))
@@ -641,6 +646,7 @@ def render(r: dict[str, Any]) -> str:
          f"{f(r['get_ms_p50'], '.2f')} / {f(r['get_ms_p99'], '.2f')}"),
         ("cores used, backlog", format_cores(r["backlog_cores"])),
         ("cores used, latency run", format_cores(r["latency_cores"])),
+        ("cores used, end to end", format_cores(r["e2e_cores"])),
         ("worker peak RSS, MB", f(r["worker_rss_mb_peak"])),
         ("worker RSS half-way / end of backlog, MB",
          f"{f(r['worker_rss_mb_half'])} / {f(r['worker_rss_mb_end'])}"),

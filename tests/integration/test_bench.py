@@ -22,11 +22,11 @@ def test_a_small_bench_run_reports_every_key_and_checks_itself(kafka_bootstrap, 
     assert list(doc) == list(KEYS)
     assert doc["check_ok"] is True
     assert (doc["commands"], doc["mix"], doc["workers"]) == (12_000, "full", 2)
-    for phase in ("backlog_cores", "latency_cores"):  # no broker: the session started it
+    for phase in ("backlog_cores", "latency_cores", "e2e_cores"):  # no broker: the session's
         assert set(doc[phase]) == {"workers", "bench"} and min(doc[phase].values()) > 0, doc
     figures = {k: v for k, v in doc.items()
                if k not in ("commands", "mix", "workers", "check_ok", "backlog_cores",
-                            "latency_cores", "core")}
+                            "latency_cores", "e2e_cores", "core")}
     assert doc["core"] in ("compiled", "interpreted")
     bad = {k: v for k, v in figures.items()
            if not isinstance(v, int | float) or math.isnan(v) or v <= 0}

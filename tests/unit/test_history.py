@@ -153,21 +153,25 @@ def test_the_indexing_process_is_started_again_and_stopped(tmp_path, monkeypatch
     assert not second.is_alive()
 
 
-def test_the_indexing_process_dies_with_the_worker(tmp_path):
-    # a worker killed with SIGKILL runs no cleanup: the kernel ends its indexer
+def worker_with_indexer(tmp_path, then: str) -> tuple[subprocess.Popen[str], int]:
+    """A process that starts the history index, then runs ``then``: it and the index's pid."""
     script = (
-        "import sys, time\n"
+        "import os, signal, sys, time\n"
         "from streams.readmodels.history import History\n"
         "from streams.settings import Settings\n"
         "h = History(Settings(data_dir=sys.argv[1], bootstrap_servers='127.0.0.1:9'))\n"
         "h.start()\n"
-        "print(h._proc.pid, flush=True)\n"
-        "time.sleep(60)\n")
+        "print(h._proc.pid, flush=True)\n" + then + "\n")
     worker = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)],
                               stdout=subprocess.PIPE, text=True)
+    assert worker.stdout is not None
+    return worker, int(worker.stdout.readline())
+
+
+def test_the_indexing_process_dies_with_the_worker(tmp_path):
+    # a worker killed with SIGKILL runs no cleanup: the kernel ends its indexer
+    worker, indexer = worker_with_indexer(tmp_path, "time.sleep(60)")
     try:
-        assert worker.stdout is not None
-        indexer = int(worker.stdout.readline())
         assert not _gone(indexer, 1.0)
         worker.kill()
         worker.wait(10)
@@ -180,17 +184,6 @@ def test_the_indexing_process_dies_with_the_worker(tmp_path):
 def test_the_indexing_process_ends_if_the_worker_died_while_it_started(tmp_path):
     # killed before the child could ask the kernel to be signalled: it must see that
     # its parent is gone and exit, not index for ever with no one to read it
-    script = (
-        "import os, signal, sys\n"
-        "from streams.readmodels.history import History\n"
-        "from streams.settings import Settings\n"
-        "h = History(Settings(data_dir=sys.argv[1], bootstrap_servers='127.0.0.1:9'))\n"
-        "h.start()\n"
-        "print(h._proc.pid, flush=True)\n"
-        "os.kill(os.getpid(), signal.SIGKILL)\n")
-    worker = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)],
-                              stdout=subprocess.PIPE, text=True)
-    assert worker.stdout is not None
-    indexer = int(worker.stdout.readline())
+    worker, indexer = worker_with_indexer(tmp_path, "os.kill(os.getpid(), signal.SIGKILL)")
     worker.wait(10)
     assert _gone(indexer, 15.0)
