@@ -8,7 +8,8 @@ accounts (then, with ``--backlog N``, has the worker decide N commands of the fu
 first, as ``ledger bench`` measures latency right after its backlog), then for each
 rate submits single deposits open loop (fixed arrival times, as ``ledger bench`` does
 at 20% of its backlog rate) and prints submit -> outcome
-p50/p99 with the cores the broker, the worker and this process used meanwhile. Where
+p50/p99 with the cores the broker, the worker and this process used meanwhile, and
+the worker's steps meanwhile (how many, their commands and flush time each). Where
 p99 leaves the flush times behind and climbs with the run, the queue is growing:
 that rate is past what this machine sustains for one-command records. A warm-up at
 200/s comes first: at 50 submits/s a fresh broker used 0.9 of a core in its first
@@ -21,7 +22,10 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import urllib.request
 from contextlib import ExitStack
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from streams.dev import bench
 from streams.dev.procs import WorkerProcess
@@ -60,13 +64,25 @@ def main() -> None:
             bench.wait_quiet([worker], 300)
         for rate in rates:
             bench.say(f"single submits at {rate:,.0f}/s for {args.seconds:.0f} s")
+            before = steps(worker.url)
             cores.start()
             lat = bench.latency(s, accounts, rate, args.seconds)
             used = cores.stop()
+            n, flush_s, commands = (b - a for a, b in zip(before, steps(worker.url), strict=True))
             print(f"rate {rate:>7,.0f}/s  p50 {bench.percentile(lat, .5):9.1f} ms  "
-                  f"p99 {bench.percentile(lat, .99):9.1f} ms  cores: {bench.format_cores(used)}",
-                  flush=True)
+                  f"p99 {bench.percentile(lat, .99):9.1f} ms  cores: {bench.format_cores(used)}"
+                  f"  steps: {n:,.0f}, {commands / max(n, 1):,.0f} commands and "
+                  f"{flush_s / max(n, 1) * 1000:,.1f} ms of flushes each", flush=True)
             bench.wait_quiet([worker], 300)
+
+
+def steps(url: str) -> tuple[float, float, float]:
+    """The worker's steps so far: how many, their flushes' seconds, their commands."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+        m = {sample.name: sample.value for family in
+             text_string_to_metric_families(resp.read().decode()) for sample in family.samples}
+    return (m["ledger_flush_seconds_count"], m["ledger_flush_seconds_sum"],
+            m["ledger_batch_commands_sum"])
 
 
 if __name__ == "__main__":
