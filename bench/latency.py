@@ -22,10 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import urllib.request
 from contextlib import ExitStack
-
-from prometheus_client.parser import text_string_to_metric_families
 
 from streams.dev import bench
 from streams.dev.procs import WorkerProcess
@@ -64,25 +61,17 @@ def main() -> None:
             bench.wait_quiet([worker], 300)
         for rate in rates:
             bench.say(f"single submits at {rate:,.0f}/s for {args.seconds:.0f} s")
-            before = steps(worker.url)
+            before = bench.worker_steps(worker.url)
             cores.start()
             lat = bench.latency(s, accounts, rate, args.seconds)
             used = cores.stop()
-            n, flush_s, commands = (b - a for a, b in zip(before, steps(worker.url), strict=True))
+            after = bench.worker_steps(worker.url)
+            n, flush_s, commands = (b - a for a, b in zip(before, after, strict=True))
             print(f"rate {rate:>7,.0f}/s  p50 {bench.percentile(lat, .5):9.1f} ms  "
                   f"p99 {bench.percentile(lat, .99):9.1f} ms  cores: {bench.format_cores(used)}"
                   f"  steps: {n:,.0f}, {commands / max(n, 1):,.0f} commands and "
                   f"{flush_s / max(n, 1) * 1000:,.1f} ms of flushes each", flush=True)
             bench.wait_quiet([worker], 300)
-
-
-def steps(url: str) -> tuple[float, float, float]:
-    """The worker's steps so far: how many, their flushes' seconds, their commands."""
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
-        m = {sample.name: sample.value for family in
-             text_string_to_metric_families(resp.read().decode()) for sample in family.samples}
-    return (m["ledger_flush_seconds_count"], m["ledger_flush_seconds_sum"],
-            m["ledger_batch_commands_sum"])
 
 
 if __name__ == "__main__":

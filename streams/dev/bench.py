@@ -44,6 +44,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from prometheus_client.parser import text_string_to_metric_families
 
 from producers.client import LedgerClient
 from schemas import models as m
@@ -345,15 +346,31 @@ def latency(s: Settings, accounts: list[str], rate: float, seconds: float) -> li
     return results
 
 
+def worker_steps(url: str) -> tuple[float, float, float]:
+    """A worker's steps so far, from its metrics: how many, their flushes' seconds,
+    their commands."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+        m = {sample.name: sample.value for family in
+             text_string_to_metric_families(resp.read().decode()) for sample in family.samples}
+    return (m["ledger_flush_seconds_count"], m["ledger_flush_seconds_sum"],
+            m["ledger_batch_commands_sum"])
+
+
 def wait_quiet(workers: list[WorkerProcess], timeout_s: float) -> None:
-    """Until no worker has input waiting (transfer legs included), twice in a row."""
+    """Until no worker has input waiting (transfer legs included) and none has taken a
+    step for two seconds. The health's lag alone is not enough: it is measured every
+    2 s, and empty while a worker starts; a latency run begun on it could find the
+    worker still deciding the backlog's last steps."""
     deadline = time.monotonic() + timeout_s
     quiet = 0
-    while quiet < 2:
+    before: list[float] = []
+    while quiet < 3:
         if time.monotonic() > deadline:
             raise TimeoutError(f"workers still have input waiting after {timeout_s}s")
         docs = [w.get("/health/ready") for w in workers]
-        quiet = quiet + 1 if all(st == 200 and not d.get("lag") for st, d in docs) else 0
+        steps = [worker_steps(w.url)[0] for w in workers]
+        idle = steps == before and all(st == 200 and not d.get("lag") for st, d in docs)
+        quiet, before = quiet + 1 if idle else 0, steps
         time.sleep(1.0)
 
 
