@@ -525,6 +525,20 @@ class Account:
         return b"".join(out)
 
 
+def read_outcome(buf: bytes, start: int) -> tuple[bytes, list[bytes], bool, int]:
+    """A stored outcome (``ledger.state.CommandOutcome``): its digest, records, whether
+    it was a rejection, and when it is forgotten."""
+    r = Reader(buf, start)
+    digest = r.blob()
+    records: list[bytes] = []
+    count = r.block()
+    while count:
+        for _ in range(count):
+            records.append(r.blob())
+        count = r.block()
+    return digest, records, r.boolean(), r.long()
+
+
 def read_account(buf: bytes, start: int) -> Account:
     r = Reader(buf, start)
     a = Account(r.string(), r.string(), r.string(), r.long(), r.long(), r.long(), r.long(),
@@ -676,30 +690,18 @@ class Core:
         if p != self.partition:
             return False
         okey = b"i" + account_id.encode() + b"\0" + c.command_id.encode()
-        prior = self.writes[okey] if okey in self.writes else self.read(okey)
+        prior = self._outcome(okey)
+        if prior is not None and prior[:len(self.h.outcome)] != self.h.outcome:
+            return False  # stored in another schema version
         name = COMMAND_NAMES[k]
         stats = self.stats
-        if prior is not None:  # seen before: a retry, or the id reused
-            n = len(self.h.outcome)
-            if prior[:n] != self.h.outcome:
-                return False  # stored in another schema version
-            r = Reader(prior, n)
-            digest = r.blob()
-            records: list[bytes] = []
-            count = r.block()
-            while count:
-                for _ in range(count):
-                    records.append(r.blob())
-                count = r.block()
-            rejected = r.boolean()
-            expires_at = r.long()
-            if not (0 < expires_at < now):  # else forgotten: decided as a new command
-                stats.types[name] = stats.types.get(name, 0) + 1
-                stats.issued_at.append(c.issued_at)
-                self._seen(c, name, digest, records, rejected)
-                return True
         stats.types[name] = stats.types.get(name, 0) + 1
         stats.issued_at.append(c.issued_at)
+        if prior is not None:  # seen before: a retry, or the id reused
+            digest, records, rejected, forget_at = read_outcome(prior, len(self.h.outcome))
+            if not (0 < forget_at < now):  # else forgotten: decided as a new command
+                self._seen(c, name, digest, records, rejected)
+                return True
         state = self.accounts[account_id] if account_id in self.accounts else self.load(account_id)
         reason, detail = future_rule(c.issued_at, now, self.max_skew_ms)
         if not reason:
@@ -880,11 +882,12 @@ class Core:
         leg_id = transfer_id + (":refund" if refund else ":credit")
         okey2 = b"".join([b"i", account_id.encode(), b"\0", leg_id.encode()])
         okey = b"".join([okey2, b"\0", from_account_id.encode()])
-        if self._stored(okey) or (refund and self._stored(okey2)):
+        if self._outcome(okey) is not None or (refund and self._outcome(okey2) is not None):
             return False  # seen before (a refund's key once had two parts)
         state = self.accounts[account_id] if account_id in self.accounts else \
             self.load(account_id)
         outcome_expires_at = now + self.window_ms
+        refused = ""
         if refund:
             if state is None or state.balance_minor + amount > MAX_MINOR:
                 return False  # a dead letter, or a rejection for an operator
@@ -905,35 +908,25 @@ class Core:
                 stats.rejections += 1
                 stats.reasons[refused] = stats.reasons.get(refused, 0) + 1
                 self.outputs.append(Output("rejections", account_id.encode(), value))
-                body: list[bytes] = [_BYTE[2]]  # REFUND
-                write_str(body, transfer_id)
-                write_str(body, from_account_id)
-                write_str(body, to_account_id)
-                write_long(body, amount)
-                write_str(body, currency)
-                write_long(body, issued_at)
-                write_str(body, actor)
-                write_opt_str(body, correlation_id)
-                write_opt_str(body, refused)
-                write_long(body, outcome_expires_at)
-                self._send_leg(b"".join(body), from_account_id)
-                self.writes[okey] = encode_outcome(self.h, signature[1:17], value, True,
-                                                   outcome_expires_at)
-                self.retained.append((outcome_expires_at, okey))
-                return True
-            assert state is not None
-            value = self._leg_event(state, account_id, transfer_id, leg_id, issued_at,
-                                    actor, correlation_id, amount, _BYTE[8],
-                                    from_account_id, None)
-        self.stats.events += 1
-        self.outputs.append(Output("events", account_id.encode(), value))
-        self.writes[okey] = encode_outcome(self.h, signature[1:17], value, False,
+                self._send_leg(True, transfer_id, from_account_id, to_account_id, amount,
+                               currency, issued_at, actor, correlation_id, refused,
+                               outcome_expires_at)
+            else:
+                assert state is not None
+                value = self._leg_event(state, account_id, transfer_id, leg_id, issued_at,
+                                        actor, correlation_id, amount, _BYTE[8],
+                                        from_account_id, None)
+        if not refused:
+            self.stats.events += 1
+            self.outputs.append(Output("events", account_id.encode(), value))
+        self.writes[okey] = encode_outcome(self.h, signature[1:17], value, bool(refused),
                                            outcome_expires_at)
         self.retained.append((outcome_expires_at, okey))
         return True
 
-    def _stored(self, okey: bytes) -> bool:
-        return (self.writes[okey] if okey in self.writes else self.read(okey)) is not None
+    def _outcome(self, okey: bytes) -> bytes | None:
+        """The stored outcome of an id: this batch's, or the store's."""
+        return self.writes[okey] if okey in self.writes else self.read(okey)
 
     def _leg_event(self, state: Account, account_id: str, transfer_id: str, leg_id: str,
                    issued_at: int, actor: str, correlation_id: str | None, amount: int,
@@ -972,31 +965,34 @@ class Core:
         return out
 
     def _credit_leg(self, c: Cmd, occurred_at: int, expires_at: int) -> None:
-        """The credit leg of an accepted transfer, signed, to the destination's partition
-        (``leg_secret``: the processor's LegSigner key)."""
+        """The credit leg of an accepted transfer, to the destination's partition."""
         assert c.to_account_id is not None and c.amount_minor is not None
         assert c.currency is not None
-        body: list[bytes] = []
-        body.append(_BYTE[0])  # CREDIT
-        write_str(body, c.command_id)
-        write_str(body, c.account_id)
-        write_str(body, c.to_account_id)
-        write_long(body, c.amount_minor)
-        write_str(body, c.currency)
-        write_long(body, occurred_at)
-        write_str(body, c.actor)
-        write_opt_str(body, c.correlation_id)
-        body.append(_BYTE[0])  # no reason
-        write_long(body, expires_at)
-        self._send_leg(b"".join(body), c.to_account_id)
+        self._send_leg(False, c.command_id, c.account_id, c.to_account_id, c.amount_minor,
+                       c.currency, occurred_at, c.actor, c.correlation_id, None, expires_at)
 
-    def _send_leg(self, unsigned: bytes, account_id: str) -> None:
-        """A leg's body, signed (``leg_secret``: the processor's LegSigner key), to the
-        partition of the account that receives it."""
+    def _send_leg(self, refund: bool, transfer_id: str, from_account_id: str,
+                  to_account_id: str, amount: int, currency: str, issued_at: int, actor: str,
+                  correlation_id: str | None, reason: str | None, expires_at: int) -> None:
+        """A leg, signed (``leg_secret``: the processor's LegSigner key, over its bytes
+        with an empty signature), to the partition of the account that receives it."""
+        body = [_BYTE[2 if refund else 0]]  # REFUND, CREDIT
+        write_str(body, transfer_id)
+        write_str(body, from_account_id)
+        write_str(body, to_account_id)
+        write_long(body, amount)
+        write_str(body, currency)
+        write_long(body, issued_at)
+        write_str(body, actor)
+        write_opt_str(body, correlation_id)
+        write_opt_str(body, reason)
+        write_long(body, expires_at)
+        unsigned = b"".join(body)
         signature = hmac.new(self.leg_secret, unsigned + b"\0", hashlib.sha256).digest()
         out = [self.h.leg, unsigned]
         write_bytes(out, signature)
         self.stats.legs += 1
+        account_id = from_account_id if refund else to_account_id
         self.outputs.append(Output("transfers", account_id.encode(), b"".join(out)))
 
 
