@@ -16,10 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import urllib.request
 from contextlib import ExitStack
-
-from prometheus_client.parser import text_string_to_metric_families
 
 from streams.dev import bench
 from streams.dev.procs import WorkerProcess
@@ -48,10 +45,7 @@ def main() -> None:
         assert watch.first_ts is not None
         rate = len(cmds) / max((watch.last_ts - watch.first_ts) / 1000, 1e-3)
         bench.wait_quiet([worker], 120)  # outcomes are out before their batch's state is
-        with urllib.request.urlopen(worker.url + "/metrics", timeout=10) as resp:
-            metrics = {sample.name: sample.value for family in
-                       text_string_to_metric_families(resp.read().decode())
-                       for sample in family.samples}
+        metrics = bench.worker_metrics(worker.url)
         watch.close()
     print(f"backlog {rate:,.0f} commands/s; cores: {bench.format_cores(used)}; "
           f"deciding {metrics['ledger_decide_seconds_sum']:.1f} s and flushing "

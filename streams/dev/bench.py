@@ -346,21 +346,26 @@ def latency(s: Settings, accounts: list[str], rate: float, seconds: float) -> li
     return results
 
 
-def worker_steps(url: str) -> tuple[float, float, float]:
-    """A worker's steps so far, from its metrics: how many, their flushes' seconds,
-    their commands."""
+def worker_metrics(url: str) -> dict[str, float]:
+    """A worker's ``/metrics``, by sample name."""
     with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
-        m = {sample.name: sample.value for family in
-             text_string_to_metric_families(resp.read().decode()) for sample in family.samples}
+        return {sample.name: sample.value for family in
+                text_string_to_metric_families(resp.read().decode())
+                for sample in family.samples}
+
+
+def worker_steps(url: str) -> tuple[float, float, float]:
+    """A worker's steps so far: how many, their flushes' seconds, their commands."""
+    m = worker_metrics(url)
     return (m["ledger_flush_seconds_count"], m["ledger_flush_seconds_sum"],
             m["ledger_batch_commands_sum"])
 
 
 def wait_quiet(workers: list[WorkerProcess], timeout_s: float) -> None:
     """Until no worker has input waiting (transfer legs included) and none has taken a
-    step for two seconds. The health's lag alone is not enough: it is measured every
-    2 s, and empty while a worker starts; a latency run begun on it could find the
-    worker still deciding the backlog's last steps."""
+    step for three seconds (four looks a second apart). The health's lag alone is not
+    enough: it is measured every 2 s, and empty while a worker starts; a latency run
+    begun on it could find the worker still deciding the backlog's last steps."""
     deadline = time.monotonic() + timeout_s
     quiet = 0
     before: list[float] = []
