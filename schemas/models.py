@@ -134,14 +134,50 @@ class CloseAccount(CommandBase):
     pass
 
 
+class Posting(Model):
+    """One movement of a transaction; ``expected_version``: of the source account."""
+
+    from_account_id: Id
+    to_account_id: Id
+    amount_minor: Long
+    currency: Text
+    expected_version: Long | None = None
+
+    def to_avro(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+# Postings in one transaction, at most: every participant is sent them all.
+MAX_POSTINGS = 100
+
+
+class Transaction(CommandBase):
+    """Postings that all apply or none does; the transaction id is the ``command_id``,
+    scoped to ``account_id``, the coordinator."""
+
+    postings: Annotated[list[Posting], Field(min_length=1, max_length=MAX_POSTINGS)]
+
+
+class Reverse(CommandBase):
+    """Post the opposite of ``transaction_id``, a committed transaction of this account."""
+
+    transaction_id: Id
+
+
+class ExpireTransaction(CommandBase):
+    """End ``transaction_id`` if a participant has not answered by its deadline."""
+
+    transaction_id: Id
+
+
 Command = (
     OpenAccount | Deposit | Withdraw | Transfer | PlaceHold | CaptureHold | ReleaseHold
-    | ExpireHold | CloseAccount
+    | ExpireHold | CloseAccount | Transaction | Reverse | ExpireTransaction
 )
 COMMAND_TYPES: dict[str, type[CommandBase]] = {
     c.__name__: c
     for c in (OpenAccount, Deposit, Withdraw, Transfer, PlaceHold, CaptureHold, ReleaseHold,
-              ExpireHold, CloseAccount)
+              ExpireHold, CloseAccount, Transaction, Reverse, ExpireTransaction)
 }
 
 # ---------------------------------------------------------------- events
@@ -200,15 +236,59 @@ class AccountClosed(Model):
     pass
 
 
+class TransactionStarted(Model):
+    transaction_id: str
+    postings: list[Posting]
+    deadline: int
+    reverses: str | None = None
+
+
+class TransactionReserved(Model):
+    transaction_id: str
+    coordinator_account_id: str
+    amount_minor: int
+
+
+class TransactionPosted(Model):
+    transaction_id: str
+    coordinator_account_id: str
+    amount_minor: int
+    postings: list[Posting]
+
+
+class TransactionReleased(Model):
+    transaction_id: str
+    coordinator_account_id: str
+    amount_minor: int
+    reason: str
+
+
+class TransactionCommitted(Model):
+    transaction_id: str
+
+
+class TransactionRejected(Model):
+    transaction_id: str
+    reason: str
+    detail: str
+    posting_index: int
+
+
 Payload = (
     AccountOpened | Deposited | Withdrawn | TransferDebited | TransferCredited
     | TransferReversed | HoldPlaced | HoldCaptured | HoldReleased | AccountClosed
+    | TransactionStarted | TransactionReserved | TransactionPosted | TransactionReleased
+    | TransactionCommitted | TransactionRejected
 )
 PAYLOAD_TYPES: dict[str, type[Model]] = {
     c.__name__: c
     for c in (AccountOpened, Deposited, Withdrawn, TransferDebited, TransferCredited,
-              TransferReversed, HoldPlaced, HoldCaptured, HoldReleased, AccountClosed)
+              TransferReversed, HoldPlaced, HoldCaptured, HoldReleased, AccountClosed,
+              TransactionStarted, TransactionReserved, TransactionPosted, TransactionReleased,
+              TransactionCommitted, TransactionRejected)
 }
+
+_WITH_POSTINGS = (TransactionStarted, TransactionPosted)
 
 
 class LedgerEvent(Model):
@@ -233,14 +313,19 @@ class LedgerEvent(Model):
 
     def to_avro(self) -> dict[str, Any]:
         d = dict(self.__dict__)
-        d["payload"] = ("ledger." + self.type, self.payload.__dict__)
+        body = self.payload.__dict__
+        if isinstance(self.payload, _WITH_POSTINGS):
+            body = dict(body, postings=[p.to_avro() for p in body["postings"]])
+        d["payload"] = ("ledger." + self.type, body)
         return d
 
     @classmethod
     def from_avro(cls, d: dict[str, Any]) -> LedgerEvent:
         name, body = d["payload"]
-        d = dict(d, payload=PAYLOAD_TYPES[name.rsplit(".", 1)[-1]].trusted(**body))
-        return cls.trusted(**d)
+        kind = PAYLOAD_TYPES[name.rsplit(".", 1)[-1]]
+        if kind in _WITH_POSTINGS:
+            body = dict(body, postings=postings_from_avro(body["postings"]))
+        return cls.trusted(**dict(d, payload=kind.trusted(**body)))
 
 
 class Rejection(Model):
@@ -299,6 +384,44 @@ class TransferLeg(Model):
         return cls.trusted(**d)
 
 
+class TransactionMessage(Model):
+    """One step of a transaction between its coordinator and a participant
+    (``ledger.transfers``): PREPARE and COMMIT/ABORT to the participant, VOTE back."""
+
+    avro_name: ClassVar[str] = "ledger.TransactionMessage"
+
+    kind: Literal["PREPARE", "VOTE", "COMMIT", "ABORT"]
+    transaction_id: str
+    coordinator_account_id: str
+    account_id: str  # the participant
+    postings: list[Posting]
+    accepted: bool = False
+    reason: str | None = None
+    detail: str | None = None
+    posting_index: int = -1
+    issued_at: int = 0
+    actor: str = ""
+    correlation_id: str | None = None
+    expires_at: int = 0
+    signature: bytes = b""
+
+    @property
+    def to(self) -> str:
+        """The account whose partition handles this message."""
+        return self.coordinator_account_id if self.kind == "VOTE" else self.account_id
+
+    def to_avro(self) -> dict[str, Any]:
+        return dict(self.__dict__, postings=[p.to_avro() for p in self.postings])
+
+    @classmethod
+    def from_avro(cls, d: dict[str, Any]) -> TransactionMessage:
+        return cls.trusted(**dict(d, postings=postings_from_avro(d["postings"])))
+
+
+def postings_from_avro(items: list[dict[str, Any]]) -> list[Posting]:
+    return [Posting.trusted(**p) for p in items]
+
+
 # ---------------------------------------------------------------- state
 
 
@@ -353,10 +476,38 @@ class CommandOutcome(Model):
         return cls.trusted(**d)
 
 
+class TransactionRecord(Model):
+    """A transaction at its coordinator: who reserved, how it ended, what reversed it."""
+
+    avro_name: ClassVar[str] = "ledger.state.TransactionRecord"
+
+    transaction_id: str
+    coordinator_account_id: str
+    postings: list[Posting]
+    participants: list[str]
+    voted: list[str]
+    state: Literal["pending", "committed", "rejected"]
+    deadline: int
+    issued_at: int
+    actor: str
+    correlation_id: str | None = None
+    reverses: str | None = None
+    reversed_by: str | None = None
+
+    def to_avro(self) -> dict[str, Any]:
+        return dict(self.__dict__, postings=[p.to_avro() for p in self.postings])
+
+    @classmethod
+    def from_avro(cls, d: dict[str, Any]) -> TransactionRecord:
+        return cls.trusted(**dict(d, postings=postings_from_avro(d["postings"])))
+
+
 # ---------------------------------------------------------------- wire helpers
 
 
 def command_to_avro(c: CommandBase) -> tuple[str, dict[str, Any]]:
+    if isinstance(c, Transaction):
+        return ("ledger.Transaction", dict(c.__dict__, postings=[p.to_avro() for p in c.postings]))
     return ("ledger." + c.type, c.__dict__)
 
 
@@ -369,5 +520,6 @@ def encode_batch(commands: Sequence[CommandBase]) -> bytes:
     return CODEC.encode("ledger.CommandBatch", {"commands": [command_to_avro(c) for c in commands]})
 
 
-def encode(obj: LedgerEvent | Rejection | TransferLeg | AccountState | CommandOutcome) -> bytes:
+def encode(obj: LedgerEvent | Rejection | TransferLeg | AccountState | CommandOutcome
+           | TransactionMessage | TransactionRecord) -> bytes:
     return CODEC.encode(obj.avro_name, obj.to_avro())

@@ -37,6 +37,11 @@ from schemas.models import (
     PlaceHold,
     Rejection,
     ReleaseHold,
+    Transaction,
+    TransactionMessage,
+    TransactionPosted,
+    TransactionReleased,
+    TransactionReserved,
     Transfer,
     TransferCredited,
     TransferDebited,
@@ -76,6 +81,12 @@ class Reason(StrEnum):
     BALANCE_OUT_OF_RANGE = "balance_out_of_range"
     BALANCE_NOT_ZERO = "balance_not_zero"
     HOLDS_OPEN = "holds_open"
+    TRANSACTION_NOT_FOUND = "transaction_not_found"
+    TRANSACTION_NOT_COMMITTED = "transaction_not_committed"
+    ALREADY_REVERSED = "already_reversed"
+    TRANSACTION_NOT_PENDING = "transaction_not_pending"
+    TRANSACTION_NOT_EXPIRED = "transaction_not_expired"
+    TRANSACTION_TIMED_OUT = "transaction_timed_out"
 
 
 class Refused(Exception):
@@ -95,6 +106,7 @@ class Decision:
     rejection: Rejection | None = None
     legs: tuple[TransferLeg, ...] = field(default=())
     state_after: AccountState | None = None
+    messages: tuple[TransactionMessage, ...] = ()  # a transaction's steps (streams.transactions)
 
 
 # ---------------------------------------------------------------- static checks
@@ -109,6 +121,13 @@ def _check(broken: tuple[str, str]) -> None:
 
 def check_command(command: CommandBase) -> None:
     """Rules that need no state. The client runs these before it sends anything."""
+    if isinstance(command, Transaction):
+        for i, p in enumerate(command.postings):
+            reason, detail = core.static_rules(p.amount_minor, p.currency, None, None, 0,
+                                               p.from_account_id == p.to_account_id)
+            if reason:
+                raise Refused(Reason(reason), f"posting {i}: {detail}")
+        return
     _check(core.static_rules(
         getattr(command, "amount_minor", None), getattr(command, "currency", None),
         command.overdraft_limit_minor if isinstance(command, OpenAccount) else None,
@@ -331,8 +350,24 @@ def _after(state: AccountState | None, p: Payload, account_id: str, currency: st
             balance -= p.captured_minor
     elif isinstance(p, AccountClosed):
         status = "closed"
+    elif isinstance(p, TransactionReserved):
+        held += p.amount_minor
+        holds = {**holds, reservation_id(p.coordinator_account_id, p.transaction_id):
+                 Hold(amount_minor=p.amount_minor, expires_at=0)}
+    elif isinstance(p, TransactionPosted | TransactionReleased):
+        rid = reservation_id(p.coordinator_account_id, p.transaction_id)
+        held -= holds[rid].amount_minor
+        holds = {k: v for k, v in holds.items() if k != rid}
+        if isinstance(p, TransactionPosted):
+            balance += p.amount_minor
     return state.replace(balance_minor=balance, held_minor=held, holds=holds, status=status,
                          version=version, updated_at=occurred_at)
+
+
+def reservation_id(coordinator_account_id: str, transaction_id: str) -> str:
+    """A transaction's reservation among an account's holds: NUL (which no hold id has)
+    keeps it apart from the holds clients place."""
+    return f"transaction\0{coordinator_account_id}\0{transaction_id}"
 
 
 def fold(events: list[LedgerEvent]) -> AccountState | None:

@@ -96,6 +96,8 @@ class Settings(BaseSettings):
     # A command whose issued_at is more than this ahead of the broker's append time is
     # rejected (issued_in_future): its time would become its events' times.
     max_skew_s: int = Field(default=300, ge=0)
+    # A transaction a participant has not answered by then is rejected (transaction_timed_out).
+    transaction_timeout_s: int = Field(default=60, ge=1)
     # A command record bigger than this is dead-lettered unread.
     max_record_bytes: int = Field(default=1_000_000, ge=1024)
     # How fast the group notices a dead worker (its partitions move after this).

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import logging
 import os
 import threading
@@ -28,7 +29,8 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 from faust.types import TP, EventT
 
-from schemas.models import ExpireHold
+from schemas.models import ExpireHold, ExpireTransaction
+from schemas.text import MAX_ID_LENGTH
 from streams import exits
 from streams.ops.topics import end_offsets
 from streams.settings import Settings
@@ -217,6 +219,15 @@ def create_app(s: Settings) -> faust.App:
     web.register(app, s)
     web.register_health(app, s)
     return app
+
+
+def internal_id(kind: str, name: str, at: int) -> str:
+    """The command id of an expiry the ledger issues: ``kind:name:at``, with a digest of
+    the name where that would be longer than an id may be."""
+    cid = f"{kind}:{name}:{at}"
+    if len(cid) <= MAX_ID_LENGTH:
+        return cid
+    return f"{kind}:{hashlib.blake2b(name.encode(), digest_size=16).hexdigest()}:{at}"
 
 
 class Worker:
@@ -472,21 +483,30 @@ class Worker:
             if now - sent > 300:
                 del self.expiry_sent[key]
 
-    def _due_holds(self, partition: int, now_ms: int, now: float) -> list[ExpireHold]:
+    def _due_holds(self, partition: int, now_ms: int, now: float,
+                   ) -> list[ExpireHold | ExpireTransaction]:
+        """Holds past their expiry (``x`` index) and transactions past their deadline
+        (``y``), each submitted again at most every 30 s until it is done."""
         view = PartitionView(self.accounts.data._db_for_partition(partition))
-        due = []
-        for key in view.db.keys(from_key=b"x"):
-            if not key.startswith(b"x"):
-                break
-            expires_at, account, hold_id = parse_expiry_key(key)
-            if expires_at > now_ms:
-                break
-            if view.get(key) is None or now - self.expiry_sent.get(key, 0.0) < 30:
-                continue
-            self.expiry_sent[key] = now
-            due.append(ExpireHold(command_id=f"expire:{hold_id}:{expires_at}",
-                                  account_id=account, actor="ledger", issued_at=expires_at,
-                                  hold_id=hold_id))
+        due: list[ExpireHold | ExpireTransaction] = []
+        for prefix in (b"x", b"y"):
+            for key in view.db.keys(from_key=prefix):
+                if not key.startswith(prefix):
+                    break
+                at, account, name = parse_expiry_key(key)
+                if at > now_ms:
+                    break
+                if view.get(key) is None or now - self.expiry_sent.get(key, 0.0) < 30:
+                    continue
+                self.expiry_sent[key] = now
+                if prefix == b"x":
+                    due.append(ExpireHold(command_id=internal_id("expire", name, at),
+                                          account_id=account, actor="ledger", issued_at=at,
+                                          hold_id=name))
+                else:
+                    due.append(ExpireTransaction(command_id=internal_id("timeout", name, at),
+                                                 account_id=account, actor="ledger",
+                                                 issued_at=at, transaction_id=name))
         return due
 
     # ------------------------------------------------------------ start-up, crash watch

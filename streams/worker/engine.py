@@ -381,7 +381,8 @@ class Engine:
         bp = BatchProcessor(view.reads.get, lambda start: view.db.keys(from_key=start), p,
                             self.s.partitions, self.signer, window_ms=self.s.idempotency_window_ms,
                             max_record_bytes=self.s.max_record_bytes,
-                            max_skew_ms=self.s.max_skew_s * 1000)
+                            max_skew_ms=self.s.max_skew_s * 1000,
+                            transaction_timeout_ms=self.s.transaction_timeout_s * 1000)
         for r in legs:
             bp.leg_record(r.key, r.value, self.s.transfers_topic, r.offset, r.timestamp)
         for r in cmds:

@@ -16,6 +16,10 @@ Store keys (bytes):
                                     record per batch: the first in its key, the others
                                     in its value, joined by ``\\xff``
     ``x<expires_at:8>``...          hold expiry index: ``<account>\\0<hold_id>``
+    ``t<account>\\0<transaction_id>``  TransactionRecord at its coordinator (kept once
+                                    committed, for reversals; forgotten a window after
+                                    it is rejected)
+    ``y<deadline:8>``...            pending transactions' deadlines: ``<account>\\0<id>``
     ``\\0clock``                    the partition clock (8 bytes, epoch ms)
 
 Idempotency is bounded: a command_id is remembered for ``window_ms`` of partition
@@ -42,22 +46,28 @@ from pathlib import Path
 import fastavro
 from pydantic import ValidationError
 
-from schemas.codec import CODEC, HEADER_LEN, DecodeError
+from schemas.codec import CODEC, HEADER_LEN, DecodeError, WrongSchema
 from schemas.models import (
     AccountState,
     CommandBase,
     CommandOutcome,
+    ExpireTransaction,
     Hold,
     HoldCaptured,
     HoldPlaced,
     HoldReleased,
     LedgerEvent,
     Rejection,
+    Reverse,
+    Transaction,
+    TransactionMessage,
+    TransactionRecord,
     TransferLeg,
     command_from_avro,
     encode,
 )
 from streams import core as _core
+from streams import transactions
 from streams.core import (
     Account,
     Core,
@@ -174,6 +184,16 @@ def leg_outcome_key(account_id: str, leg_id: str, from_account_id: str) -> bytes
     return outcome_key(account_id, leg_id) + b"\0" + from_account_id.encode()
 
 
+def transaction_key(coordinator_account_id: str, transaction_id: str) -> bytes:
+    return b"t" + coordinator_account_id.encode() + b"\0" + transaction_id.encode()
+
+
+def deadline_key(deadline: int, coordinator_account_id: str, transaction_id: str) -> bytes:
+    """The index of pending transactions by deadline (``parse_expiry_key`` reads it)."""
+    return b"y" + _MS.pack(deadline) + coordinator_account_id.encode() + b"\0" + \
+        transaction_id.encode()
+
+
 def parse_expiry_key(key: bytes) -> tuple[int, str, str]:
     (expires_at,) = _MS.unpack_from(key, 1)
     account, hold = key[9:].split(b"\0", 1)
@@ -235,6 +255,16 @@ class LegSigner:
 
     def verify(self, leg: TransferLeg) -> bool:
         return hmac.compare_digest(leg.signature, self._mac(leg))
+
+    def _message_mac(self, m: TransactionMessage) -> bytes:
+        body = CODEC.body(TransactionMessage.avro_name, {**m.to_avro(), "signature": b""})
+        return hmac.new(self.key, b"transaction\0" + body, hashlib.sha256).digest()
+
+    def sign_message(self, m: TransactionMessage) -> TransactionMessage:
+        return m.replace(signature=self._message_mac(m))
+
+    def verify_message(self, m: TransactionMessage) -> bool:
+        return hmac.compare_digest(m.signature, self._message_mac(m))
 
 
 # TransferLeg as first published, without expires_at (its legs are still verified).
@@ -308,7 +338,7 @@ class BatchProcessor:
     def __init__(self, read: Callable[[bytes], bytes | None],
                  keys: Callable[[bytes], Iterable[bytes]], partition: int, partitions: int,
                  signer: LegSigner, *, window_ms: int, max_record_bytes: int = 1_000_000,
-                 max_skew_ms: int = 300_000) -> None:
+                 max_skew_ms: int = 300_000, transaction_timeout_ms: int = 60_000) -> None:
         self._read = read
         self._keys = keys
         self.window_ms = window_ms
@@ -318,6 +348,7 @@ class BatchProcessor:
         self.signer = signer
         self.max_record_bytes = max_record_bytes
         self.max_skew_ms = max_skew_ms
+        self.transaction_timeout_ms = transaction_timeout_ms
         self.outputs: list[Output] = []
         self.stats = Stats()
         self._accounts: dict[str, Account | None] = {}
@@ -466,7 +497,110 @@ class BatchProcessor:
             self._apply(c.account_id, okey, digest,
                         Decision(rejection=reject(c, Reason(reason), detail)))
             return
+        if transactions.is_transaction_command(c):
+            self._apply(c.account_id, okey, digest, self._transaction(c))
+            return
         self._apply(c.account_id, okey, digest, decide(self._state(c.account_id), c))
+
+    # ------------------------------------------------------------ transactions
+
+    def _record(self, key: bytes) -> TransactionRecord | None:
+        raw = self._get(key)
+        if raw is None:
+            return None
+        return TransactionRecord.from_avro(
+            CODEC.decode(raw, expect=TransactionRecord.avro_name)[1])
+
+    def _keep(self, key: bytes, before: TransactionRecord | None,
+              after: TransactionRecord | None) -> None:
+        """Store a transaction's record, and keep the deadline index and the link to the
+        transaction it reverses in step with it."""
+        if after is None or after == before:
+            return
+        self._writes[key] = encode(after)
+        deadline = deadline_key(after.deadline, after.coordinator_account_id,
+                                after.transaction_id)
+        if after.state == "pending":
+            self._writes[deadline] = b""
+            return
+        self._writes[deadline] = None
+        if after.state == "rejected":
+            assert self._now is not None
+            self._retained.append((self._now + self.window_ms, key))
+            if after.reverses is not None:  # the original may be reversed again
+                okey = transaction_key(after.coordinator_account_id, after.reverses)
+                original = self._record(okey)
+                if original is not None and original.reversed_by == after.transaction_id:
+                    self._writes[okey] = encode(original.replace(reversed_by=None))
+
+    def _transaction(self, c: CommandBase) -> Decision:
+        """A Transaction, Reverse or ExpireTransaction at its coordinator."""
+        assert self._now is not None
+        state = self._state(c.account_id)
+        if isinstance(c, Transaction | Reverse):
+            key = transaction_key(c.account_id, c.command_id)
+            if self._record(key) is not None:  # its outcome is forgotten, not the transaction
+                return Decision(rejection=reject(c, Reason.IDEMPOTENCY_KEY_REUSED,
+                                                 f"transaction {c.command_id!r} was used before"))
+            if isinstance(c, Transaction):
+                decision, record = transactions.start(state, c, c.postings, self._now,
+                                                      self.transaction_timeout_ms)
+            else:
+                okey = transaction_key(c.account_id, c.transaction_id)
+                original = self._record(okey)
+                decision, record = transactions.reverse(state, c, original, self._now,
+                                                        self.transaction_timeout_ms)
+                if record is not None and original is not None:
+                    self._writes[okey] = encode(original.replace(reversed_by=c.command_id))
+            self._keep(key, None, record)
+            return decision
+        assert isinstance(c, ExpireTransaction)
+        key = transaction_key(c.account_id, c.transaction_id)
+        before = self._record(key)
+        decision, after = transactions.expire(state, before, c, self._now)
+        self._keep(key, before, after)
+        return decision
+
+    def _message(self, key: bytes | None, value: bytes | None, topic: str, offset: int,
+                 m: TransactionMessage) -> None:
+        """One step of a transaction, at the coordinator (VOTE) or a participant."""
+        if not self.signer.verify_message(m):
+            self.dead_letter(key, value, topic, offset, "message signature does not verify",
+                             "forged_leg")
+            return
+        if partition_for(m.to, self.partitions) != self.partition:
+            self.dead_letter(key, value, topic, offset, "message on the wrong partition",
+                             "wrong_partition")
+            return
+        assert self._now is not None
+        if m.expires_at <= self._now:
+            self.dead_letter(key, value, topic, offset, f"message expired at {m.expires_at}",
+                             "expired_leg")
+            return
+        coordinator, tid, account = m.coordinator_account_id, m.transaction_id, m.account_id
+        if m.kind == "VOTE":
+            tkey = transaction_key(coordinator, tid)
+            before = self._record(tkey)
+            decision, after = transactions.vote(self._state(coordinator), before, m)
+            self._keep(tkey, before, after)
+            self._apply(coordinator, None, b"", decision)
+            return
+        aborted = leg_outcome_key(account, f"{tid}:abort", coordinator)
+        if m.kind == "PREPARE":
+            okey = leg_outcome_key(account, f"{tid}:prepare", coordinator)
+            if self._prior(okey) is not None:  # a copy of one decided already
+                return
+            if self._prior(aborted) is not None:  # it was over before it got here
+                self._apply(account, okey, m.signature[:16], Decision())
+                return
+            self._apply(account, okey, m.signature[:16],
+                        transactions.prepare(self._state(account), m))
+            return
+        finished = transactions.finish(self._state(account), m)
+        if finished is not None:
+            self._apply(account, None, b"", finished)
+        elif m.kind == "ABORT" and self._prior(aborted) is None:  # before its PREPARE
+            self._apply(account, aborted, m.signature[:16], Decision())
 
     def leg_record(self, key: bytes | None, value: bytes | None, topic: str,
                    offset: int, timestamp: int) -> None:
@@ -482,7 +616,12 @@ class BatchProcessor:
             except (IndexError, ValueError, OverflowError):
                 pass  # the general path says why
         try:
-            _, datum = CODEC.decode(value or b"", expect=TransferLeg.avro_name)
+            name, datum = CODEC.decode(value or b"")
+            if name == TransactionMessage.avro_name:
+                self._message(key, value, topic, offset, TransactionMessage.from_avro(datum))
+                return
+            if name != TransferLeg.avro_name:
+                raise WrongSchema(f"expected a {TransferLeg.avro_name}, got a {name}")
             leg = TransferLeg.from_avro(datum)
         except DecodeError as exc:
             self.dead_letter(key, value, topic, offset, str(exc), exc.code)
@@ -538,7 +677,10 @@ class BatchProcessor:
             self.outputs.append(Output(kind, okey[1:].split(b"\0", 1)[0], record))
         return True
 
-    def _apply(self, account_id: str, okey: bytes, digest: bytes, outcome: Decision) -> None:
+    def _apply(self, account_id: str, okey: bytes | None, digest: bytes,
+               outcome: Decision) -> None:
+        """Emit a decision's records and keep its state; ``okey``: where its outcome is
+        stored for retries (None: not stored)."""
         records: list[bytes]
         if outcome.events and log.isEnabledFor(logging.DEBUG):  # per command: never INFO
             e = outcome.events[0]
@@ -550,15 +692,22 @@ class BatchProcessor:
             records = [self._emit_rejection(outcome.rejection)]
         else:
             records = [self._emit_event(event) for event in outcome.events]
-            assert outcome.state_after is not None
-            self._accounts[account_id] = to_account(outcome.state_after)
-            self._dirty.add(account_id)
+            if outcome.events:
+                assert outcome.state_after is not None
+                self._accounts[account_id] = to_account(outcome.state_after)
+                self._dirty.add(account_id)
         assert self._now is not None
         expires_at = self._now + self.window_ms
         for leg in outcome.legs:  # refused, like a command id, once no longer remembered
             self.stats.legs += 1
             signed = self.signer.sign(leg.replace(expires_at=expires_at))
             self.outputs.append(Output(TRANSFERS, signed.account_id.encode(), encode(signed)))
+        for m in outcome.messages:
+            self.stats.legs += 1
+            message = self.signer.sign_message(m.replace(expires_at=expires_at))
+            self.outputs.append(Output(TRANSFERS, message.to.encode(), encode(message)))
+        if okey is None:
+            return
         self._writes[okey] = CODEC.encode(CommandOutcome.avro_name, {
             "digest": digest, "records": records, "rejected": outcome.rejection is not None,
             "expires_at": expires_at})
@@ -660,6 +809,11 @@ class BatchProcessor:
     def _forget_outcome(self, okey: bytes, expires_at: int) -> None:
         if okey[:1] == OUTCOME_LOG_PREFIX:  # its outcomes are forgotten by now
             self._writes[okey] = None
+            return
+        if okey[:1] == b"t":  # a rejected transaction (unless its id was used again since)
+            record = self._record(okey)
+            if record is not None and record.state == "rejected":
+                self._writes[okey] = None
             return
         stored = self._stored(okey)
         # the id may have been decided again since, as a new command: keep that one

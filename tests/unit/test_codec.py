@@ -35,8 +35,8 @@ V1_BATCH = SCHEMA_DIR / "history" / "command_batch.v1.avsc"
 V1_EVENT = SCHEMA_DIR / "history" / "ledger_event.v1.avsc"
 
 CURRENT_NAMES = {"ledger.CommandBatch", "ledger.LedgerEvent", "ledger.Rejection",
-                 "ledger.TransferLeg", "ledger.state.AccountState",
-                 "ledger.state.CommandOutcome"}
+                 "ledger.TransferLeg", "ledger.TransactionMessage", "ledger.state.AccountState",
+                 "ledger.state.CommandOutcome", "ledger.state.TransactionRecord"}
 
 
 def parse(path: Path):

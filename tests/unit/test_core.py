@@ -155,7 +155,7 @@ def test_the_core_credits_a_transfers_leg(part, monkeypatch):
     decoded: list[str] = []
     decode = CODEC.decode
     monkeypatch.setattr(CODEC, "decode", lambda raw, expect=None: (
-        decoded.append(expect or ""), decode(raw, expect=expect))[1])
+        decoded.append((r := decode(raw, expect=expect))[0]), r)[1])
     a, b, c = accounts_on(0, 3)
     bp = part.batch([encode_batch([open_account(a, issued_at=T0), open_account(b, issued_at=T0),
                                    open_account(c, "EUR", issued_at=T0),

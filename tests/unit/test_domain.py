@@ -51,6 +51,10 @@ from tests.unit.conftest import (
 # Produced by BatchProcessor, not by decide/decide_leg: covered in test_processor.py.
 PROCESSOR_REASONS = {Reason.IDEMPOTENCY_KEY_REUSED, Reason.INVALID_COMMAND,
                      Reason.WRONG_PARTITION, Reason.ISSUED_IN_FUTURE}
+# a transaction's, at its coordinator (tests/unit/test_transactions.py)
+TRANSACTION_REASONS = {Reason.TRANSACTION_NOT_FOUND, Reason.TRANSACTION_NOT_COMMITTED,
+                       Reason.ALREADY_REVERSED, Reason.TRANSACTION_NOT_PENDING,
+                       Reason.TRANSACTION_NOT_EXPIRED, Reason.TRANSACTION_TIMED_OUT}
 
 
 def funded(book: Book, balance: int = 0, account_id: str = "A", overdraft: int = 0,
@@ -604,7 +608,7 @@ def test_amount_above_the_largest_amount_is_an_invalid_amount(book):
 
 
 def test_the_domain_produces_every_reason_the_processor_does_not():
-    assert set(Reason) - PROCESSOR_REASONS == DOMAIN_REASONS
+    assert set(Reason) - PROCESSOR_REASONS - TRANSACTION_REASONS == DOMAIN_REASONS
 
 
 # ================================================================ precedence

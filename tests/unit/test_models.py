@@ -19,12 +19,18 @@ from schemas.models import (
     CommandBase,
     CommandOutcome,
     Deposited,
+    ExpireTransaction,
     Hold,
     HoldCaptured,
     HoldPlaced,
     HoldReleased,
     LedgerEvent,
+    Posting,
     Rejection,
+    Reverse,
+    Transaction,
+    TransactionMessage,
+    TransactionRecord,
     TransferCredited,
     TransferDebited,
     TransferLeg,
@@ -41,6 +47,7 @@ from tests.unit.conftest import (
     T0,
     capture_hold,
     close_account,
+    command,
     deposit,
     expire_hold,
     open_account,
@@ -83,6 +90,12 @@ ALL_COMMANDS = [
     release_hold("h", "A", actor="svc"),
     expire_hold("h", "A", issued_at=0),
     close_account("A", issued_at=MIN_LONG),
+    command(Transaction, "A", postings=[
+        Posting(from_account_id="A", to_account_id="B", amount_minor=5, currency="JPY"),
+        Posting(from_account_id="B", to_account_id="C", amount_minor=MAX_MINOR,
+                currency="USD", expected_version=3)]),
+    command(Reverse, "A", transaction_id="t1"),
+    command(ExpireTransaction, "A", transaction_id="t1", actor="ledger"),
 ]
 
 
@@ -131,6 +144,7 @@ def test_payload_models_mirror_the_event_schema():
 @pytest.mark.parametrize("model, schema", [
     (LedgerEvent, "ledger_event"), (Rejection, "rejection"), (TransferLeg, "transfer_leg"),
     (AccountState, "account_state"), (CommandOutcome, "command_outcome"),
+    (TransactionMessage, "transaction_message"), (TransactionRecord, "transaction_record"),
 ], ids=lambda x: getattr(x, "__name__", x))
 def test_record_models_mirror_their_schema(model, schema):
     raw = avsc(schema)
@@ -328,7 +342,9 @@ def test_a_command_number_is_an_avro_long(cls, field):
                       (-(2**63) - 1, False)):
         body = {"command_id": "c", "account_id": "a", "actor": "t", "issued_at": 1,
                 "currency": "USD", "amount_minor": 1, "hold_id": "h", "expires_at": 2,
-                "to_account_id": "b", field: value}
+                "to_account_id": "b", "transaction_id": "t",
+                "postings": [{"from_account_id": "a", "to_account_id": "b", "amount_minor": 1,
+                              "currency": "USD"}], field: value}
         body = {k: v for k, v in body.items() if k in cls.model_fields}
         if ok:
             assert getattr(cls.model_validate(body), field) == value

@@ -59,7 +59,7 @@ from tests.unit.conftest import (
     triples,
     withdraw,
 )
-from tests.unit.test_domain import DOMAIN_REASONS, PROCESSOR_REASONS
+from tests.unit.test_domain import DOMAIN_REASONS, PROCESSOR_REASONS, TRANSACTION_REASONS
 
 A, B, C = accounts_on(0, 3)
 
@@ -853,7 +853,7 @@ PROCESSOR_REASON_CASES = {
 
 def test_every_reason_is_covered_by_the_domain_or_the_processor_tests():
     assert set(PROCESSOR_REASON_CASES) == PROCESSOR_REASONS
-    assert DOMAIN_REASONS | set(PROCESSOR_REASON_CASES) == set(Reason)
+    assert DOMAIN_REASONS | set(PROCESSOR_REASON_CASES) | TRANSACTION_REASONS == set(Reason)
 
 
 def test_every_reason_a_batch_can_report_is_a_reason_member():

@@ -297,7 +297,22 @@ RECORDS: dict[str, Callable[[], Record]] = {
     "ledger.state.CommandOutcome": lambda: {
         "digest": b"\x00" * 32, "records": [b"a", b""], "rejected": True,
         "expires_at": 1_700_000_000_000},
+    "ledger.TransactionMessage": lambda: {
+        "kind": "VOTE", "transaction_id": "t", "coordinator_account_id": "A",
+        "account_id": "B", "postings": [a_posting()], "accepted": False,
+        "reason": "insufficient_funds", "detail": "no", "posting_index": 0, "issued_at": T0,
+        "actor": ACTOR, "correlation_id": None, "expires_at": T0 + 1, "signature": b"\x01"},
+    "ledger.state.TransactionRecord": lambda: {
+        "transaction_id": "t", "coordinator_account_id": "A", "postings": [a_posting()],
+        "participants": ["A", "B"], "voted": ["A"], "state": "pending", "deadline": T0 + 1,
+        "issued_at": T0, "actor": ACTOR, "correlation_id": None, "reverses": None,
+        "reversed_by": None},
 }
+
+
+def a_posting() -> Record:
+    return {"from_account_id": "A", "to_account_id": "B", "amount_minor": 1, "currency": "USD",
+            "expected_version": None}
 
 
 def schema_id_of(data: bytes) -> int:
