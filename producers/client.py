@@ -47,7 +47,15 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 
 from schemas.codec import CODEC, DecodeError
-from schemas.models import CommandBase, LedgerEvent, Rejection, Transfer, encode_batch
+from schemas.models import (
+    CommandBase,
+    LedgerEvent,
+    Rejection,
+    Reverse,
+    Transaction,
+    Transfer,
+    encode_batch,
+)
 from streams.domain import Refused, check_command
 from streams.ops.acl import check_login
 from streams.ops.topics import end_offsets_when_ready
@@ -62,8 +70,11 @@ _EVENT_OF = {
     "Withdraw": "ledger.Withdrawn", "Transfer": "ledger.TransferDebited",
     "PlaceHold": "ledger.HoldPlaced", "CaptureHold": "ledger.HoldCaptured",
     "ReleaseHold": "ledger.HoldReleased", "ExpireHold": "ledger.HoldReleased",
-    "CloseAccount": "ledger.AccountClosed",
+    "CloseAccount": "ledger.AccountClosed", "Transaction": "ledger.TransactionStarted",
+    "Reverse": "ledger.TransactionStarted", "ExpireTransaction": "ledger.TransactionRejected",
 }
+# How a transaction ends, at its coordinator.
+_SETTLED = ("ledger.TransactionCommitted", "ledger.TransactionRejected")
 
 
 class CommandRefused(ValueError):
@@ -169,7 +180,11 @@ class LedgerClient:
 
         For a Transfer the future also has ``.settlement``: a future of the transfer's
         final outcome, the destination's TransferCredited or the source's
-        TransferReversed (or the rejection, if the source refused it).
+        TransferReversed (or the rejection, if the source refused it). For a Transaction
+        or a Reverse, ``.settlement`` resolves when it ends: to the coordinator's
+        TransactionCommitted, or to its TransactionRejected with ``rejection`` set (the
+        reason; the event's ``posting_index`` names the posting), or to the command's
+        own rejection.
 
         With ``max_in_flight`` commands unresolved, waits up to ``block_s`` for one to
         resolve, then raises ``QueueFull`` (the command is not sent).
@@ -196,13 +211,15 @@ class LedgerClient:
                 self._waiting[key] = _Waiting(command.type, fut)
             else:
                 waiting.futures.append(fut)
-            if self._consumer is not None and isinstance(command, Transfer):
+            if self._consumer is not None and isinstance(command, Transfer | Transaction
+                                                          | Reverse):
                 settlement: Future[Outcome] = Future()
                 fut.settlement = settlement  # type: ignore[attr-defined]
                 settling = self._settling.get(key)
                 if settling is None:
-                    self._settling[key] = _Waiting(command.type, settlement,
-                                                   command.to_account_id)
+                    self._settling[key] = _Waiting(
+                        command.type, settlement,
+                        command.to_account_id if isinstance(command, Transfer) else None)
                 else:
                     settling.futures.append(settlement)
             self._queued[p].append(command)
@@ -358,6 +375,19 @@ class LedgerClient:
         if waiting is not None and datum["causation_id"] == cid \
                 and _EVENT_OF.get(waiting.command_type) == kind:
             self._resolve(self._waiting, key, Outcome(cid, events=[LedgerEvent.from_avro(datum)]))
+        if kind in _SETTLED:
+            key = (account, body["transaction_id"])
+            settling = self._settling.get(key)
+            if settling is not None:
+                event = LedgerEvent.from_avro(datum)
+                self._resolve(self._settling, key, Outcome(key[1], events=[event], rejection=(
+                    None if kind == _SETTLED[0] else Rejection.trusted(
+                        command_id=key[1], account_id=account,
+                        command_type=settling.command_type,
+                        reason=body["reason"], detail=body["detail"],
+                        occurred_at=event.occurred_at, correlation_id=event.correlation_id,
+                        actor=event.actor))))
+            return
         if kind == "ledger.TransferCredited":  # at the destination: key of the source
             key, to = (body["from_account_id"], body["transfer_id"]), account
         elif kind == "ledger.TransferReversed":

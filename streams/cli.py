@@ -162,6 +162,15 @@ def _command(kind: str, args: argparse.Namespace) -> Any:
                              overdraft_limit_minor=limit)
     if kind == "close":
         return m.CloseAccount(**base)
+    if kind == "reverse":
+        return m.Reverse(**base, transaction_id=args.transaction_id)
+    if kind == "transaction":
+        postings = []
+        for src, dst, text in args.posting:
+            minor, code = parse_amount(text)
+            postings.append(m.Posting(from_account_id=src, to_account_id=dst,
+                                      amount_minor=minor, currency=code))
+        return m.Transaction(**base, postings=postings)
     if kind in ("release-hold", "capture-hold"):
         if kind == "release-hold":
             return m.ReleaseHold(**base, hold_id=args.hold_id)
@@ -217,7 +226,22 @@ def cmd_submit(args: argparse.Namespace) -> int:
             print(f"error: no outcome for {command.command_id} within {args.timeout}s "
                   "(is a worker running, and the broker reachable?)", file=sys.stderr)
             return exits.TIMEOUT
-    doc = outcome_doc(outcome)
+        doc = outcome_doc(outcome)
+        if outcome.accepted and args.kind in ("transaction", "reverse"):
+            try:  # wait for it to end: committed, or rejected with the reason
+                outcome = fut.settlement.result(timeout=args.timeout)  # type: ignore[attr-defined]
+            except TimeoutError:
+                print(f"error: transaction {command.command_id} did not end within "
+                      f"{args.timeout}s", file=sys.stderr)
+                return exits.TIMEOUT
+            doc = {**outcome_doc(outcome),
+                   "events": doc["events"] + [event_doc(e) for e in outcome.events]}
+            end = outcome.events[0].payload
+            human = f"committed: transaction {command.command_id} of {command.account_id}" \
+                if outcome.accepted else f"rejected: transaction {command.command_id}: " \
+                f"{end.reason} at posting {end.posting_index} ({end.detail})"
+            _print(args, doc, human)
+            return 0 if outcome.accepted else exits.REFUSED
     if outcome.accepted:
         e = outcome.events[0]
         human = f"ok: {e.type} {e.account_id} v{e.version}, balance " \
@@ -521,6 +545,15 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("hold_id")
     cl = ss.add_parser("close")
     cl.add_argument("account")
+    tx = ss.add_parser("transaction", help="postings that all apply or none does; ACCOUNT "
+                       "coordinates (the transaction id is the command id, scoped to it)")
+    tx.add_argument("account")
+    tx.add_argument("--posting", action="append", nargs=3, required=True,
+                    metavar=("FROM", "TO", "AMOUNT"), help='e.g. alice shop "97.00 USD"; '
+                    "repeat for each posting")
+    rv = ss.add_parser("reverse", help="post the opposite of a committed transaction of ACCOUNT")
+    rv.add_argument("account")
+    rv.add_argument("transaction_id")
     s.set_defaults(fn=cmd_submit)
 
     b = sub.add_parser("balance", help="an account's balance, from a worker")

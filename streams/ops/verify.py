@@ -36,8 +36,6 @@ from schemas.models import (
     Deposited,
     HoldCaptured,
     LedgerEvent,
-    TransferCredited,
-    TransferDebited,
     Posting,
     TransactionCommitted,
     TransactionPosted,
@@ -45,13 +43,15 @@ from schemas.models import (
     TransactionReleased,
     TransactionReserved,
     TransactionStarted,
+    TransferCredited,
+    TransferDebited,
     TransferReversed,
     Withdrawn,
 )
 from streams.domain import evolve
-from streams.transactions import net_of, participants
 from streams.readmodels.eventlog import read_all
 from streams.settings import Settings
+from streams.transactions import net_of, participants
 
 
 @dataclass

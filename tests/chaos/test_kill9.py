@@ -170,7 +170,8 @@ def wait_settled(s: Settings, timeout_s: float) -> Report:
     deadline = time.monotonic() + timeout_s
     while True:
         report = verify(s)
-        if report.transfers_in_flight == 0 or time.monotonic() > deadline:
+        if report.transfers_in_flight == report.transactions_in_flight == 0 or \
+                time.monotonic() > deadline:
             return report
         time.sleep(1)
 

@@ -1,0 +1,92 @@
+"""Transactions on the real broker: the client's settlement, a reversal, the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from schemas.models import CommandBase, Deposit, OpenAccount, Posting, Reverse, Transaction
+from streams.dev.procs import settings_env
+
+pytestmark = pytest.mark.kafka
+
+
+def cmd(cls: type[CommandBase], account: str, **kw: object) -> CommandBase:
+    kw.setdefault("command_id", uuid.uuid4().hex)
+    return cls(account_id=account, actor="test", issued_at=int(time.time() * 1000), **kw)
+
+
+def posting(src: str, dst: str, amount: int) -> Posting:
+    return Posting(from_account_id=src, to_account_id=dst, amount_minor=amount, currency="USD")
+
+
+def settle(client, command: CommandBase):
+    fut = client.submit(command)
+    first = fut.result(timeout=30)
+    return first, fut.settlement.result(timeout=30)
+
+
+def test_the_client_is_told_how_a_transaction_ended(client, start_worker):
+    worker = start_worker()
+    for a, amount in (("card", 10_000), ("merchant", 0), ("fees", 0)):
+        client.submit(cmd(OpenAccount, a, currency="USD")).result(timeout=30)
+        if amount:
+            client.submit(cmd(Deposit, a, amount_minor=amount, currency="USD")).result(30)
+
+    first, end = settle(client, cmd(Transaction, "card", command_id="pay-1", postings=[
+        posting("card", "merchant", 9_700), posting("card", "fees", 300)]))
+    assert first.accepted and first.events[0].type == "TransactionStarted"
+    assert end.accepted and end.events[0].type == "TransactionCommitted"
+
+    _, refused = settle(client, cmd(Transaction, "card", command_id="pay-2", postings=[
+        posting("fees", "merchant", 1), posting("card", "merchant", 1)]))
+    assert (refused.accepted, refused.reason) == (False, "insufficient_funds")
+    assert refused.events[0].payload.posting_index == 1  # the card has nothing left
+
+    _, back = settle(client, cmd(Reverse, "card", command_id="refund-1",
+                                 transaction_id="pay-1"))
+    assert back.accepted
+    for account, balance in (("card", 10_000), ("merchant", 0), ("fees", 0)):
+        deadline = time.monotonic() + 30
+        while (doc := worker.get(f"/accounts/{account}")[1])["balance_minor"] != balance \
+                and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (doc["balance_minor"], doc["available_minor"]) == (balance, balance), doc
+
+    again = client.submit(cmd(Reverse, "card", command_id="refund-2",
+                              transaction_id="pay-1")).result(timeout=30)
+    assert again.reason == "already_reversed"
+
+
+def test_the_command_line_splits_a_payment_and_reverses_it(client, start_worker,
+                                                           ledger_settings):
+    start_worker()
+    client.submit(cmd(OpenAccount, "shop", currency="USD")).result(timeout=30)
+    client.submit(cmd(OpenAccount, "fee", currency="USD")).result(timeout=30)
+    client.submit(cmd(OpenAccount, "buyer", currency="USD")).result(timeout=30)
+    client.submit(cmd(Deposit, "buyer", amount_minor=10_000, currency="USD")).result(30)
+    env = {**os.environ, **settings_env(ledger_settings)}
+
+    def ledger(*args: str) -> tuple[int, str, str]:
+        r = subprocess.run([sys.executable, "-m", "streams.cli", *args], env=env,
+                           capture_output=True, text=True, timeout=120, check=False)
+        return r.returncode, r.stdout, r.stderr
+
+    rc, out, err = ledger("submit", "--command-id", "order-7", "transaction", "buyer",
+                          "--posting", "buyer", "shop", "97.00 USD",
+                          "--posting", "buyer", "fee", "3.00 USD")
+    assert (rc, out.strip()) == (0, "committed: transaction order-7 of buyer"), err
+    rc, out, err = ledger("submit", "--command-id", "order-8", "transaction", "buyer",
+                          "--posting", "buyer", "shop", "1.00 USD", "--json")
+    assert rc != 0
+    doc = json.loads(out)
+    assert (doc["accepted"], doc["reason"]) == (False, "insufficient_funds")
+    assert [e["type"] for e in doc["events"]] == ["TransactionStarted", "TransactionRejected"]
+    rc, out, err = ledger("submit", "--command-id", "undo-7", "reverse", "buyer", "order-7")
+    assert (rc, out.strip()) == (0, "committed: transaction undo-7 of buyer"), err
