@@ -66,8 +66,12 @@ CAPTURE_HOLD: Final = 5
 RELEASE_HOLD: Final = 6
 EXPIRE_HOLD: Final = 7
 CLOSE_ACCOUNT: Final = 8
+TRANSACTION: Final = 9  # these three are read here, and decided by the processor
+REVERSE: Final = 10
+EXPIRE_TRANSACTION: Final = 11
 COMMAND_NAMES: Final = ("OpenAccount", "Deposit", "Withdraw", "Transfer", "PlaceHold",
-                        "CaptureHold", "ReleaseHold", "ExpireHold", "CloseAccount")
+                        "CaptureHold", "ReleaseHold", "ExpireHold", "CloseAccount",
+                        "Transaction", "Reverse", "ExpireTransaction")
 
 # ---------------------------------------------------------------- rules
 
@@ -407,6 +411,9 @@ class Cmd:
         self.to_account_id: str | None = None
         self.hold_id: str | None = None
         self.expires_at: int | None = None
+        self.transaction_id: str | None = None
+        # a Transaction's: (from, to, amount, currency, expected version of the source)
+        self.postings: list[tuple[str, str, int, str, int | None]] | None = None
 
     @property
     def name(self) -> str:
@@ -440,6 +447,13 @@ class Cmd:
             d["amount_minor"] = self.amount_minor
         elif k in (RELEASE_HOLD, EXPIRE_HOLD):
             d["hold_id"] = self.hold_id
+        elif k == TRANSACTION:
+            assert self.postings is not None
+            d["postings"] = [{"from_account_id": p[0], "to_account_id": p[1],
+                              "amount_minor": p[2], "currency": p[3],
+                              "expected_version": p[4]} for p in self.postings]
+        elif k in (REVERSE, EXPIRE_TRANSACTION):
+            d["transaction_id"] = self.transaction_id
         return d
 
 
@@ -453,7 +467,7 @@ def read_commands(buf: bytes, start: int) -> list[Cmd]:
             break
         for _ in range(count):
             kind = r.long()
-            if not 0 <= kind <= CLOSE_ACCOUNT:
+            if not 0 <= kind <= EXPIRE_TRANSACTION:
                 raise ValueError("bad command type")
             c = Cmd(kind, r.string(), r.string(), r.string(), r.long(), r.opt_long(), r.opt_str())
             if kind == OPEN_ACCOUNT:
@@ -476,6 +490,16 @@ def read_commands(buf: bytes, start: int) -> list[Cmd]:
                 c.amount_minor = r.opt_long()
             elif kind in (RELEASE_HOLD, EXPIRE_HOLD):
                 c.hold_id = r.string()
+            elif kind == TRANSACTION:
+                c.postings = []
+                n = r.block()
+                while n:
+                    for _ in range(n):
+                        c.postings.append((r.string(), r.string(), r.long(), r.string(),
+                                           r.opt_long()))
+                    n = r.block()
+            elif kind in (REVERSE, EXPIRE_TRANSACTION):
+                c.transaction_id = r.string()
             out.append(c)
     if not r.done():
         raise ValueError("bytes after the batch")
@@ -674,6 +698,8 @@ class Core:
     def command(self, c: Cmd, now: int) -> bool:
         """Decide ``c`` if this core takes it (True); False leaves it to the processor."""
         k = c.kind
+        if k > CLOSE_ACCOUNT:  # a transaction's: the processor decides it
+            return False
         if not (valid_id(c.command_id) and valid_id(c.account_id) and valid_id(c.actor)):
             return False
         if c.hold_id is not None and not valid_id(c.hold_id):

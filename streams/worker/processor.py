@@ -256,15 +256,19 @@ class LegSigner:
     def verify(self, leg: TransferLeg) -> bool:
         return hmac.compare_digest(leg.signature, self._mac(leg))
 
-    def _message_mac(self, m: TransactionMessage) -> bytes:
-        body = CODEC.body(TransactionMessage.avro_name, {**m.to_avro(), "signature": b""})
-        return hmac.new(self.key, b"transaction\0" + body, hashlib.sha256).digest()
+    # A transaction's message is signed over its bytes as sent, up to its signature (the
+    # last field: 32 bytes, so its length is the byte 0x40), header included.
+    def _message_mac(self, unsigned: bytes) -> bytes:
+        return hmac.new(self.key, b"transaction\0" + unsigned, hashlib.sha256).digest()
 
-    def sign_message(self, m: TransactionMessage) -> TransactionMessage:
-        return m.replace(signature=self._message_mac(m))
+    def sign_message(self, m: TransactionMessage) -> bytes:
+        """The message's record, signed."""
+        unsigned = encode(m.replace(signature=b""))[:-1]  # without the empty signature
+        return unsigned + b"\x40" + self._message_mac(unsigned)
 
-    def verify_message(self, m: TransactionMessage) -> bool:
-        return hmac.compare_digest(m.signature, self._message_mac(m))
+    def verify_message(self, raw: bytes) -> bool:
+        return len(raw) > 33 and raw[-33] == 0x40 and \
+            hmac.compare_digest(raw[-32:], self._message_mac(raw[:-33]))
 
 
 # TransferLeg as first published, without expires_at (its legs are still verified).
@@ -564,7 +568,7 @@ class BatchProcessor:
     def _message(self, key: bytes | None, value: bytes | None, topic: str, offset: int,
                  m: TransactionMessage) -> None:
         """One step of a transaction, at the coordinator (VOTE) or a participant."""
-        if not self.signer.verify_message(m):
+        if not self.signer.verify_message(value or b""):
             self.dead_letter(key, value, topic, offset, "message signature does not verify",
                              "forged_leg")
             return
@@ -704,8 +708,8 @@ class BatchProcessor:
             self.outputs.append(Output(TRANSFERS, signed.account_id.encode(), encode(signed)))
         for m in outcome.messages:
             self.stats.legs += 1
-            message = self.signer.sign_message(m.replace(expires_at=expires_at))
-            self.outputs.append(Output(TRANSFERS, message.to.encode(), encode(message)))
+            self.outputs.append(Output(TRANSFERS, m.to.encode(),
+                                       self.signer.sign_message(m.replace(expires_at=expires_at))))
         if okey is None:
             return
         self._writes[okey] = CODEC.encode(CommandOutcome.avro_name, {

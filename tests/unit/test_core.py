@@ -18,7 +18,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from schemas.codec import CODEC
-from schemas.models import CommandBase, Deposit, PlaceHold, encode_batch
+from schemas.models import (
+    CommandBase,
+    Deposit,
+    PlaceHold,
+    Posting,
+    Reverse,
+    Transaction,
+    Transfer,
+    encode_batch,
+)
 from streams.worker import processor
 from streams.worker.processor import REJECTIONS, TRANSFERS, BatchProcessor
 from tests.unit.conftest import (
@@ -99,6 +108,18 @@ def test_the_core_and_the_general_path_give_the_same_bytes(script, cuts, picks, 
             if step.kind == "expire_hold" and step.pick % 3:
                 at = max(clock, expires_at)  # mostly when it is due
         command = build(step, cid, at, account, alias[step.other], hold)
+        if isinstance(command, Transfer) and step.pick % 3 == 0:  # a transaction instead
+            base = {k: v for k, v in command.__dict__.items()
+                    if k not in ("to_account_id", "amount_minor", "currency")}
+            command = Transaction(**base | {"command_id": f"t{i}", "postings": [
+                Posting(from_account_id=account, to_account_id=alias[step.other],
+                        amount_minor=step.amount, currency=step.currency),
+                Posting(from_account_id=alias[step.other], to_account_id=a,
+                        amount_minor=step.amount // 2 + 1, currency="USD")]})
+            commands.append(command)
+            if step.pick % 2:
+                command = Reverse(command_id=f"r{i}", account_id=account, actor="t",
+                                  issued_at=at, transaction_id=f"t{i}")
         if isinstance(command, PlaceHold):
             placed.append((command.account_id, command.hold_id, command.expires_at))
         commands.append(command)
@@ -130,6 +151,20 @@ def test_the_core_takes_opens_deposits_and_withdrawals(part, general):
     [(kind, _, _)] = triples(bp.outputs)
     assert kind == REJECTIONS and bp.stats.reasons == {"invalid_command": 1}
     assert general == ["ledger.Deposit"]
+
+
+def test_a_transaction_leaves_the_rest_of_its_record_on_the_core(part, general):
+    a, b = accounts_on(0, 2)
+    bp = part.batch([encode_batch([
+        open_account(a, issued_at=T0), open_account(b, issued_at=T0),
+        deposit(50, a, issued_at=T0),
+        Transaction(command_id="t1", account_id=a, actor="t", issued_at=T0, postings=[
+            Posting(from_account_id=a, to_account_id=b, amount_minor=20, currency="USD",
+                    expected_version=2)]),
+        deposit(5, b, issued_at=T0)])])
+    assert general == ["ledger.Transaction"]
+    assert [CODEC.decode(v)[1]["payload"][0] for k, _, v in triples(bp.outputs)
+            if k == "events"][-2:] == ["ledger.TransactionStarted", "ledger.Deposited"]
 
 
 def test_the_core_answers_a_retry_and_refuses_an_id_reused(part, general):
