@@ -72,6 +72,7 @@ _EVENT_OF = {
     "ReleaseHold": "ledger.HoldReleased", "ExpireHold": "ledger.HoldReleased",
     "CloseAccount": "ledger.AccountClosed", "Transaction": "ledger.TransactionStarted",
     "Reverse": "ledger.TransactionStarted", "ExpireTransaction": "ledger.TransactionRejected",
+    "SetAccountMetadata": "ledger.AccountMetadataSet",
 }
 # How a transaction ends, at its coordinator.
 _SETTLED = ("ledger.TransactionCommitted", "ledger.TransactionRejected")

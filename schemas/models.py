@@ -41,6 +41,16 @@ def _unicode(value: str) -> str:
 # An identifier: no control or invisible characters (schemas/text.py; NUL separates
 # the parts of store keys).
 Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH), AfterValidator(_plain)]
+# Metadata: a bounded map of text to text, on accounts and money-moving commands
+# (carried into their events); what a client finds them by (``?meta.KEY=VALUE``).
+MAX_METADATA_ENTRIES = 16
+MAX_METADATA_KEY = 64
+MAX_METADATA_VALUE = 256
+MetaKey = Annotated[str, Field(min_length=1, max_length=MAX_METADATA_KEY),
+                    AfterValidator(_plain)]
+MetaValue = Annotated[str, Field(max_length=MAX_METADATA_VALUE), AfterValidator(_plain)]
+Metadata = Annotated[dict[MetaKey, MetaValue], Field(max_length=MAX_METADATA_ENTRIES)]
+
 # A command's number: an Avro long. Its text: UTF-8, as Avro writes it.
 Long = Annotated[int, AfterValidator(_long)]
 Text = Annotated[str, AfterValidator(_unicode)]
@@ -90,16 +100,19 @@ class CommandBase(Model):
 class OpenAccount(CommandBase):
     currency: Text
     overdraft_limit_minor: Long = 0
+    metadata: Metadata = Field(default_factory=dict)
 
 
 class Deposit(CommandBase):
     amount_minor: Long
     currency: Text
+    metadata: Metadata = Field(default_factory=dict)
 
 
 class Withdraw(CommandBase):
     amount_minor: Long
     currency: Text
+    metadata: Metadata = Field(default_factory=dict)
 
 
 class Transfer(CommandBase):
@@ -108,6 +121,7 @@ class Transfer(CommandBase):
     to_account_id: Id
     amount_minor: Long
     currency: Text
+    metadata: Metadata = Field(default_factory=dict)
 
 
 class PlaceHold(CommandBase):
@@ -115,11 +129,13 @@ class PlaceHold(CommandBase):
     amount_minor: Long
     currency: Text
     expires_at: Long
+    metadata: Metadata = Field(default_factory=dict)
 
 
 class CaptureHold(CommandBase):
     hold_id: Id
     amount_minor: Long | None = None
+    metadata: Metadata = Field(default_factory=dict)
 
 
 class ReleaseHold(CommandBase):
@@ -156,12 +172,14 @@ class Transaction(CommandBase):
     scoped to ``account_id``, the coordinator."""
 
     postings: Annotated[list[Posting], Field(min_length=1, max_length=MAX_POSTINGS)]
+    metadata: Metadata = Field(default_factory=dict)
 
 
 class Reverse(CommandBase):
     """Post the opposite of ``transaction_id``, a committed transaction of this account."""
 
     transaction_id: Id
+    metadata: Metadata = Field(default_factory=dict)
 
 
 class ExpireTransaction(CommandBase):
@@ -170,14 +188,21 @@ class ExpireTransaction(CommandBase):
     transaction_id: Id
 
 
+class SetAccountMetadata(CommandBase):
+    """Replace the account's metadata."""
+
+    metadata: Metadata
+
+
 Command = (
     OpenAccount | Deposit | Withdraw | Transfer | PlaceHold | CaptureHold | ReleaseHold
-    | ExpireHold | CloseAccount | Transaction | Reverse | ExpireTransaction
+    | ExpireHold | CloseAccount | Transaction | Reverse | ExpireTransaction | SetAccountMetadata
 )
 COMMAND_TYPES: dict[str, type[CommandBase]] = {
     c.__name__: c
     for c in (OpenAccount, Deposit, Withdraw, Transfer, PlaceHold, CaptureHold, ReleaseHold,
-              ExpireHold, CloseAccount, Transaction, Reverse, ExpireTransaction)
+              ExpireHold, CloseAccount, Transaction, Reverse, ExpireTransaction,
+              SetAccountMetadata)
 }
 
 # ---------------------------------------------------------------- events
@@ -274,18 +299,22 @@ class TransactionRejected(Model):
     posting_index: int
 
 
+class AccountMetadataSet(Model):
+    metadata: dict[str, str]
+
+
 Payload = (
     AccountOpened | Deposited | Withdrawn | TransferDebited | TransferCredited
     | TransferReversed | HoldPlaced | HoldCaptured | HoldReleased | AccountClosed
     | TransactionStarted | TransactionReserved | TransactionPosted | TransactionReleased
-    | TransactionCommitted | TransactionRejected
+    | TransactionCommitted | TransactionRejected | AccountMetadataSet
 )
 PAYLOAD_TYPES: dict[str, type[Model]] = {
     c.__name__: c
     for c in (AccountOpened, Deposited, Withdrawn, TransferDebited, TransferCredited,
               TransferReversed, HoldPlaced, HoldCaptured, HoldReleased, AccountClosed,
               TransactionStarted, TransactionReserved, TransactionPosted, TransactionReleased,
-              TransactionCommitted, TransactionRejected)
+              TransactionCommitted, TransactionRejected, AccountMetadataSet)
 }
 
 _WITH_POSTINGS = (TransactionStarted, TransactionPosted)
@@ -306,6 +335,7 @@ class LedgerEvent(Model):
     correlation_id: str | None
     actor: str
     payload: Payload
+    metadata: dict[str, str] = Field(default_factory=dict)
 
     @property
     def type(self) -> str:
@@ -364,6 +394,7 @@ class TransferLeg(Model):
     correlation_id: str | None = None
     reason: str | None = None
     expires_at: int = 0  # 0: a leg of the first version (see LegSigner)
+    metadata: dict[str, str] = Field(default_factory=dict)
     signature: bytes = b""
 
     @property
@@ -403,6 +434,7 @@ class TransactionMessage(Model):
     actor: str = ""
     correlation_id: str | None = None
     expires_at: int = 0
+    metadata: dict[str, str] = Field(default_factory=dict)
     signature: bytes = b""
 
     @property
@@ -442,6 +474,7 @@ class AccountState(Model):
     version: int
     updated_at: int
     holds: dict[str, Hold] = Field(default_factory=dict)
+    metadata: dict[str, str] = Field(default_factory=dict)
 
     @property
     def available_minor(self) -> int:
@@ -493,6 +526,7 @@ class TransactionRecord(Model):
     correlation_id: str | None = None
     reverses: str | None = None
     reversed_by: str | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
 
     def to_avro(self) -> dict[str, Any]:
         return dict(self.__dict__, postings=[p.to_avro() for p in self.postings])

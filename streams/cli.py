@@ -162,6 +162,10 @@ def _command(kind: str, args: argparse.Namespace) -> Any:
                              overdraft_limit_minor=limit)
     if kind == "close":
         return m.CloseAccount(**base)
+    if args.meta:
+        base["metadata"] = dict(args.meta)
+    if kind == "set-metadata":
+        return m.SetAccountMetadata(**base)
     if kind == "reverse":
         return m.Reverse(**base, transaction_id=args.transaction_id)
     if kind == "transaction":
@@ -187,6 +191,13 @@ def _command(kind: str, args: argparse.Namespace) -> Any:
         return m.PlaceHold(**base, hold_id=args.hold_id, amount_minor=amount, currency=currency,
                            expires_at=base["issued_at"] + int(args.expires_in_s * 1000))
     raise SystemExit(f"unknown command {kind}")
+
+
+def key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
 
 
 def outcome_doc(outcome: Any) -> dict[str, Any]:
@@ -327,9 +338,41 @@ def cmd_statement(args: argparse.Namespace) -> int:
              f"  opening balance {doc.get('opening_balance', '-'):>16}"]
     lines += [f"  {_iso(e['occurred_at'])}  {e['description']:<20} {e['amount']:>16}  "
               f"balance {e['balance_after']}"
-              + (f"  ({e['counterparty']}, {e['transfer_id']})" if e["counterparty"] else "")
+              + (f"  ({e['counterparty']}, {e.get('transaction_id') or e['transfer_id']})"
+                 if e["counterparty"] else "")
               for e in doc["entries"]]
     lines.append(f"  closing balance {doc.get('closing_balance', '-'):>16}")
+    _print(args, doc, "\n".join(lines))
+    return 0
+
+
+def cmd_transaction(args: argparse.Namespace) -> int:
+    path = f"/transactions/{urllib.parse.quote(args.transaction_id, safe='')}?" + \
+        urllib.parse.urlencode({"coordinator": args.coordinator})
+    try:
+        doc = get_json(args.url, path, 10.0)
+    except OSError as exc:
+        print(f"error: no answer from {args.url}: {exc}", file=sys.stderr)
+        return exits.USAGE
+    if "error" in doc:
+        _print(args, doc, f"{args.transaction_id}: {doc.get('error')} ({doc.get('detail')})")
+        return exits.REFUSED
+
+    def at(ms: int | None) -> str:
+        return "-" if ms is None else _iso(ms)
+
+    lines = [f"transaction {doc['transaction_id']} of {doc['coordinator_account_id']}: "
+             f"{doc['state']}" + (f", {doc['reason']} at posting {doc['posting_index']} "
+                                  f"({doc['detail']})" if doc["state"] == "rejected" else "")]
+    lines += [f"  posting {i}: {p['from_account_id']} -> {p['to_account_id']} {p['amount']}"
+              for i, p in enumerate(doc["postings"])]
+    lines.append(f"  started {at(doc['started_at'])}, ended {at(doc['ended_at'])}")
+    lines += [f"  {p['account_id']}: reserved {at(p['reserved_at'])}, posted "
+              f"{at(p['posted_at'])}, released {at(p['released_at'])}"
+              for p in doc["participants"]]
+    for link in ("reverses", "reversed_by"):
+        if doc.get(link):
+            lines.append(f"  {link.replace('_', ' ')} {doc[link]}")
     _print(args, doc, "\n".join(lines))
     return 0
 
@@ -512,6 +555,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--expected-version", type=int)
     s.add_argument("--correlation-id")
     s.add_argument("--timeout", type=float, default=30.0)
+    s.add_argument("--meta", action="append", type=key_value, metavar="KEY=VALUE",
+                   help="metadata of the command (carried into its events; of the account "
+                   "for open and set-metadata); repeat for more")
     ss = s.add_subparsers(dest="kind", required=True)
     _add_kind = ss.add_parser
 
@@ -554,6 +600,8 @@ def main(argv: list[str] | None = None) -> int:
     rv = ss.add_parser("reverse", help="post the opposite of a committed transaction of ACCOUNT")
     rv.add_argument("account")
     rv.add_argument("transaction_id")
+    sm = ss.add_parser("set-metadata", help="replace the account's metadata with --meta's")
+    sm.add_argument("account")
     s.set_defaults(fn=cmd_submit)
 
     b = sub.add_parser("balance", help="an account's balance, from a worker")
@@ -583,6 +631,15 @@ def main(argv: list[str] | None = None) -> int:
     sm.add_argument("--url", default=worker_url(),
                     help="any worker: it forwards to the account's owner")
     sm.set_defaults(fn=cmd_statement)
+
+    tr = sub.add_parser("transaction", help="a transaction: its postings, how it ended, when "
+                        "each account took each step")
+    tr.add_argument("transaction_id")
+    tr.add_argument("--coordinator", required=True,
+                    help="the account the transaction was submitted to")
+    tr.add_argument("--url", default=worker_url(),
+                    help="any worker (default: LEDGER_URL, else LEDGER_WEB_PORT on 127.0.0.1)")
+    tr.set_defaults(fn=cmd_transaction)
 
     st = sub.add_parser("status", help="workers, partition owners, lag and rates at a glance")
     st.add_argument("--sample", type=float, default=2.0, help="seconds to measure rates over")

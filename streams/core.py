@@ -69,9 +69,13 @@ CLOSE_ACCOUNT: Final = 8
 TRANSACTION: Final = 9  # these three are read here, and decided by the processor
 REVERSE: Final = 10
 EXPIRE_TRANSACTION: Final = 11
+SET_ACCOUNT_METADATA: Final = 12
 COMMAND_NAMES: Final = ("OpenAccount", "Deposit", "Withdraw", "Transfer", "PlaceHold",
                         "CaptureHold", "ReleaseHold", "ExpireHold", "CloseAccount",
-                        "Transaction", "Reverse", "ExpireTransaction")
+                        "Transaction", "Reverse", "ExpireTransaction", "SetAccountMetadata")
+# The command types that carry metadata (last, in each).
+WITH_METADATA: Final = (OPEN_ACCOUNT, DEPOSIT, WITHDRAW, TRANSFER, PLACE_HOLD, CAPTURE_HOLD,
+                        TRANSACTION, REVERSE, SET_ACCOUNT_METADATA)
 
 # ---------------------------------------------------------------- rules
 
@@ -315,6 +319,16 @@ def write_bytes(out: list[bytes], b: bytes) -> None:
     out.append(b)
 
 
+def write_map(out: list[bytes], m: dict[str, str]) -> None:
+    """An Avro map of strings, in one block."""
+    if m:
+        write_long(out, len(m))
+        for key, value in m.items():
+            write_str(out, key)
+            write_str(out, value)
+    out.append(_BYTE[0])
+
+
 def write_opt_str(out: list[bytes], s: str | None) -> None:
     if s is None:
         out.append(_BYTE[0])
@@ -381,6 +395,16 @@ class Reader:
         self.i = i + n
         return self.buf[i:i + n]
 
+    def string_map(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        n = self.block()
+        while n:
+            for _ in range(n):
+                key = self.string()
+                out[key] = self.string()
+            n = self.block()
+        return out
+
     def opt_long(self) -> int | None:
         return self.long() if self.present() else None
 
@@ -414,6 +438,7 @@ class Cmd:
         self.transaction_id: str | None = None
         # a Transaction's: (from, to, amount, currency, expected version of the source)
         self.postings: list[tuple[str, str, int, str, int | None]] | None = None
+        self.metadata: dict[str, str] = {}
 
     @property
     def name(self) -> str:
@@ -454,6 +479,8 @@ class Cmd:
                               "expected_version": p[4]} for p in self.postings]
         elif k in (REVERSE, EXPIRE_TRANSACTION):
             d["transaction_id"] = self.transaction_id
+        if k in WITH_METADATA:
+            d["metadata"] = self.metadata
         return d
 
 
@@ -467,7 +494,7 @@ def read_commands(buf: bytes, start: int) -> list[Cmd]:
             break
         for _ in range(count):
             kind = r.long()
-            if not 0 <= kind <= EXPIRE_TRANSACTION:
+            if not 0 <= kind <= SET_ACCOUNT_METADATA:
                 raise ValueError("bad command type")
             c = Cmd(kind, r.string(), r.string(), r.string(), r.long(), r.opt_long(), r.opt_str())
             if kind == OPEN_ACCOUNT:
@@ -500,6 +527,8 @@ def read_commands(buf: bytes, start: int) -> list[Cmd]:
                     n = r.block()
             elif kind in (REVERSE, EXPIRE_TRANSACTION):
                 c.transaction_id = r.string()
+            if kind in WITH_METADATA:
+                c.metadata = r.string_map()
             out.append(c)
     if not r.done():
         raise ValueError("bytes after the batch")
@@ -514,7 +543,8 @@ class Account:
 
     def __init__(self, account_id: str, currency: str, status: str, overdraft_limit_minor: int,
                  balance_minor: int, held_minor: int, version: int, updated_at: int,
-                 holds: dict[str, tuple[int, int]]) -> None:
+                 holds: dict[str, tuple[int, int]],
+                 metadata: dict[str, str] | None = None) -> None:
         self.account_id = account_id
         self.currency = currency
         self.status = status
@@ -524,6 +554,7 @@ class Account:
         self.version = version
         self.updated_at = updated_at
         self.holds = holds  # hold id -> (amount_minor, expires_at)
+        self.metadata: dict[str, str] = {} if metadata is None else metadata
 
     @property
     def available_minor(self) -> int:
@@ -546,6 +577,7 @@ class Account:
                 write_long(out, amount)
                 write_long(out, expires_at)
         out.append(_BYTE[0])
+        write_map(out, self.metadata)
         return b"".join(out)
 
 
@@ -575,6 +607,7 @@ def read_account(buf: bytes, start: int) -> Account:
             hold_id = r.string()
             amount = r.long()
             a.holds[hold_id] = (amount, r.long())
+    a.metadata = r.string_map()
     if not r.done():
         raise ValueError("bytes after the account")
     return a
@@ -698,7 +731,7 @@ class Core:
     def command(self, c: Cmd, now: int) -> bool:
         """Decide ``c`` if this core takes it (True); False leaves it to the processor."""
         k = c.kind
-        if k > CLOSE_ACCOUNT:  # a transaction's: the processor decides it
+        if k > CLOSE_ACCOUNT or c.metadata:  # the processor decides these
             return False
         if not (valid_id(c.command_id) and valid_id(c.account_id) and valid_id(c.actor)):
             return False
@@ -868,6 +901,7 @@ class Core:
         self.dirty.add(account_id)
         out = self._envelope(state, c.command_id, c.command_id, c.correlation_id, c.actor)
         out.extend(payload)
+        out.append(_BYTE[0])  # no metadata
         return b"".join(out)
 
     def leg(self, buf: bytes, start: int, now: int) -> bool:
@@ -891,6 +925,8 @@ class Core:
         correlation_id = r.opt_str()
         reason = r.opt_str()
         expires_at = r.long()
+        if r.string_map():  # the processor carries it into the events
+            return False
         unsigned_end = r.i
         signature = buf[unsigned_end:]
         if len(signature) != 33 or signature[0] != 64 or expires_at <= now:  # 32 bytes
@@ -971,6 +1007,7 @@ class Core:
         write_long(out, amount)
         if reason is not None:
             write_str(out, reason)
+        out.append(_BYTE[0])  # no metadata
         return b"".join(out)
 
     def _envelope(self, state: Account, command_id: str, causation_id: str,
@@ -1013,6 +1050,7 @@ class Core:
         write_opt_str(body, correlation_id)
         write_opt_str(body, reason)
         write_long(body, expires_at)
+        body.append(_BYTE[0])  # no metadata
         unsigned = b"".join(body)
         signature = hmac.new(self.leg_secret, unsigned + b"\0", hashlib.sha256).digest()
         out = [self.h.leg, unsigned]

@@ -19,6 +19,7 @@ from enum import StrEnum
 
 from schemas.models import (
     AccountClosed,
+    AccountMetadataSet,
     AccountOpened,
     AccountState,
     CaptureHold,
@@ -37,6 +38,7 @@ from schemas.models import (
     PlaceHold,
     Rejection,
     ReleaseHold,
+    SetAccountMetadata,
     Transaction,
     TransactionMessage,
     TransactionPosted,
@@ -145,16 +147,19 @@ def decide(state: AccountState | None, command: CommandBase) -> Decision:
         payload = _rules(state, command)
     except Refused as r:
         return Decision(rejection=reject(command, r.reason, r.detail))
+    metadata = getattr(command, "metadata", None)
     event, after = _event(state, command.account_id, command.command_id, command.command_id,
                           command.issued_at, command.actor, command.correlation_id, payload,
-                          currency=getattr(command, "currency", None))
+                          currency=getattr(command, "currency", None),
+                          metadata=None if isinstance(command, SetAccountMetadata) else metadata)
     legs: tuple[TransferLeg, ...] = ()
     if isinstance(command, Transfer):
         legs = (TransferLeg.trusted(
             kind="CREDIT", transfer_id=command.command_id, from_account_id=command.account_id,
             to_account_id=command.to_account_id, amount_minor=command.amount_minor,
             currency=command.currency, issued_at=event.occurred_at, actor=command.actor,
-            correlation_id=command.correlation_id, reason=None, expires_at=0, signature=b"",
+            correlation_id=command.correlation_id, reason=None, expires_at=0,
+            metadata=command.metadata, signature=b"",
         ),)
     return Decision(events=(event,), legs=legs, state_after=after)
 
@@ -237,6 +242,8 @@ def _rules(state: AccountState | None, c: CommandBase) -> Payload:
     if isinstance(c, CloseAccount):
         _check(core.close_rules(s.balance_minor, len(s.holds), s.currency))
         return AccountClosed.trusted()
+    if isinstance(c, SetAccountMetadata):
+        return AccountMetadataSet.trusted(metadata=c.metadata)
     raise Refused(Reason.INVALID_COMMAND, f"unknown command type {type(c).__name__}")
 
 
@@ -291,26 +298,30 @@ def decide_leg(state: AccountState | None, leg: TransferLeg) -> Decision:
 
 def _leg_outcome(state: AccountState, leg: TransferLeg, payload: Payload) -> Decision:
     event, after = _event(state, leg.account_id, leg.transfer_id, leg.leg_id, leg.issued_at,
-                          leg.actor, leg.correlation_id, payload, currency=leg.currency)
+                          leg.actor, leg.correlation_id, payload, currency=leg.currency,
+                          metadata=leg.metadata)
     return Decision(events=(event,), state_after=after)
 
 
 def _event(state: AccountState | None, account_id: str, command_id: str, causation_id: str,
            issued_at: int, actor: str, correlation_id: str | None, payload: Payload,
-           currency: str | None) -> tuple[LedgerEvent, AccountState]:
-    """Build the event and its envelope, and the state after it (from ``evolve``)."""
+           currency: str | None, metadata: dict[str, str] | None = None,
+           ) -> tuple[LedgerEvent, AccountState]:
+    """Build the event and its envelope, and the state after it (from ``evolve``);
+    ``metadata``: the causing command's (none: empty)."""
+    metadata = metadata or {}
     if state is not None:
         currency = state.currency
     assert currency is not None
     occurred_at = issued_at if state is None else max(issued_at, state.updated_at)
     version = 1 if state is None else state.version + 1
-    after = _after(state, payload, account_id, currency, version, occurred_at)
+    after = _after(state, payload, account_id, currency, version, occurred_at, metadata)
     event = LedgerEvent.trusted(
         event_id=event_id(causation_id, account_id, version), account_id=account_id,
         version=version, currency=currency, balance_after_minor=after.balance_minor,
         available_after_minor=after.available_minor, occurred_at=occurred_at,
         command_id=command_id, causation_id=causation_id, correlation_id=correlation_id,
-        actor=actor, payload=payload,
+        actor=actor, payload=payload, metadata=metadata,
     )
     return event, after
 
@@ -321,16 +332,17 @@ def _event(state: AccountState | None, account_id: str, command_id: str, causati
 def evolve(state: AccountState | None, event: LedgerEvent) -> AccountState:
     """The account after ``event``. The one place a balance changes."""
     return _after(state, event.payload, event.account_id, event.currency, event.version,
-                  event.occurred_at)
+                  event.occurred_at, event.metadata)
 
 
 def _after(state: AccountState | None, p: Payload, account_id: str, currency: str,
-           version: int, occurred_at: int) -> AccountState:
+           version: int, occurred_at: int, metadata: dict[str, str]) -> AccountState:
+    """``metadata``: the event's (an opening's is the account's)."""
     if isinstance(p, AccountOpened):
         return AccountState.trusted(
             account_id=account_id, currency=currency, status="open",
             overdraft_limit_minor=p.overdraft_limit_minor, balance_minor=0, held_minor=0,
-            version=version, updated_at=occurred_at, holds={},
+            version=version, updated_at=occurred_at, holds={}, metadata=metadata,
         )
     if state is None:
         raise ValueError(f"{type(p).__name__} for account {account_id!r} before it opened")
@@ -360,8 +372,9 @@ def _after(state: AccountState | None, p: Payload, account_id: str, currency: st
         holds = {k: v for k, v in holds.items() if k != rid}
         if isinstance(p, TransactionPosted):
             balance += p.amount_minor
+    meta = p.metadata if isinstance(p, AccountMetadataSet) else state.metadata
     return state.replace(balance_minor=balance, held_minor=held, holds=holds, status=status,
-                         version=version, updated_at=occurred_at)
+                         version=version, updated_at=occurred_at, metadata=meta)
 
 
 def reservation_id(coordinator_account_id: str, transaction_id: str) -> str:

@@ -80,8 +80,8 @@ def _message(kind: str, record: TransactionRecord, account_id: str, issued_at: i
         "coordinator_account_id": record.coordinator_account_id, "account_id": account_id,
         "postings": record.postings, "accepted": False, "reason": None, "detail": None,
         "posting_index": -1, "issued_at": issued_at, "actor": record.actor,
-        "correlation_id": record.correlation_id, "expires_at": 0, "signature": b"",
-        **fields})
+        "correlation_id": record.correlation_id, "expires_at": 0,
+        "metadata": record.metadata, "signature": b"", **fields})
 
 
 # ---------------------------------------------------------------- at the coordinator
@@ -99,12 +99,13 @@ def start(state: AccountState | None, c: Transaction | Reverse, postings: list[P
     payload = TransactionStarted.trusted(transaction_id=c.command_id, postings=postings,
                                          deadline=now + timeout_ms, reverses=reverses)
     event, after = _event(s, c.account_id, c.command_id, c.command_id, c.issued_at, c.actor,
-                          c.correlation_id, payload, None)
+                          c.correlation_id, payload, None, c.metadata)
     record = TransactionRecord.trusted(
         transaction_id=c.command_id, coordinator_account_id=c.account_id, postings=postings,
         participants=participants(postings), voted=[], state="pending",
         deadline=now + timeout_ms, issued_at=event.occurred_at, actor=c.actor,
-        correlation_id=c.correlation_id, reverses=reverses, reversed_by=None)
+        correlation_id=c.correlation_id, reverses=reverses, reversed_by=None,
+        metadata=c.metadata)
     messages = tuple(_message("PREPARE", record, a, event.occurred_at)
                      for a in record.participants)
     return Decision(events=(event,), state_after=after, messages=messages), record
@@ -149,10 +150,9 @@ def vote(state: AccountState | None, record: TransactionRecord | None, m: Transa
         return _end(state, record, m.issued_at, f"{record.transaction_id}:vote:{m.account_id}",
                     m.reason or Reason.INVALID_COMMAND.value, m.detail or "",
                     m.posting_index)
-    if m.account_id in record.voted:
-        return Decision(), record
-    record = record.replace(voted=[*record.voted, m.account_id])
-    if len(record.voted) < len(record.participants):
+    if m.account_id not in record.voted:
+        record = record.replace(voted=[*record.voted, m.account_id])
+    if len(record.voted) < len(record.participants):  # (all in, still pending: a rebuild's)
         return Decision(), record
     return _end(state, record, m.issued_at, f"{record.transaction_id}:vote:{m.account_id}")
 
@@ -174,11 +174,11 @@ def expire(state: AccountState | None, record: TransactionRecord | None,
             Reason.ACCOUNT_NOT_FOUND, f"account {c.account_id!r} does not exist")))), record
     assert record is not None
     silent = [a for a in record.participants if a not in record.voted]
-    index = next(i for i, p in enumerate(record.postings)
-                 if p.from_account_id in silent or p.to_account_id in silent)
+    index = next((i for i, p in enumerate(record.postings)
+                  if p.from_account_id in silent or p.to_account_id in silent), -1)
     return _end(state, record, c.issued_at, c.command_id, Reason.TRANSACTION_TIMED_OUT.value,
-                f"no answer from {', '.join(silent)} by {record.deadline}", index,
-                command_id=c.command_id)
+                f"no answer from {', '.join(silent) or 'a participant'} by {record.deadline}",
+                index, command_id=c.command_id)
 
 
 def _end(state: AccountState | None, record: TransactionRecord, issued_at: int, causation_id: str,
@@ -197,7 +197,7 @@ def _end(state: AccountState | None, record: TransactionRecord, issued_at: int, 
                                               posting_index=posting_index)
         record = record.replace(state="rejected")
     event, after = _event(state, state.account_id, command_id or tid, causation_id, issued_at,
-                          record.actor, record.correlation_id, payload, None)
+                          record.actor, record.correlation_id, payload, None, record.metadata)
     kind = "COMMIT" if reason is None else "ABORT"
     messages = tuple(_message(kind, record, a, event.occurred_at, reason=reason)
                      for a in record.participants)
@@ -253,7 +253,7 @@ def prepare(state: AccountState | None, m: TransactionMessage) -> Decision:
         transaction_id=m.transaction_id, coordinator_account_id=m.coordinator_account_id,
         amount_minor=max(0, -net_of(m.account_id, m.postings)))
     event, after = _event(state, m.account_id, m.transaction_id, f"{m.transaction_id}:prepare",
-                          m.issued_at, m.actor, m.correlation_id, payload, None)
+                          m.issued_at, m.actor, m.correlation_id, payload, None, m.metadata)
     yes = m.replace(kind="VOTE", accepted=True, issued_at=event.occurred_at, expires_at=0,
                     signature=b"")
     return Decision(events=(event,), state_after=after, messages=(yes,))
@@ -277,7 +277,7 @@ def finish(state: AccountState | None, m: TransactionMessage) -> Decision | None
             amount_minor=state.holds[rid].amount_minor, reason=m.reason or "rejected")
     event, after = _event(state, m.account_id, m.transaction_id,
                           f"{m.transaction_id}:{m.kind.lower()}", m.issued_at, m.actor,
-                          m.correlation_id, payload, None)
+                          m.correlation_id, payload, None, m.metadata)
     return Decision(events=(event,), state_after=after)
 
 

@@ -1,4 +1,5 @@
-"""HTTP on the worker's web server: accounts, their events, commands, health, metrics.
+"""HTTP on the worker's web server: accounts, their events, transactions, commands,
+health, metrics.
 
 The API is described in ``streams/api/openapi.yaml`` (served at ``GET /openapi.yaml``).
 Any worker answers for any account: a read of an account whose partition another
@@ -24,6 +25,7 @@ import json
 import logging
 import re
 import socket
+import urllib.parse
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -39,7 +41,16 @@ from yarl import URL
 
 from producers.client import CommandRefused, DeliveryError, LedgerClient, QueueFull
 from schemas.codec import CODEC
-from schemas.models import COMMAND_TYPES, AccountState, CommandBase, ExpireHold, LedgerEvent
+from schemas.models import (
+    COMMAND_TYPES,
+    AccountState,
+    CommandBase,
+    ExpireHold,
+    ExpireTransaction,
+    LedgerEvent,
+    Posting,
+    TransactionRecord,
+)
 from schemas.money import format_amount
 from streams import instants
 from streams.core import valid_id
@@ -48,7 +59,7 @@ from streams.readmodels.history import History
 from streams.readmodels.statement import TooLong, statement, to_csv
 from streams.settings import Settings
 from streams.worker import metrics
-from streams.worker.processor import account_key
+from streams.worker.processor import account_key, transaction_key
 from streams.worker.state import PartitionView
 
 log = logging.getLogger("ledger.web")
@@ -77,9 +88,12 @@ ROUTED_HEADER = "X-Ledger-Routed"  # set on a forwarded request: it is never for
 FORWARD_TIMEOUT_S = 10.0
 WAIT_OUTCOME_S = 10.0  # POST /commands?wait=true answers 202 "pending" after this
 MAX_PAGE = 1000
+# GET /transactions/{id}: events read per account from the transaction's start, at most
+TRANSACTION_SCAN = MAX_PAGE
 INT64_MAX = 2**63 - 1
-# Commands a client may send (expiring a hold is the worker's own business).
-PUBLIC_COMMANDS = {n: c for n, c in COMMAND_TYPES.items() if c is not ExpireHold}
+# Commands a client may send (expiring a hold or a transaction is the worker's own business).
+PUBLIC_COMMANDS = {n: c for n, c in COMMAND_TYPES.items()
+                   if c not in (ExpireHold, ExpireTransaction)}
 # Rejections that say "the ledger's state differs from what you assumed": 409.
 CONFLICT_REASONS = frozenset({"version_conflict", "idempotency_key_reused",
                               "account_already_exists", "hold_already_exists"})
@@ -147,7 +161,7 @@ def caller(given: str, tokens: dict[str, str]) -> str | None:
 
 
 # What LEDGER_TOKEN_FOR_READS puts behind the token: the data, not the page's files.
-PROTECTED_READS = ("/accounts", "/metrics")
+PROTECTED_READS = ("/accounts", "/transactions", "/metrics")
 
 
 def read_check(tokens: dict[str, str]) -> Any:
@@ -189,7 +203,17 @@ class JsonView(View):
 # ---------------------------------------------------------------- documents
 
 
+def reservation_of(hold_key: str) -> tuple[str, str] | None:
+    """(coordinator, transaction id) if a key among an account's holds is a transaction's
+    reservation (``streams.domain.reservation_id``); None for a hold a client placed."""
+    parts = hold_key.split("\0")
+    return (parts[1], parts[2]) if len(parts) == 3 and parts[0] == "transaction" else None
+
+
 def account_json(state: AccountState) -> dict[str, Any]:
+    """The account now. Its holds are those clients placed, by hold id; the amounts that
+    pending transactions reserved are its ``reservations`` (both count in ``available``)."""
+    holds = sorted(state.holds.items())
     return {
         "account_id": state.account_id,
         "currency": state.currency,
@@ -201,7 +225,11 @@ def account_json(state: AccountState) -> dict[str, Any]:
         "available": format_amount(state.available_minor, state.currency),
         "overdraft_limit_minor": state.overdraft_limit_minor,
         "holds": {k: {"amount_minor": h.amount_minor, "expires_at": h.expires_at}
-                  for k, h in sorted(state.holds.items())},
+                  for k, h in holds if reservation_of(k) is None},
+        "reservations": [{"coordinator_account_id": r[0], "transaction_id": r[1],
+                          "amount_minor": h.amount_minor,
+                          "amount": format_amount(h.amount_minor, state.currency)}
+                         for k, h in holds if (r := reservation_of(k)) is not None],
         "updated_at": state.updated_at,
     }
 
@@ -218,6 +246,48 @@ def event_json(e: LedgerEvent) -> dict[str, Any]:
     amount = getattr(e.payload, "amount_minor", None)
     if amount is not None:
         doc["amount_minor"] = amount
+    return doc
+
+
+_ENDS = {"TransactionCommitted": "committed", "TransactionRejected": "rejected"}
+_STEPS = {"TransactionReserved": "reserved_at", "TransactionPosted": "posted_at",
+          "TransactionReleased": "released_at"}
+
+
+def posting_json(p: Posting) -> dict[str, Any]:
+    return {**p.to_avro(), "amount": format_amount(p.amount_minor, p.currency)}
+
+
+def transaction_json(record: TransactionRecord,
+                     events: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """A transaction as its coordinator's ``record`` has it, with the time of each step
+    found in ``events`` (per account, as ``event_json``, from the transaction's start).
+
+    ``state`` is the coordinator's end event's if it is among them, else the record's
+    (the history index trails the worker's state by a moment); a step not found (yet,
+    or not within the events read) has its time null."""
+    tid, coordinator = record.transaction_id, record.coordinator_account_id
+    end = next((e for e in events.get(coordinator, ()) if e["type"] in _ENDS
+                and e["payload"]["transaction_id"] == tid), None)
+    state = record.state if end is None else _ENDS[end["type"]]
+    doc: dict[str, Any] = {
+        "coordinator_account_id": coordinator, "transaction_id": tid, "state": state,
+        "postings": [posting_json(p) for p in record.postings],
+        "reverses": record.reverses, "reversed_by": record.reversed_by,
+        "started_at": record.issued_at, "deadline": record.deadline,
+        "ended_at": None if end is None else end["occurred_at"],
+        "participants": [],
+    }
+    if state == "rejected":
+        why = {} if end is None else end["payload"]
+        doc.update(reason=why.get("reason"), detail=why.get("detail"),
+                   posting_index=why.get("posting_index"))
+    for account in record.participants:
+        steps = {_STEPS[e["type"]]: e["occurred_at"] for e in events.get(account, ())
+                 if e["type"] in _STEPS and e["payload"]["transaction_id"] == tid
+                 and e["payload"]["coordinator_account_id"] == coordinator}
+        doc["participants"].append({"account_id": account, **dict.fromkeys(_STEPS.values()),
+                                    **steps})
     return doc
 
 
@@ -382,18 +452,68 @@ class Api:
                 headers[name] = request.headers[name]
         return headers
 
-    def target(self, request: Request, partition: int) -> tuple[str, URL]:
-        """The owner of ``partition`` and the address to relay ``request`` to there: only a
-        member's advertised URL that matches ``LEDGER_PEER_URL_PATTERN``."""
+    def owner(self, partition: int) -> str:
+        """The URL of the other worker that owns ``partition``: only a member's advertised
+        URL that matches ``LEDGER_PEER_URL_PATTERN``."""
         url = self.owner_url(partition)
-        if request.headers.get(ROUTED_HEADER) or url is None or url == self.url:
+        if url is None or url == self.url:
             raise ApiError(503, "not_owner", f"partition {partition} is moving between "
                            "workers; try again", partition=partition)
         if not self.peer_url.fullmatch(url):
             log.warning("not forwarding: the owner's URL does not match "
                         "LEDGER_PEER_URL_PATTERN", extra={"owner": url, "partition": partition})
             raise _unreachable(partition)
+        return url
+
+    def target(self, request: Request, partition: int) -> tuple[str, URL]:
+        """The owner of ``partition`` and the address to relay ``request`` to there; a
+        request relayed here already is not relayed again."""
+        if request.headers.get(ROUTED_HEADER):
+            raise ApiError(503, "not_owner", f"partition {partition} is moving between "
+                           "workers; try again", partition=partition)
+        url = self.owner(partition)
         return url, URL(url.rstrip("/") + request.rel_url.raw_path_qs, encoded=True)
+
+    async def get_json(self, request: Request, partition: int, path: str,
+                       ) -> tuple[int, dict[str, Any]]:
+        """GET ``path`` from the worker that owns ``partition``, with the caller's headers
+        (as ``forward`` sends them): its status and JSON object."""
+        url = self.owner(partition)
+        session: aiohttp.ClientSession = self.app.http_client
+        try:
+            async with session.get(URL(url.rstrip("/") + path, encoded=True),
+                                   headers=self.relayed(request), allow_redirects=False,
+                                   timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT_S)
+                                   ) as resp:
+                refuse_redirect(resp, url, partition)
+                doc = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            log.debug("read from owner failed", extra={"owner": url, "error": repr(exc)})
+            raise _unreachable(partition) from None
+        if not isinstance(doc, dict):
+            raise _unreachable(partition)
+        if resp.status not in (200, 404):  # 503 and the like: the caller tries again
+            raise ApiError(503, str(doc.get("error", "owner_unreachable")),
+                           str(doc.get("detail", "")), partition=partition)
+        return resp.status, doc
+
+    async def events_since(self, request: Request, account_id: str,
+                           at_ms: int) -> list[dict[str, Any]]:
+        """Up to TRANSACTION_SCAN events of the account (as ``event_json``) from its first
+        at or after ``at_ms``: from this worker's history index, or read from the owner's
+        ``/accounts`` endpoints. [] for an account that does not exist."""
+        p = partition_for(account_id, self.s.partitions)
+        if p in self.owned_partitions():
+            return [event_json(e) for e in
+                    self.history_of(p).since(account_id, at_ms, TRANSACTION_SCAN)]
+        path = f"/accounts/{urllib.parse.quote(account_id, safe='')}"
+        version = 1
+        if at_ms > 0:  # the version after the last event before at_ms
+            status, doc = await self.get_json(request, p, f"{path}?as_of={at_ms - 1}")
+            version = doc["version"] + 1 if status == 200 else 1
+        status, doc = await self.get_json(
+            request, p, f"{path}/events?from_version={version}&limit={TRANSACTION_SCAN}")
+        return list(doc["events"]) if status == 200 else []
 
     async def forward(self, view: View, request: Request, partition: int) -> Response:
         """Relay the request to the worker that owns ``partition`` (never a redirect)."""
@@ -660,6 +780,33 @@ def register(app: faust.App, s: Settings) -> None:
             if request.query.get("format") == "csv":
                 return self.bytes(to_csv(doc).encode(), content_type="text/csv")
             return self.json(doc)
+
+    @app.page("/transactions/{transaction_id}")
+    class TransactionView(JsonView):
+        async def get(self, request: Request, transaction_id: str) -> Response:
+            coordinator = request.query.get("coordinator", "")
+            if not coordinator:
+                raise ApiError(422, "invalid_parameter", "coordinator (the account the "
+                               "transaction was submitted to) is required",
+                               parameter="coordinator")
+            p = partition_for(coordinator, s.partitions)
+            if not owned(p):
+                return await api.forward(self, request, p)
+            raw = None
+            if valid_id(coordinator) and valid_id(transaction_id):
+                db = app.accounts_table.data._db_for_partition(p)  # type: ignore[attr-defined]
+                raw = PartitionView(db).get(transaction_key(coordinator, transaction_id))
+            if raw is None:
+                raise ApiError(404, "transaction_not_found", "the coordinator has no "
+                               "transaction with this id",
+                               coordinator_account_id=coordinator[:200],
+                               transaction_id=transaction_id[:200])
+            record = TransactionRecord.from_avro(
+                CODEC.decode(raw, expect=TransactionRecord.avro_name)[1])
+            accounts = list(dict.fromkeys([coordinator, *record.participants]))
+            found = await asyncio.gather(*(api.events_since(request, a, record.issued_at)
+                                           for a in accounts))
+            return self.json(transaction_json(record, dict(zip(accounts, found, strict=True))))
 
     @app.page("/accounts/{account_id}/stream")
     class StreamView(JsonView):

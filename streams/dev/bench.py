@@ -116,6 +116,17 @@ def workload(mix: str, n: int, rng: random.Random, prefix: str) -> list[m.Comman
             out.append(m.Transfer(command_id=cid, account_id=a, actor="bench",
                                   issued_at=next(t), to_account_id=b,
                                   amount_minor=rng.randint(100, 20_000), currency="USD"))
+        elif roll < 0.88:  # a payment split three ways (a fee, and a partner's share)
+            b, c = (accounts[rng.randrange(ACCOUNTS)] for _ in range(2))
+            amount = rng.randint(1_000, 20_000)
+            out.append(m.Transaction(command_id=cid, account_id=a, actor="bench",
+                                     issued_at=next(t), postings=[
+                m.Posting(from_account_id=a, to_account_id=b, amount_minor=amount,
+                          currency="USD"),
+                m.Posting(from_account_id=a, to_account_id=accounts[0],
+                          amount_minor=amount // 50, currency="USD"),
+                m.Posting(from_account_id=b, to_account_id=c, amount_minor=amount // 10,
+                          currency="USD")]))
         elif roll < 0.92 or not holds:
             hold = f"h{i}"
             holds.append((a, hold))
@@ -603,10 +614,11 @@ def run_bench(commands: int = 200_000, mix: str = "full", seed: int = 1,
             mismatches += (doc["balance_minor"], doc["version"]) != (state.balance_minor,
                                                                     state.version)
         results["check_ok"] = report.ok and mismatches == 0 and \
-            report.transfers_in_flight == 0
+            report.transfers_in_flight == report.transactions_in_flight == 0
         if not results["check_ok"]:
             say(f"CHECK FAILED: {report.breaches[:5]}, {mismatches} balance mismatches, "
-                f"{report.transfers_in_flight} transfers in flight")
+                f"{report.transfers_in_flight} transfers and {report.transactions_in_flight} "
+                "transactions in flight")
         results["worker_rss_mb_peak"] = max(rss_mb(w.proc.pid, "VmHWM") for w in pool)
         for w in pool:
             w.stop()

@@ -4,10 +4,29 @@ For when the accounts changelog (or the disk, and with it the changelog) is lost
 With the worker group stopped, it folds ``ledger.events`` into every account's state,
 turns every event and every rejection back into the outcome record of the command
 (or transfer leg) that caused it (kept for the idempotency window from the time the
-event or rejection was written), rebuilds the hold-expiry index, takes each
+event or rejection was written), rebuilds the hold-expiry index (of the holds clients
+place: a transaction's reservation has no expiry), takes each
 partition's checkpoint from the worker group's committed input offsets, and writes
 all of it to the changelog, checkpoint last. A worker started afterwards restores
 it through Faust's ordinary recovery and resumes at the group's committed offsets.
+
+Transactions (``streams.transactions``): each coordinator's record of each
+transaction, from its ``TransactionStarted`` and how it ended (pending if it has not),
+the deadline index of the pending ones, the link between a transaction and the
+reversal that is not rejected, and at each participant the record that it handled the
+PREPARE (from its ``TransactionReserved``: a copy still on ``ledger.transfers`` is
+ignored). A rejected transaction's record is forgotten a window after it ended, as
+the worker does; a committed one's is kept. The votes are not in the log: a
+participant counts as having voted once its reservation is (that is what its yes
+said), except, for a pending transaction, a participant whose yes vote is still on
+``ledger.transfers`` past the coordinator's committed offset: the coordinator counts
+it when it reads it there, and commits on the last one. (Were every participant of a
+pending transaction counted, no vote would be left to commit it, and its deadline
+could not name one that did not answer.) A pending transaction every participant
+reserved for with no vote unread lost one with the state (a reservation written, its
+vote not): it counts none, and is rejected at its deadline. A participant that refused
+leaves nothing in the log; its no vote either is still to be read, or it rejected the
+transaction, which the log says.
 
 An input decided but not yet committed when the state was lost is decided again:
 its outcome record (rebuilt from the event or rejection it produced) answers it with
@@ -21,17 +40,24 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Set
 from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from schemas.codec import CODEC
+from schemas.codec import CODEC, DecodeError
 from schemas.models import (
     AccountState,
     CommandOutcome,
     LedgerEvent,
+    TransactionCommitted,
+    TransactionMessage,
+    TransactionRecord,
+    TransactionRejected,
+    TransactionReserved,
+    TransactionStarted,
     TransferCredited,
     TransferReversed,
     encode,
@@ -43,13 +69,16 @@ from streams.partitions import partition_for
 from streams.readmodels.eventlog import read_all
 from streams.readmodels.projection import GroupActive, _members
 from streams.settings import Settings
+from streams.transactions import participants
 from streams.worker.processor import (
     account_key,
+    deadline_key,
     leg_outcome_key,
     outcome_key,
     outcome_log_key,
     pack_records,
     retention_records,
+    transaction_key,
 )
 from streams.worker.state import CHECKPOINT_KEY, Checkpoint, wrap
 
@@ -73,6 +102,158 @@ class OutcomeLog:
         self.records.append((okey, value))
         self.size += len(okey) + len(value)
         self.expires_at = max(self.expires_at, expires_at)
+
+
+Vote = tuple[str, str, str]  # (coordinator, transaction id, participant)
+
+
+def outcome_key_of(event: LedgerEvent) -> bytes | None:
+    """Where the worker keeps the outcome ``event`` belongs to; None: it keeps none (a
+    transaction's vote counted, COMMIT or ABORT: its record answers for those)."""
+    paid = event.payload
+    if isinstance(paid, TransferCredited):
+        return leg_outcome_key(event.account_id, event.causation_id, paid.from_account_id)
+    if isinstance(paid, TransferReversed):  # a refund, at its source
+        return leg_outcome_key(event.account_id, event.causation_id, event.account_id)
+    if isinstance(paid, TransactionReserved):  # a PREPARE, at a participant
+        return leg_outcome_key(event.account_id, event.causation_id,
+                               paid.coordinator_account_id)
+    if event.causation_id != event.command_id:
+        return None
+    return outcome_key(event.account_id, event.command_id)
+
+
+def account_records(state: AccountState) -> dict[bytes, bytes]:
+    """The account's store record, and its holds' in the hold-expiry index."""
+    out = {account_key(state.account_id): encode(state)}
+    for hold_id, hold in state.holds.items():
+        if "\0" not in hold_id:  # a transaction's reservation (reservation_id): no expiry
+            out[expiry_key(hold.expires_at, state.account_id, hold_id)] = b""
+    return out
+
+
+@dataclass
+class Transactions:
+    """The coordinators' records of the transactions the log tells of. No Kafka here."""
+
+    window_ms: int
+    # (coordinator, id) -> its TransactionStarted (the last: a rejected transaction's id
+    # may be used again once it is forgotten)
+    started: dict[tuple[str, str], LedgerEvent] = field(default_factory=dict)
+    # -> "committed" or "rejected", and when that event was written
+    ended: dict[tuple[str, str], tuple[str, int]] = field(default_factory=dict)
+    reserved: dict[Vote, int] = field(default_factory=dict)  # -> the reservation's time
+
+    def add(self, event: LedgerEvent, written_at: int) -> None:
+        p = event.payload
+        if isinstance(p, TransactionStarted):
+            self.started[(event.account_id, p.transaction_id)] = event
+            self.ended.pop((event.account_id, p.transaction_id), None)
+        elif isinstance(p, TransactionCommitted | TransactionRejected):
+            self.ended[(event.account_id, p.transaction_id)] = (
+                "committed" if isinstance(p, TransactionCommitted) else "rejected", written_at)
+        elif isinstance(p, TransactionReserved):
+            self.reserved[(p.coordinator_account_id, p.transaction_id, event.account_id)] = \
+                event.occurred_at
+
+    def pending(self) -> list[tuple[str, str]]:
+        return [key for key in self.started if key not in self.ended]
+
+    def records(self, unread: Set[Vote] = frozenset(),
+                ) -> dict[tuple[str, str], TransactionRecord]:
+        """``unread``: the yes votes still on ledger.transfers past the coordinators'
+        committed offsets (``unread_votes``)."""
+        out: dict[tuple[str, str], TransactionRecord] = {}
+        for key, e in self.started.items():
+            p = e.payload
+            assert isinstance(p, TransactionStarted)
+            state = self.ended.get(key, ("pending", 0))[0]
+            parties = participants(p.postings)
+            # a reservation of this transaction, not of an earlier one of the same id
+            voted = [a for a in parties if self.reserved.get((*key, a), -1) >= e.occurred_at]
+            if state == "pending":
+                voted = [a for a in voted if (*key, a) not in unread]
+                if len(voted) == len(parties):
+                    # every yes was read, yet it did not commit: a vote was lost with the
+                    # state (its reservation written, not its message). Counting all would
+                    # leave it pending for ever; counting none, it ends at its deadline.
+                    voted = []
+            out[key] = TransactionRecord.trusted(
+                transaction_id=key[1], coordinator_account_id=key[0], postings=p.postings,
+                participants=parties, voted=voted, state=state, deadline=p.deadline,
+                issued_at=e.occurred_at, actor=e.actor, correlation_id=e.correlation_id,
+                reverses=p.reverses, reversed_by=None, metadata=e.metadata)
+        for r in list(out.values()):  # a rejected reversal frees the original again
+            original = (r.coordinator_account_id, r.reverses or "")
+            if original in out and r.state != "rejected":
+                out[original] = out[original].replace(reversed_by=r.transaction_id)
+        return out
+
+    def store(self, partitions: int, unread: Set[Vote] = frozenset(),
+              ) -> tuple[dict[int, dict[bytes, bytes]], dict[int, list[tuple[int, bytes]]]]:
+        """Per partition, the records' store keys (``t``, and ``y`` for the pending), and
+        the rejected ones' retention (``(expires_at, key)``, as the worker's)."""
+        values: dict[int, dict[bytes, bytes]] = {}
+        retain: dict[int, list[tuple[int, bytes]]] = {}
+        for key, r in self.records(unread).items():
+            p = partition_for(key[0], partitions)
+            tkey = transaction_key(*key)
+            values.setdefault(p, {})[tkey] = encode(r)
+            if r.state == "pending":
+                values[p][deadline_key(r.deadline, *key)] = b""
+            elif r.state == "rejected":
+                retain.setdefault(p, []).append((self.ended[key][1] + self.window_ms, tkey))
+        return values, retain
+
+
+def unread_votes(s: Settings, checkpoints: dict[int, Checkpoint], partitions: set[int],
+                 timeout_s: float = 60.0) -> set[Vote]:
+    """The yes votes on ``ledger.transfers`` past the group's committed offsets of
+    ``partitions`` (the coordinators read them when they resume). Signatures are not
+    checked: a vote left out of ``voted`` and never counted only lets the transaction
+    end at its deadline."""
+    consumer = Consumer({**s.kafka_config(), "group.id": f"ledger-rebuild-{uuid.uuid4()}",
+                         "enable.auto.commit": False})
+    votes: set[Vote] = set()
+    try:
+        ends: dict[int, int] = {}
+        starts = []
+        for p in sorted(partitions):
+            tp = TopicPartition(s.transfers_topic, p)
+            low, high = consumer.get_watermark_offsets(tp, timeout=10)
+            first = max(low, checkpoints[p].transfers + 1)
+            if first < high:
+                ends[p] = high
+                starts.append(TopicPartition(s.transfers_topic, p, first))
+        consumer.assign(starts)
+        deadline = time.monotonic() + timeout_s
+        while ends:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{s.transfers_topic}: nothing read for {timeout_s}s")
+            for m in consumer.consume(1000, timeout=0.5):
+                at, offset = m.partition(), m.offset()
+                if m.error() is not None or at is None or offset is None or at not in ends:
+                    continue
+                deadline = time.monotonic() + timeout_s
+                if offset >= ends[at] - 1:
+                    del ends[at]
+                vote = yes_vote(m.value() or b"")
+                if vote is not None:
+                    votes.add(vote)
+    finally:
+        consumer.close()
+    return votes
+
+
+def yes_vote(raw: bytes) -> Vote | None:
+    """The vote a ``ledger.transfers`` record is, if it is a yes."""
+    try:
+        name, d = CODEC.decode(raw)
+    except DecodeError:
+        return None
+    if name != TransactionMessage.avro_name or d["kind"] != "VOTE" or not d["accepted"]:
+        return None
+    return d["coordinator_account_id"], d["transaction_id"], d["account_id"]
 
 
 @dataclass
@@ -116,6 +297,7 @@ def rebuild(s: Settings, progress: Callable[[str], None] | None = None) -> Rebui
 
     states: dict[str, AccountState | None] = {}
     outcomes: dict[bytes, CommandOutcome] = {}
+    transactions = Transactions(s.idempotency_window_ms)
     say(f"folding {s.events_topic}")
     for m in read_all(s, s.events_topic):
         raw = m.value() or b""
@@ -124,15 +306,12 @@ def rebuild(s: Settings, progress: Callable[[str], None] | None = None) -> Rebui
         if state is not None and event.version <= state.version:
             continue  # a byte-identical duplicate of an event already folded
         states[event.account_id] = evolve(state, event)
-        paid = event.payload
-        if isinstance(paid, TransferCredited):
-            okey = leg_outcome_key(event.account_id, event.causation_id, paid.from_account_id)
-        elif isinstance(paid, TransferReversed):  # a refund, at its source
-            okey = leg_outcome_key(event.account_id, event.causation_id, event.account_id)
-        else:
-            okey = outcome_key(event.account_id, event.causation_id)
-        outcomes[okey] = CommandOutcome(digest=UNKNOWN_DIGEST, records=[raw], rejected=False,
-                                        expires_at=m.timestamp()[1] + s.idempotency_window_ms)
+        transactions.add(event, m.timestamp()[1])
+        okey = outcome_key_of(event)
+        if okey is not None:
+            outcomes[okey] = CommandOutcome(
+                digest=UNKNOWN_DIGEST, records=[raw], rejected=False,
+                expires_at=m.timestamp()[1] + s.idempotency_window_ms)
     say(f"reading {s.rejections_topic}")
     for m in read_all(s, s.rejections_topic):
         raw = m.value() or b""
@@ -154,11 +333,17 @@ def rebuild(s: Settings, progress: Callable[[str], None] | None = None) -> Rebui
     for account, state in states.items():
         if state is None:
             continue
-        values = per_partition[partition_for(account, s.partitions)]
-        values[account_key(account)] = encode(state)
-        for hold_id, hold in state.holds.items():
-            values[expiry_key(hold.expires_at, account, hold_id)] = b""
+        per_partition[partition_for(account, s.partitions)].update(account_records(state))
     retain: dict[int, list[tuple[int, bytes]]] = {p: [] for p in range(s.partitions)}
+    pending = {partition_for(c, s.partitions) for c, _ in transactions.pending()}
+    if pending:
+        say(f"reading the votes on {s.transfers_topic} not yet counted")
+    kept, kept_until = transactions.store(
+        s.partitions, unread_votes(s, checkpoints, pending) if pending else set())
+    for p, values in kept.items():
+        per_partition[p].update(values)
+    for p, pairs in kept_until.items():
+        retain[p] += pairs
     # The outcome records go to the changelog packed, as the worker writes them: in
     # records of about LOG_BYTES at most, each forgotten when its last outcome is.
     logs: dict[int, list[OutcomeLog]] = {p: [] for p in range(s.partitions)}

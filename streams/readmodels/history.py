@@ -26,6 +26,7 @@ binary search over versions.
     history.follow({0, 3, 7})          # the partitions this worker owns, on each change
     history.events("alice", 1, 100)    # -> up to 100 LedgerEvents from version 1
     history.as_of("alice", at_ms)      # -> LedgerEvent | None
+    history.since("alice", at_ms, 100)  # -> up to 100 from its first event at or after at_ms
     history.stop()
 """
 
@@ -301,6 +302,11 @@ class History:
             out.append(_decode(it.value()))
             it.next()
         return out
+
+    def since(self, account_id: str, at_ms: int, limit: int) -> list[LedgerEvent]:
+        """Up to ``limit`` events of the account from its first with ``occurred_at >= at_ms``."""
+        before = self.as_of(account_id, at_ms - 1)
+        return self.events(account_id, (before.version if before else 0) + 1, limit)
 
     def exists(self, account_id: str) -> bool:
         return bool(self.events(account_id, 0, 1))

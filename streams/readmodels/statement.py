@@ -7,7 +7,7 @@ import csv
 import io
 from typing import Any, Protocol
 
-from schemas.models import LedgerEvent
+from schemas.models import LedgerEvent, TransactionPosted
 from schemas.money import format_amount
 
 MAX_ENTRIES = 10_000  # a statement is read in one request: longer periods are refused
@@ -26,7 +26,9 @@ class TooLong(ValueError):
 
 def statement(history: Events, account_id: str, from_ms: int, to_ms: int) -> dict[str, Any]:
     """Entries with ``from_ms <= occurred_at < to_ms``; each entry's amount is what it
-    changed the balance by (a hold changes the available balance only: amount 0)."""
+    changed the balance by (a hold, and a transaction's reservation and its release,
+    change the available balance only: amount 0; a transaction's posting changes the
+    balance by the net of the account's postings)."""
     before = history.as_of(account_id, from_ms - 1)
     opening = before.balance_after_minor if before else 0
     currency = before.currency if before else None
@@ -57,13 +59,22 @@ def statement(history: Events, account_id: str, from_ms: int, to_ms: int) -> dic
 
 def entry(e: LedgerEvent, amount: int) -> dict[str, Any]:
     p = e.payload
-    hold = getattr(p, "hold_id", None)
+    name = getattr(p, "hold_id", None) or getattr(p, "transaction_id", None)
+    description = e.type + (f" {name}" if name else "")
+    coordinator = getattr(p, "coordinator_account_id", e.account_id)
+    if coordinator != e.account_id:  # a transaction's id is its coordinator's
+        description += f" (coordinator {coordinator})"
+    if isinstance(p, TransactionPosted):  # the other accounts of its postings
+        counterparty: str | None = ", ".join(dict.fromkeys(
+            a for q in p.postings for a in (q.from_account_id, q.to_account_id)
+            if a != e.account_id))
+    else:
+        counterparty = getattr(p, "to_account_id", None) or getattr(p, "from_account_id", None)
     return {
         "occurred_at": e.occurred_at, "version": e.version, "type": e.type,
-        "description": e.type + (f" {hold}" if hold else ""),
-        "counterparty": getattr(p, "to_account_id", None) or getattr(p, "from_account_id",
-                                                                     None),
-        "transfer_id": getattr(p, "transfer_id", None), "command_id": e.command_id,
+        "description": description, "counterparty": counterparty,
+        "transfer_id": getattr(p, "transfer_id", None),
+        "transaction_id": getattr(p, "transaction_id", None), "command_id": e.command_id,
         "amount_minor": amount, "amount": format_amount(amount, e.currency),
         "balance_after_minor": e.balance_after_minor,
         "balance_after": format_amount(e.balance_after_minor, e.currency),

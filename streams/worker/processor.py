@@ -212,8 +212,11 @@ def _content(cls: type[CommandBase]) -> Callable[[dict[str, object]], tuple[obje
 
 
 def command_digest(c: CommandBase) -> bytes:
-    """What a command asks for: the same command_id must always ask for the same thing."""
+    """What a command asks for: the same command_id must always ask for the same thing.
+    No metadata is no field (the digest of a command from before commands had it)."""
     content = _content(type(c))(c.__dict__)
+    if content and content[-1] == {}:  # metadata is every command's last field
+        content = content[:-1]
     return hashlib.blake2b(repr((c.type, content)).encode(), digest_size=16).digest()
 
 
@@ -231,8 +234,9 @@ class LegSigner:
 
     The key is derived from the leg secret and the ledger's ``app_id``, so a leg of
     another ledger sharing the secret does not verify here. A leg of the first version
-    (no ``expires_at``) was signed with the secret itself over that version's body: it
-    still verifies, so a transfer in flight across an upgrade is credited.
+    (no ``expires_at``) was signed with the secret itself over that version's body, a
+    leg of the second (no ``metadata``) with the key over that version's body: both
+    still verify, so a transfer in flight across an upgrade is credited.
     """
 
     def __init__(self, secret: bytes, app_id: str = "ledger") -> None:
@@ -240,21 +244,29 @@ class LegSigner:
         self.key = hmac.new(secret, b"ledger transfer leg\0" + app_id.encode(),
                             hashlib.sha256).digest()
 
-    def _mac(self, leg: TransferLeg) -> bytes:
+    def _mac(self, leg: TransferLeg, second: bool = False) -> bytes:
+        """The leg's signature; ``second``: as a leg of the second version signed it."""
         datum = {**leg.to_avro(), "signature": b""}
-        if leg.expires_at:
+        if leg.expires_at and not second:
             body = CODEC.body(TransferLeg.avro_name, datum)
             return hmac.new(self.key, body, hashlib.sha256).digest()
-        del datum["expires_at"]
         buf = io.BytesIO()
-        fastavro.schemaless_writer(buf, _FIRST_LEG.parsed, datum)
+        del datum["metadata"]
+        if second:
+            fastavro.schemaless_writer(buf, _LEG_VERSIONS[1].parsed, datum)
+            return hmac.new(self.key, buf.getvalue(), hashlib.sha256).digest()
+        del datum["expires_at"]
+        fastavro.schemaless_writer(buf, _LEG_VERSIONS[0].parsed, datum)
         return hmac.new(self.secret, buf.getvalue(), hashlib.sha256).digest()
 
     def sign(self, leg: TransferLeg) -> TransferLeg:
         return leg.replace(signature=self._mac(leg))
 
     def verify(self, leg: TransferLeg) -> bool:
-        return hmac.compare_digest(leg.signature, self._mac(leg))
+        if hmac.compare_digest(leg.signature, self._mac(leg)):
+            return True
+        return bool(leg.expires_at) and not leg.metadata and \
+            hmac.compare_digest(leg.signature, self._mac(leg, second=True))
 
     # A transaction's message is signed over its bytes as sent, up to its signature (the
     # last field: 32 bytes, so its length is the byte 0x40), header included.
@@ -271,9 +283,11 @@ class LegSigner:
             hmac.compare_digest(raw[-32:], self._message_mac(raw[:-33]))
 
 
-# TransferLeg as first published, without expires_at (its legs are still verified).
-_FIRST_LEG = next(s for s in CODEC.by_fingerprint.values()
-                  if s.name == TransferLeg.avro_name and not s.current)
+# TransferLeg as first published (without expires_at), and as second (without metadata):
+# legs signed then still verify.
+_LEG_VERSIONS = sorted((s for s in CODEC.by_fingerprint.values()
+                        if s.name == TransferLeg.avro_name and not s.current),
+                       key=lambda s: len(s.parsed["fields"]))
 
 
 def core_build() -> str:
@@ -317,7 +331,8 @@ def _headers() -> Headers | None:
 def to_account(s: AccountState) -> Account:
     return Account(s.account_id, s.currency, s.status, s.overdraft_limit_minor,
                    s.balance_minor, s.held_minor, s.version, s.updated_at,
-                   {k: (h.amount_minor, h.expires_at) for k, h in s.holds.items()})
+                   {k: (h.amount_minor, h.expires_at) for k, h in s.holds.items()},
+                   s.metadata)
 
 
 def _decode_account(raw: bytes) -> Account:
@@ -332,7 +347,7 @@ def to_state(a: Account) -> AccountState:
         overdraft_limit_minor=a.overdraft_limit_minor, balance_minor=a.balance_minor,
         held_minor=a.held_minor, version=a.version, updated_at=a.updated_at,
         holds={k: Hold.trusted(amount_minor=amount, expires_at=expires_at)
-               for k, (amount, expires_at) in a.holds.items()})
+               for k, (amount, expires_at) in a.holds.items()}, metadata=a.metadata)
 
 
 class BatchProcessor:

@@ -224,3 +224,59 @@ def test_a_month_statement_and_its_csv(new_page, start_worker):
     expect(page.locator("#statement-summary")).to_have_text(
         "2001-01: opening balance none (no account yet), 0 entries, closing balance none.")
     expect(page.locator("#statement")).to_be_hidden()
+
+
+def test_a_transaction_in_the_history_the_statement_and_the_holds(new_page, start_worker):
+    w = start_worker()
+    t = int(time.time() * 1000)
+    month = datetime.fromtimestamp(t / 1000, UTC).strftime("%Y-%m")
+    for i, (kind, account, fields) in enumerate((
+            ("OpenAccount", "payer", {"currency": "USD"}),
+            ("OpenAccount", "merchant", {"currency": "USD"}),
+            ("OpenAccount", "fees", {"currency": "USD"}),
+            ("Deposit", "payer", {"amount_minor": 10_000, "currency": "USD"}),
+            ("Transaction", "payer", {"postings": [
+                {"from_account_id": "payer", "to_account_id": "merchant",
+                 "amount_minor": 9_700, "currency": "USD"},
+                {"from_account_id": "payer", "to_account_id": "fees",
+                 "amount_minor": 300, "currency": "USD"}]}))):
+        post_command(w.url, {"type": kind, "command_id": f"c{i}", "account_id": account,
+                             "actor": "t", "issued_at": t + i, **fields})
+    page = new_page()
+    page.goto(w.url + "/#payer")
+    expect(page.locator("#acc-balance")).to_have_text("0.00 USD")
+    expect(row(page, 3)).to_contain_text("Transaction c4 started: 2 postings")
+    expect(row(page, 4)).to_contain_text("Reserved for transaction c4")
+    expect(row(page, 4)).to_contain_text("100.00 USD")
+    expect(row(page, 5)).to_contain_text("Transaction c4 committed")
+    expect(row(page, 6)).to_contain_text("Posted transaction c4: to merchant, fees")
+    expect(row(page, 6)).to_contain_text("-100.00 USD")
+
+    page.locator("#find-id").fill("merchant")
+    page.locator("#find-id").press("Enter")
+    expect(page.locator("#acc-balance")).to_have_text("97.00 USD")
+    expect(row(page, 3)).to_contain_text(
+        "Posted transaction c4 (coordinator payer): from payer")
+    page.fill("#statement-month", month)
+    page.click("text=Show statement")
+    posted = page.locator("#statement tbody tr").nth(2)
+    expect(posted).to_contain_text("TransactionPosted c4 (coordinator payer)")
+    expect(posted).to_contain_text("payer")
+    expect(posted).to_contain_text("c4")
+    expect(posted).to_contain_text("97.00 USD")
+
+    # A reservation, as GET /accounts/{id} lists it while a transaction is pending.
+    def with_reservation(route):
+        doc = route.fetch().json()
+        doc["reservations"] = [{"coordinator_account_id": "payer", "transaction_id": "T9",
+                                "amount_minor": 250, "amount": "2.50 USD"}]
+        route.fulfill(json=doc)
+
+    page.route(re.compile(r".*/accounts/fees$"), with_reservation)
+    page.locator("#find-id").fill("fees")
+    page.locator("#find-id").press("Enter")
+    holds = page.locator("#holds tbody tr")
+    expect(holds).to_have_count(1)
+    expect(holds.first).to_contain_text("transaction T9 (coordinator payer)")
+    expect(holds.first).to_contain_text("2.50 USD")
+    expect(holds.first).to_contain_text("when the transaction ends")

@@ -404,6 +404,9 @@ def test_reads_need_the_token_when_told(ledger_settings, start_worker, client):
         for path in (f"/accounts/{account}", f"/accounts/{account}/events"):
             assert call(w1.url, path)[1]["error"] == "unauthorized", path
             assert until(lambda path=path: call(w1.url, path, headers=token)[0] == 200)
+        path = f"/transactions/none?coordinator={account}"  # read at the coordinator's owner
+        assert call(w1.url, path)[1]["error"] == "unauthorized", path
+        assert call(w1.url, path, headers=token)[1]["error"] == "transaction_not_found"
     status, doc = call(w1.url, "/metrics")
     assert (status, doc["error"]) == (401, "unauthorized")
     with urllib.request.urlopen(w1.url + "/", timeout=10) as page:  # the page's files: open

@@ -77,7 +77,8 @@ def test_fuzz_every_operation(ledger_settings, start_worker, client):
         path="/accounts/{account_id}/stream")
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {op.path for op in operations} >= {"/accounts/{account_id}", "/commands",
-                                              "/accounts/{account_id}/events"}
+                                              "/accounts/{account_id}/events",
+                                              "/transactions/{transaction_id}"}
     tried: list[tuple[str, str, int]] = []
     for op in operations:
         for mode, examples in EXAMPLES.items():

@@ -120,6 +120,8 @@ def test_the_core_and_the_general_path_give_the_same_bytes(script, cuts, picks, 
             if step.pick % 2:
                 command = Reverse(command_id=f"r{i}", account_id=account, actor="t",
                                   issued_at=at, transaction_id=f"t{i}")
+        if step.pick % 7 == 1 and "metadata" in type(command).model_fields:  # general path
+            command = command.replace(metadata={"k": f"v{i}", "order": str(step.pick)})
         if isinstance(command, PlaceHold):
             placed.append((command.account_id, command.hold_id, command.expires_at))
         commands.append(command)

@@ -28,6 +28,7 @@ from schemas.models import (
     Posting,
     Rejection,
     Reverse,
+    SetAccountMetadata,
     Transaction,
     TransactionMessage,
     TransactionRecord,
@@ -94,8 +95,10 @@ ALL_COMMANDS = [
         Posting(from_account_id="A", to_account_id="B", amount_minor=5, currency="JPY"),
         Posting(from_account_id="B", to_account_id="C", amount_minor=MAX_MINOR,
                 currency="USD", expected_version=3)]),
-    command(Reverse, "A", transaction_id="t1"),
+    command(Reverse, "A", transaction_id="t1", metadata={"why": "refund"}),
     command(ExpireTransaction, "A", transaction_id="t1", actor="ledger"),
+    command(SetAccountMetadata, "A", metadata={"tier": "gold", "owner": "é" * 256}),
+    deposit(1, "A", "JPY", metadata={f"k{i}": "v" for i in range(16)}),
 ]
 
 
@@ -342,7 +345,7 @@ def test_a_command_number_is_an_avro_long(cls, field):
                       (-(2**63) - 1, False)):
         body = {"command_id": "c", "account_id": "a", "actor": "t", "issued_at": 1,
                 "currency": "USD", "amount_minor": 1, "hold_id": "h", "expires_at": 2,
-                "to_account_id": "b", "transaction_id": "t",
+                "to_account_id": "b", "transaction_id": "t", "metadata": {},
                 "postings": [{"from_account_id": "a", "to_account_id": "b", "amount_minor": 1,
                               "currency": "USD"}], field: value}
         body = {k: v for k, v in body.items() if k in cls.model_fields}

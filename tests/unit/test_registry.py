@@ -287,13 +287,13 @@ RECORDS: dict[str, Callable[[], Record]] = {
     "ledger.LedgerEvent": lambda: {
         **a_v1_event(("ledger.HoldPlaced", {"hold_id": "h", "amount_minor": 5,
                                             "expires_at": T0 + 1})),
-        "available_after_minor": 1229},
+        "available_after_minor": 1229, "metadata": {"order": "o-1"}},
     "ledger.Rejection": a_rejection,
-    "ledger.TransferLeg": a_leg,
+    "ledger.TransferLeg": lambda: {**a_leg(), "metadata": {"order": "o-1", "k": ""}},
     "ledger.state.AccountState": lambda: {
         "account_id": "A", "currency": "USD", "status": "open", "overdraft_limit_minor": 0,
         "balance_minor": 10, "held_minor": 5, "version": 2, "updated_at": T0,
-        "holds": {"h": {"amount_minor": 5, "expires_at": T0 + 1}}},
+        "holds": {"h": {"amount_minor": 5, "expires_at": T0 + 1}}, "metadata": {"tier": "gold"}},
     "ledger.state.CommandOutcome": lambda: {
         "digest": b"\x00" * 32, "records": [b"a", b""], "rejected": True,
         "expires_at": 1_700_000_000_000},
@@ -301,12 +301,13 @@ RECORDS: dict[str, Callable[[], Record]] = {
         "kind": "VOTE", "transaction_id": "t", "coordinator_account_id": "A",
         "account_id": "B", "postings": [a_posting()], "accepted": False,
         "reason": "insufficient_funds", "detail": "no", "posting_index": 0, "issued_at": T0,
-        "actor": ACTOR, "correlation_id": None, "expires_at": T0 + 1, "signature": b"\x01"},
+        "actor": ACTOR, "correlation_id": None, "expires_at": T0 + 1, "metadata": {},
+        "signature": b"\x01"},
     "ledger.state.TransactionRecord": lambda: {
         "transaction_id": "t", "coordinator_account_id": "A", "postings": [a_posting()],
         "participants": ["A", "B"], "voted": ["A"], "state": "pending", "deadline": T0 + 1,
         "issued_at": T0, "actor": ACTOR, "correlation_id": None, "reverses": None,
-        "reversed_by": None},
+        "reversed_by": None, "metadata": {"batch": "payroll-12"}},
 }
 
 

@@ -19,6 +19,7 @@ from tests.unit.conftest import (
     transfer,
     withdraw,
 )
+from tests.unit.test_transactions import Ledger, funded, posting, txn
 
 
 class Events:
@@ -92,3 +93,44 @@ def test_text_a_spreadsheet_would_run_is_quoted():
     assert st._cell("=HYPERLINK(1)") == "'=HYPERLINK(1)"
     assert st._cell("@SUM") == "'@SUM"
     assert st._cell("-25.00 USD") == "-25.00 USD" and st._cell(None) == ""
+
+
+def test_a_transaction_posts_its_net_and_names_its_id_and_counterparties():
+    ledger = Ledger()
+    funded(ledger, payer=10_000, merchant=0, fees=0)
+    ledger.submit(txn("payer", posting("payer", "merchant", 9_700),
+                      posting("payer", "fees", 300)))
+    ledger.run()
+
+    payer = st.statement(Events(ledger.of("payer")), "payer", 0, 2**62)
+    rows = [(e["type"], e["amount_minor"], e["transaction_id"], e["counterparty"])
+            for e in payer["entries"][-4:]]
+    assert rows == [("TransactionStarted", 0, "t1", None),
+                    ("TransactionReserved", 0, "t1", None),  # a hold: available only
+                    ("TransactionCommitted", 0, "t1", None),
+                    ("TransactionPosted", -10_000, "t1", "merchant, fees")]
+    assert payer["entries"][-1]["description"] == "TransactionPosted t1"
+    assert payer["closing_balance_minor"] == 0
+
+    merchant = st.statement(Events(ledger.of("merchant")), "merchant", 0, 2**62)
+    posted = merchant["entries"][-1]
+    assert (posted["amount"], posted["counterparty"], posted["description"]) == (
+        "97.00 USD", "payer", "TransactionPosted t1 (coordinator payer)")
+    rows = list(csv.reader(io.StringIO(st.to_csv(merchant))))
+    assert rows[-2][3] == "TransactionPosted t1 (coordinator payer)"
+    assert rows[-2][4] == "payer" and rows[-2][7] == "97.00 USD"
+
+
+def test_a_rejected_transaction_reserves_and_releases_without_changing_the_balance():
+    ledger = Ledger()
+    funded(ledger, payer=1_000, merchant=0, poor=50)
+    ledger.submit(txn("payer", posting("payer", "merchant", 500),
+                      posting("poor", "merchant", 60)))
+    ledger.run()
+    payer = st.statement(Events(ledger.of("payer")), "payer", 0, 2**62)
+    assert [(e["type"], e["amount_minor"], e["description"]) for e in payer["entries"][-4:]] \
+        == [("TransactionStarted", 0, "TransactionStarted t1"),
+            ("TransactionReserved", 0, "TransactionReserved t1"),
+            ("TransactionRejected", 0, "TransactionRejected t1"),
+            ("TransactionReleased", 0, "TransactionReleased t1")]
+    assert payer["closing_balance_minor"] == payer["opening_balance_minor"] + 1_000

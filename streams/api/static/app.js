@@ -99,11 +99,35 @@ const REASONS = {
   balance_out_of_range: "the balance would be out of range",
   balance_not_zero: "the balance is not zero",
   holds_open: "the account still has open holds",
+  transaction_not_found: "there is no such transaction",
+  transaction_not_committed: "the transaction has not committed",
+  already_reversed: "the transaction is already reversed",
+  transaction_not_pending: "the transaction is no longer pending",
+  transaction_not_expired: "the transaction has not reached its deadline yet",
+  transaction_timed_out: "not every account answered by the transaction's deadline",
 };
 
 function reasonWords(code) {
   const words = REASONS[code] ?? String(code).replaceAll("_", " ");
   return words.charAt(0).toUpperCase() + words.slice(1);
+}
+
+/** "transaction t1", and its coordinator when that is another account (ids are scoped
+ *  to their coordinator). */
+function transactionName(p, e) {
+  const other = p.coordinator_account_id && p.coordinator_account_id !== e.account_id;
+  return `transaction ${p.transaction_id}${other ? ` (coordinator ${p.coordinator_account_id})` : ""}`;
+}
+
+/** "to merchant, fees" / "from payer": the other accounts of a posted transaction. */
+function postingParties(p, account) {
+  const to = new Set(), from = new Set();
+  for (const q of p.postings ?? []) {
+    if (q.from_account_id === account) to.add(q.to_account_id);
+    if (q.to_account_id === account) from.add(q.from_account_id);
+  }
+  return [to.size ? `to ${[...to].join(", ")}` : "", from.size ? `from ${[...from].join(", ")}` : ""]
+    .filter(Boolean).join(", ");
 }
 
 const EVENT_WORDS = {
@@ -117,11 +141,22 @@ const EVENT_WORDS = {
   HoldCaptured: (p) => `Hold ${p.hold_id} captured`,
   HoldReleased: (p) => `Hold ${p.hold_id} ${p.reason}`,
   AccountClosed: () => "Account closed",
+  TransactionStarted: (p) => p.reverses
+    ? `Reversal ${p.transaction_id} of transaction ${p.reverses} started`
+    : `Transaction ${p.transaction_id} started: ${(p.postings ?? []).length} postings`,
+  TransactionReserved: (p, e) => `Reserved for ${transactionName(p, e)}`,
+  TransactionPosted: (p, e) =>
+    `Posted ${transactionName(p, e)}: ${postingParties(p, e.account_id)}`,
+  TransactionReleased: (p, e) =>
+    `Released ${transactionName(p, e)} (${String(p.reason).replaceAll("_", " ")})`,
+  TransactionCommitted: (p) => `Transaction ${p.transaction_id} committed`,
+  TransactionRejected: (p) => `Transaction ${p.transaction_id} rejected: ` +
+    `${reasonWords(p.reason)}${p.posting_index >= 0 ? ` (posting ${p.posting_index + 1})` : ""}`,
 };
 
 function eventWords(e) {
   const f = EVENT_WORDS[e.type];
-  return f ? f(e.payload ?? {}) : e.type;
+  return f ? f(e.payload ?? {}, e) : e.type;
 }
 
 function eventAmount(e) {
@@ -422,7 +457,12 @@ function renderHolds(past) {
   const table = $("holds");
   const body = table.tBodies[0];
   body.replaceChildren();
-  const holds = Object.entries(state.account.holds ?? {});
+  // A pending transaction's reservation is a hold until the transaction ends.
+  const holds = Object.entries(state.account.holds ?? {})
+    .map(([id, h]) => [id, h.amount_minor, localTime(h.expires_at)])
+    .concat((state.account.reservations ?? []).map((r) => [
+      `transaction ${r.transaction_id} (coordinator ${r.coordinator_account_id})`,
+      r.amount_minor, "when the transaction ends"]));
   if (past) {
     table.hidden = true;
     $("holds-none").textContent = "Holds are shown for the present only.";
@@ -430,11 +470,11 @@ function renderHolds(past) {
   }
   table.hidden = holds.length === 0;
   $("holds-none").textContent = holds.length ? "" : "No open holds.";
-  for (const [id, h] of holds) {
+  for (const [id, amount, expires] of holds) {
     const row = body.insertRow();
     row.append(el("td", { class: "id" }, id),
-      el("td", { class: "num" }, formatAmount(h.amount_minor, state.account.currency)),
-      el("td", {}, localTime(h.expires_at)));
+      el("td", { class: "num" }, formatAmount(amount, state.account.currency)),
+      el("td", {}, expires));
   }
 }
 
@@ -711,7 +751,8 @@ async function showStatement(event) {
   body.replaceChildren(...doc.entries.map((e) => {
     const tr = el("tr", { "data-version": String(e.version) });
     for (const text of [localTime(Number(e.occurred_at)), e.description,
-      e.counterparty || "", e.transfer_id || "", e.amount, e.balance_after]) {
+      e.counterparty || "", e.transfer_id || e.transaction_id || "", e.amount,
+      e.balance_after]) {
       tr.append(el("td", {}, text));
     }
     return tr;
