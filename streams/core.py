@@ -193,6 +193,46 @@ def close_rules(balance: int, holds: int, currency: str) -> tuple[str, str]:
     return OK
 
 
+# A transaction's posting: from, to, amount, currency, the version it expects of its source.
+Posting = tuple[str, str, int, str, int | None]
+
+
+def transaction_refusal(exists: bool, account_id: str, status: str, version: int,
+                        currency: str, available: int, overdraft_limit: int, held: int,
+                        balance: int, postings: list[Posting]) -> tuple[str, str, int]:
+    """The first rule a transaction's postings break at a participant: (reason, detail,
+    the posting's index), or ("", "", -1). In posting order: each posting naming it needs
+    the account to exist, be open, be in the posting's currency and (as its source) be at
+    the version it expects; then what they do to it net: paying out, the funds must be
+    there; taking in, the balance must stay in range."""
+    out = inward = 0
+    first_out = first_in = -1
+    for i, (src, dst, amount, cur, expected) in enumerate(postings):
+        if src != account_id and dst != account_id:
+            continue
+        reason, detail = open_account_rules(exists, account_id, status, version,
+                                            expected if src == account_id else None,
+                                            currency, cur)
+        if reason:
+            return reason, detail, i
+        if src == account_id:
+            out += amount
+            if first_out < 0:
+                first_out = i
+        if dst == account_id:
+            inward += amount
+            if first_in < 0:
+                first_in = i
+    net = inward - out
+    if net < 0:
+        reason, detail = funds_rule(available, overdraft_limit, -net, currency)
+        if not reason:
+            reason, detail = fits_rule(held, -net, currency)
+        return (reason, detail, first_out) if reason else ("", "", -1)
+    reason, detail = fits_rule(balance, net, currency)
+    return (reason, detail, first_in) if reason else ("", "", -1)
+
+
 def future_rule(issued_at: int, now: int, max_skew_ms: int) -> tuple[str, str]:
     """A command may not say it was issued later than the ledger's clock (the broker's
     append times) plus ``max_skew_ms``: its time would become its events' times."""
@@ -326,6 +366,23 @@ def write_map(out: list[bytes], m: dict[str, str]) -> None:
         for key, value in m.items():
             write_str(out, key)
             write_str(out, value)
+    out.append(_BYTE[0])
+
+
+def write_postings(out: list[bytes], postings: list[Posting]) -> None:
+    """An Avro array of ``ledger.Posting``, in one block."""
+    if postings:
+        write_long(out, len(postings))
+        for src, dst, amount, currency, expected in postings:
+            write_str(out, src)
+            write_str(out, dst)
+            write_long(out, amount)
+            write_str(out, currency)
+            if expected is None:
+                out.append(_BYTE[0])
+            else:
+                out.append(_BYTE[2])
+                write_long(out, expected)
     out.append(_BYTE[0])
 
 
@@ -646,13 +703,14 @@ class Headers:
     """The single-object headers of the current schemas (magic + fingerprint)."""
 
     def __init__(self, event: bytes, rejection: bytes, outcome: bytes, account: bytes,
-                 batch: bytes, leg: bytes) -> None:
+                 batch: bytes, leg: bytes, message: bytes) -> None:
         self.event = event
         self.rejection = rejection
         self.outcome = outcome
         self.account = account
         self.batch = batch
         self.leg = leg
+        self.message = message
 
 
 def encode_rejection(h: Headers, command_id: str, account_id: str, command_type: str,
@@ -670,12 +728,14 @@ def encode_rejection(h: Headers, command_id: str, account_id: str, command_type:
     return b"".join(out)
 
 
-def encode_outcome(h: Headers, digest: bytes, record: bytes, rejected: bool,
+def encode_outcome(h: Headers, digest: bytes, record: bytes | None, rejected: bool,
                    expires_at: int) -> bytes:
+    """A stored outcome of one record (None: of none)."""
     out = [h.outcome]
     write_bytes(out, digest)
-    out.append(_BYTE[2])  # an array of one record
-    write_bytes(out, record)
+    if record is not None:
+        out.append(_BYTE[2])  # an array of one record
+        write_bytes(out, record)
     out.append(_BYTE[0])
     out.append(_BYTE[1 if rejected else 0])
     write_long(out, expires_at)
@@ -985,6 +1045,145 @@ class Core:
                                            outcome_expires_at)
         self.retained.append((outcome_expires_at, okey))
         return True
+
+    def message(self, buf: bytes, start: int, now: int) -> bool:
+        """A transaction's PREPARE, COMMIT or ABORT (``ledger.TransactionMessage`` bytes
+        from ``start``) at the participant here, if this core takes it (True): signed over
+        its bytes, not expired, without metadata; a PREPARE seen for the first time, a
+        COMMIT or ABORT of a reservation that is there. The rest (a VOTE, at the
+        coordinator; copies; an ABORT before its PREPARE) is left to the processor."""
+        r = Reader(buf, start)
+        kind = r.long()  # PREPARE, VOTE, COMMIT, ABORT
+        if kind == 1 or not 0 <= kind <= 3:
+            return False
+        tid = r.string()
+        coordinator = r.string()
+        account_id = r.string()
+        postings: list[Posting] = []
+        n = r.block()
+        while n:
+            for _ in range(n):
+                postings.append((r.string(), r.string(), r.long(), r.string(), r.opt_long()))
+            n = r.block()
+        r.boolean()
+        reason = r.opt_str()
+        r.opt_str()
+        r.long()
+        issued_at = r.long()
+        actor = r.string()
+        correlation_id = r.opt_str()
+        expires_at = r.long()
+        if r.string_map() or expires_at <= now:
+            return False
+        end = r.i  # the signature: 32 bytes (its length, 0x40), the last field
+        if len(buf) != end + 33 or buf[end] != 64:
+            return False
+        mac = hmac.new(self.leg_secret, b"transaction\0" + buf[:end], hashlib.sha256)
+        if not hmac.compare_digest(mac.digest(), buf[end + 1:]):
+            return False
+        if partition_for(account_id, self.n_partitions) != self.partition:
+            return False
+        state = self.accounts[account_id] if account_id in self.accounts else \
+            self.load(account_id)
+        rid = "".join(["transaction\0", coordinator, "\0", tid])
+        outcome_expires_at = now + self.window_ms
+        if kind != 0:  # COMMIT, ABORT
+            if state is None or rid not in state.holds:
+                return False
+            held, _ = state.holds.pop(rid)
+            state.held_minor -= held
+            payload: list[bytes] = []
+            if kind == 2:
+                mine = [p for p in postings if account_id in (p[0], p[1])]
+                net = 0
+                for p in mine:
+                    net += p[2] if p[1] == account_id else -p[2]
+                state.balance_minor += net
+                payload.append(_BYTE[24])  # TransactionPosted
+                write_str(payload, tid)
+                write_str(payload, coordinator)
+                write_long(payload, net)
+                write_postings(payload, mine)
+            else:
+                payload.append(_BYTE[26])  # TransactionReleased
+                write_str(payload, tid)
+                write_str(payload, coordinator)
+                write_long(payload, held)
+                write_str(payload, reason if reason else "rejected")
+            self._step_event(state, tid, tid + (":commit" if kind == 2 else ":abort"),
+                             issued_at, actor, correlation_id, payload)
+            return True
+        okey = "".join(["i", account_id, "\0", tid, ":prepare\0", coordinator]).encode()
+        aborted = "".join(["i", account_id, "\0", tid, ":abort\0", coordinator]).encode()
+        if self._outcome(okey) is not None or self._outcome(aborted) is not None:
+            return False
+        if state is None:
+            refused, detail, index = transaction_refusal(False, account_id, "", 0, "", 0, 0, 0,
+                                                         0, postings)
+        else:
+            refused, detail, index = transaction_refusal(
+                True, account_id, state.status, state.version, state.currency,
+                state.balance_minor - state.held_minor, state.overdraft_limit_minor,
+                state.held_minor, state.balance_minor, postings)
+        record: bytes | None = None
+        vote_at = issued_at
+        if not refused:
+            assert state is not None
+            net = 0
+            for p in postings:
+                if p[1] == account_id:
+                    net += p[2]
+                if p[0] == account_id:
+                    net -= p[2]
+            reserve = -net if net < 0 else 0
+            state.held_minor += reserve
+            state.holds[rid] = (reserve, 0)
+            payload = [_BYTE[22]]  # TransactionReserved
+            write_str(payload, tid)
+            write_str(payload, coordinator)
+            write_long(payload, reserve)
+            record = self._step_event(state, tid, tid + ":prepare", issued_at, actor,
+                                      correlation_id, payload)
+            vote_at = state.updated_at
+        vote = [self.h.message, _BYTE[2]]  # VOTE
+        write_str(vote, tid)
+        write_str(vote, coordinator)
+        write_str(vote, account_id)
+        write_postings(vote, postings)
+        vote.append(_BYTE[0 if refused else 1])
+        write_opt_str(vote, refused if refused else None)
+        write_opt_str(vote, detail if refused else None)
+        write_long(vote, index)
+        write_long(vote, vote_at)
+        write_str(vote, actor)
+        write_opt_str(vote, correlation_id)
+        write_long(vote, outcome_expires_at)
+        vote.append(_BYTE[0])  # no metadata
+        unsigned = b"".join(vote)
+        signature = hmac.new(self.leg_secret, b"transaction\0" + unsigned, hashlib.sha256)
+        self.stats.legs += 1
+        self.outputs.append(Output("transfers", coordinator.encode(),
+                                   unsigned + b"\x40" + signature.digest()))
+        self.writes[okey] = encode_outcome(self.h, buf[end + 1:end + 17], record, False,
+                                           outcome_expires_at)
+        self.retained.append((outcome_expires_at, okey))
+        return True
+
+    def _step_event(self, state: Account, tid: str, causation_id: str, issued_at: int,
+                    actor: str, correlation_id: str | None, payload: list[bytes]) -> bytes:
+        """A transaction's event at a participant (``payload``: its union branch and
+        fields), for ``state`` changed by it already but for its version and time."""
+        state.version += 1
+        if issued_at > state.updated_at:
+            state.updated_at = issued_at
+        self.dirty.add(state.account_id)
+        out = self._envelope(state, tid, causation_id, correlation_id, actor)
+        out.extend(payload)
+        out.append(_BYTE[0])  # no metadata
+        value = b"".join(out)
+        self.stats.events += 1
+        self.outputs.append(Output("events", state.account_id.encode(), value))
+        return value
 
     def _outcome(self, okey: bytes) -> bytes | None:
         """The stored outcome of an id: this batch's, or the store's."""

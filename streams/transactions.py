@@ -209,29 +209,16 @@ def _end(state: AccountState | None, record: TransactionRecord, issued_at: int, 
 
 def _refusal(state: AccountState | None, m: TransactionMessage) -> tuple[str, str, int] | None:
     """The first rule the participant's postings break: (reason, detail, posting index)."""
-    a = m.account_id
-    mine = [(i, p) for i, p in enumerate(m.postings) if a in (p.from_account_id, p.to_account_id)]
-    for i, p in mine:
-        expected = p.expected_version if p.from_account_id == a else None
-        reason, detail = core.open_account_rules(
-            state is not None, a, "" if state is None else state.status,
-            0 if state is None else state.version, expected,
-            "" if state is None else state.currency, p.currency)
-        if reason:
-            return reason, detail, i
-    assert state is not None
-    out = sum(p.amount_minor for _, p in mine if p.from_account_id == a)
-    net = sum(p.amount_minor for _, p in mine if p.to_account_id == a) - out
-    if net < 0:
-        reason, detail = core.funds_rule(state.available_minor, state.overdraft_limit_minor,
-                                         -net, state.currency)
-        if not reason:
-            reason, detail = core.fits_rule(state.held_minor, -net, state.currency)
-        first = next(i for i, p in mine if p.from_account_id == a)
+    postings = [(p.from_account_id, p.to_account_id, p.amount_minor, p.currency,
+                 p.expected_version) for p in m.postings]
+    if state is None:
+        found = core.transaction_refusal(False, m.account_id, "", 0, "", 0, 0, 0, 0, postings)
     else:
-        reason, detail = core.fits_rule(state.balance_minor, net, state.currency)
-        first = next(i for i, p in mine if p.to_account_id == a)
-    return (reason, detail, first) if reason else None
+        found = core.transaction_refusal(
+            True, m.account_id, state.status, state.version, state.currency,
+            state.available_minor, state.overdraft_limit_minor, state.held_minor,
+            state.balance_minor, postings)
+    return found if found[0] else None
 
 
 def net_of(account_id: str, postings: list[Posting]) -> int:

@@ -325,7 +325,8 @@ def _headers() -> Headers | None:
     h = CODEC._single_object_headers
     return Headers(h[LedgerEvent.avro_name], h[Rejection.avro_name],
                    h[CommandOutcome.avro_name], h[AccountState.avro_name],
-                   h["ledger.CommandBatch"], h[TransferLeg.avro_name])
+                   h["ledger.CommandBatch"], h[TransferLeg.avro_name],
+                   h[TransactionMessage.avro_name])
 
 
 def to_account(s: AccountState) -> Account:
@@ -627,10 +628,12 @@ class BatchProcessor:
         self._tick(timestamp)
         core, h = self._core, self._headers
         if core is not None and h is not None and value is not None \
-                and value[:HEADER_LEN] == h.leg and not log.isEnabledFor(logging.DEBUG):
+                and not log.isEnabledFor(logging.DEBUG):
             assert self._now is not None
+            head = value[:HEADER_LEN]
             try:
-                if core.leg(value, HEADER_LEN, self._now):
+                if (head == h.leg and core.leg(value, HEADER_LEN, self._now)) or \
+                        (head == h.message and core.message(value, HEADER_LEN, self._now)):
                     return
             except (IndexError, ValueError, OverflowError):
                 pass  # the general path says why

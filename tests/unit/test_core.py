@@ -274,3 +274,49 @@ def test_event_ids_are_version_4_uuids_of_the_keyed_hash():
         raw[8] = raw[8] & 0x3F | 0x80
         assert event_id(f"c{n}", f"a{n}", n) == str(uuid.UUID(bytes=bytes(raw)))
         assert uuid.UUID(event_id(f"c{n}", f"a{n}", n)).version == 4
+
+
+def transactions_through_one_partition(general: bool, monkeypatch: pytest.MonkeyPatch,
+                                        ) -> tuple[list[str], list[tuple], dict[bytes, bytes]]:
+    """A committed and a rejected transaction, each step fed to the next batch: the
+    messages the general path decoded, every output, and the store."""
+    decoded: list[str] = []
+    decode = CODEC.decode
+    with monkeypatch.context() as m:
+        m.setattr(CODEC, "decode", lambda raw, expect=None: (
+            decoded.append((r := decode(raw, expect=expect))[0]), r)[1])
+        if general:
+            m.setattr(processor, "_headers", lambda: None)
+        part = Partition()
+        a, b, c = accounts_on(0, 3)
+        outputs = triples(part.batch([encode_batch([
+            open_account(a, issued_at=T0, command_id="o1"),
+            open_account(b, issued_at=T0, command_id="o2"),
+            deposit(100, a, issued_at=T0, command_id="d1")])]).outputs)
+        kinds: list[str] = []
+        for tid, to in (("t1", b), ("t2", c)):  # c is missing: refused
+            bp = part.batch([encode_batch([Transaction(
+                command_id=tid, account_id=a, actor="t", issued_at=T0, postings=[
+                    Posting(from_account_id=a, to_account_id=to, amount_minor=30,
+                            currency="USD"),
+                    Posting(from_account_id=b, to_account_id=a, amount_minor=5,
+                            currency="USD")])])])
+            while bp.outputs:
+                outputs += triples(bp.outputs)
+                decoded.clear()
+                bp = part.batch(legs=[v for k, _, v in triples(bp.outputs) if k == TRANSFERS])
+                kinds += [d for d in decoded if d == "ledger.TransactionMessage"]
+        return kinds, outputs, dict(part.store)
+
+
+def test_the_core_takes_a_participants_steps_and_leaves_the_votes(monkeypatch):
+    """PREPARE, COMMIT and ABORT at a participant take the core, with the general path's
+    bytes; the VOTEs at the coordinator, and an ABORT to an account that reserved
+    nothing, take the general path."""
+    fast_kinds, *fast = transactions_through_one_partition(False, monkeypatch)
+    general_kinds, *general = transactions_through_one_partition(True, monkeypatch)
+    assert fast == general
+    # t1: two VOTEs. t2 (a, c, b): three VOTEs; the ABORT to c, which voted no, and the
+    # second one to b, whose yes came after the no (released by the first already)
+    assert len(fast_kinds) == 2 + 5
+    assert len(general_kinds) == 2 * 3 + 3 * 3 + 1  # every step of both
