@@ -90,3 +90,50 @@ def test_the_command_line_splits_a_payment_and_reverses_it(client, start_worker,
     assert [e["type"] for e in doc["events"]] == ["TransactionStarted", "TransactionRejected"]
     rc, out, err = ledger("submit", "--command-id", "undo-7", "reverse", "buyer", "order-7")
     assert (rc, out.strip()) == (0, "committed: transaction undo-7 of buyer"), err
+
+
+def test_a_participant_that_does_not_answer_ends_the_transaction_at_its_deadline(
+        client, start_worker, ledger_settings):
+    """Two workers; the one that owns the payee's partition is stopped (SIGSTOP) while a
+    transaction waits for its answer: the worker's timer rejects it at its deadline, and
+    once the payee's partition is read again its reservation is released."""
+    import signal
+
+    from streams.partitions import partition_for
+
+    a = start_worker("a", transaction_timeout_s=2, session_timeout_s=6.0)
+    b = start_worker("b", transaction_timeout_s=2, session_timeout_s=6.0)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        owned = [set(w.get("/health/ready")[1].get("partitions", [])) for w in (a, b)]
+        if all(owned) and len(owned[0] | owned[1]) == ledger_settings.partitions:
+            break
+        time.sleep(0.5)
+    accounts = [f"acct-{i}" for i in range(40)]
+    parts = {x: partition_for(x, ledger_settings.partitions) for x in accounts}
+    payer = next(x for x in accounts if parts[x] in owned[0])
+    payee = next(x for x in accounts if parts[x] in owned[1])
+    for x in (payer, payee):
+        client.submit(cmd(OpenAccount, x, currency="USD")).result(timeout=30)
+    client.submit(cmd(Deposit, payer, amount_minor=500, currency="USD")).result(timeout=30)
+
+    b.proc.send_signal(signal.SIGSTOP)
+    try:
+        first, end = settle(client, cmd(Transaction, payer, command_id="slow", postings=[
+            posting(payer, payee, 200)]))
+        assert first.accepted
+        assert (end.accepted, end.reason) == (False, "transaction_timed_out")
+        assert payee in end.rejection.detail
+    finally:
+        b.proc.send_signal(signal.SIGCONT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        doc, other = (a.get(f"/accounts/{x}")[1] for x in (payer, payee))
+        if doc.get("available_minor") == 500 and not doc.get("reservations") \
+                and other.get("version", 0) >= 3 and not other.get("reservations"):
+            break
+        time.sleep(0.5)
+    assert (doc["balance_minor"], doc["available_minor"]) == (500, 500), doc
+    # the payee reserved when its PREPARE was read at last, and was told to release
+    assert (other["balance_minor"], other["version"], other["reservations"]) == (0, 3, []), \
+        other
