@@ -53,6 +53,7 @@ BALANCE_NOT_ZERO: Final = "balance_not_zero"
 HOLDS_OPEN: Final = "holds_open"
 ISSUED_IN_FUTURE: Final = "issued_in_future"
 IDEMPOTENCY_KEY_REUSED: Final = "idempotency_key_reused"
+INVALID_COMMAND: Final = "invalid_command"
 
 OK: Final = ("", "")  # no rule broken
 
@@ -703,7 +704,7 @@ class Headers:
     """The single-object headers of the current schemas (magic + fingerprint)."""
 
     def __init__(self, event: bytes, rejection: bytes, outcome: bytes, account: bytes,
-                 batch: bytes, leg: bytes, message: bytes) -> None:
+                 batch: bytes, leg: bytes, message: bytes, record: bytes) -> None:
         self.event = event
         self.rejection = rejection
         self.outcome = outcome
@@ -711,6 +712,7 @@ class Headers:
         self.batch = batch
         self.leg = leg
         self.message = message
+        self.record = record
 
 
 def encode_rejection(h: Headers, command_id: str, account_id: str, command_type: str,
@@ -761,7 +763,8 @@ class Core:
                  accounts: dict[str, Account | None], dirty: set[str],
                  writes: dict[bytes, bytes | None], retained: list[tuple[int, bytes]],
                  outputs: list[Output], stats: Stats, window_ms: int,
-                 leg_secret: bytes, max_skew_ms: int) -> None:
+                 leg_secret: bytes, max_skew_ms: int, transaction_timeout_ms: int = 60_000,
+                 ) -> None:
         self.h = headers
         self.max_skew_ms = max_skew_ms
         self.leg_secret = leg_secret
@@ -776,6 +779,8 @@ class Core:
         self.outputs = outputs
         self.stats = stats
         self.window_ms = window_ms
+        self.transaction_timeout_ms = transaction_timeout_ms
+        self.deadline = 0  # a transaction's, when the command being decided is one
         self.partitions: dict[str, int] = {}  # account id -> its partition, as met
 
     def load(self, account_id: str) -> Account | None:
@@ -791,8 +796,18 @@ class Core:
     def command(self, c: Cmd, now: int) -> bool:
         """Decide ``c`` if this core takes it (True); False leaves it to the processor."""
         k = c.kind
-        if k > CLOSE_ACCOUNT or c.metadata:  # the processor decides these
+        if (k > CLOSE_ACCOUNT and k != TRANSACTION) or c.metadata:  # the processor's
             return False
+        if k == TRANSACTION:
+            postings = c.postings
+            if not postings or len(postings) > 100:
+                return False
+            for posting in postings:
+                if not (valid_id(posting[0]) and valid_id(posting[1])):
+                    return False
+            tkey = "".join(["t", c.account_id, "\0", c.command_id]).encode()
+            if self._outcome(tkey) is not None:  # its id was used: the processor answers
+                return False
         if not (valid_id(c.command_id) and valid_id(c.account_id) and valid_id(c.actor)):
             return False
         if c.hold_id is not None and not valid_id(c.hold_id):
@@ -822,6 +837,7 @@ class Core:
                 self._seen(c, name, digest, records, rejected)
                 return True
         state = self.accounts[account_id] if account_id in self.accounts else self.load(account_id)
+        self.deadline = now + self.transaction_timeout_ms
         reason, detail = future_rule(c.issued_at, now, self.max_skew_ms)
         if not reason:
             reason, detail = self._rules(c, state)
@@ -840,6 +856,9 @@ class Core:
             if k == TRANSFER:
                 assert state is not None
                 self._credit_leg(c, state.updated_at, expires_at)
+            elif k == TRANSACTION:
+                assert state is not None and c.postings is not None
+                self._prepare_all(c, state, now, expires_at)
         self.writes[okey] = encode_outcome(self.h, content_digest(_content(c)), value,
                                            bool(reason), expires_at)
         self.retained.append((expires_at, okey))
@@ -868,6 +887,17 @@ class Core:
     def _rules(self, c: Cmd, state: Account | None) -> tuple[str, str]:
         """The first rule ``c`` breaks, in the order of ``streams.domain.Reason``."""
         k = c.kind
+        if k == TRANSACTION:
+            assert c.postings is not None
+            for i, (src, dst, moved, cur, _) in enumerate(c.postings):
+                reason, detail = static_rules(moved, cur, None, None, 0, src == dst)
+                if reason:
+                    return reason, "".join(["posting ", str(i), ": ", detail])
+            if state is None:
+                return open_account_rules(False, c.account_id, "", 0, c.expected_version, "",
+                                          None)
+            return open_account_rules(True, c.account_id, state.status, state.version,
+                                      c.expected_version, state.currency, None)
         broken = static_rules(c.amount_minor, c.currency, c.overdraft_limit_minor,
                               c.expires_at, c.issued_at, c.to_account_id == c.account_id)
         if broken[0]:
@@ -905,6 +935,20 @@ class Core:
         account_id = c.account_id
         k = c.kind
         payload: list[bytes] = []
+        if k == TRANSACTION:  # TransactionStarted: the coordinator's balance stays
+            assert state is not None and c.postings is not None
+            state.version += 1
+            if c.issued_at > state.updated_at:
+                state.updated_at = c.issued_at
+            self.dirty.add(account_id)
+            out = self._envelope(state, c.command_id, c.command_id, c.correlation_id, c.actor)
+            out.append(_BYTE[20])
+            write_str(out, c.command_id)
+            write_postings(out, c.postings)
+            write_long(out, self.deadline)
+            out.append(_BYTE[0])  # reverses nothing
+            out.append(_BYTE[0])  # no metadata
+            return b"".join(out)
         if state is None:  # an opening
             assert c.currency is not None and c.overdraft_limit_minor is not None
             state = Account(account_id, c.currency, "open", c.overdraft_limit_minor, 0, 0, 1,
@@ -1054,21 +1098,16 @@ class Core:
         coordinator; copies; an ABORT before its PREPARE) is left to the processor."""
         r = Reader(buf, start)
         kind = r.long()  # PREPARE, VOTE, COMMIT, ABORT
-        if kind == 1 or not 0 <= kind <= 3:
+        if not 0 <= kind <= 3:
             return False
         tid = r.string()
         coordinator = r.string()
         account_id = r.string()
-        postings: list[Posting] = []
-        n = r.block()
-        while n:
-            for _ in range(n):
-                postings.append((r.string(), r.string(), r.long(), r.string(), r.opt_long()))
-            n = r.block()
-        r.boolean()
+        postings = read_postings(r)
+        accepted = r.boolean()
         reason = r.opt_str()
-        r.opt_str()
-        r.long()
+        detail = r.opt_str()
+        index = r.long()
         issued_at = r.long()
         actor = r.string()
         correlation_id = r.opt_str()
@@ -1081,8 +1120,12 @@ class Core:
         mac = hmac.new(self.leg_secret, b"transaction\0" + buf[:end], hashlib.sha256)
         if not hmac.compare_digest(mac.digest(), buf[end + 1:]):
             return False
-        if partition_for(account_id, self.n_partitions) != self.partition:
+        if partition_for(coordinator if kind == 1 else account_id,
+                         self.n_partitions) != self.partition:
             return False
+        if kind == 1:
+            return self._vote(tid, coordinator, account_id, accepted, reason, detail, index,
+                              issued_at, now)
         state = self.accounts[account_id] if account_id in self.accounts else \
             self.load(account_id)
         rid = "".join(["transaction\0", coordinator, "\0", tid])
@@ -1118,10 +1161,10 @@ class Core:
         if self._outcome(okey) is not None or self._outcome(aborted) is not None:
             return False
         if state is None:
-            refused, detail, index = transaction_refusal(False, account_id, "", 0, "", 0, 0, 0,
+            refused, why, where = transaction_refusal(False, account_id, "", 0, "", 0, 0, 0,
                                                          0, postings)
         else:
-            refused, detail, index = transaction_refusal(
+            refused, why, where = transaction_refusal(
                 True, account_id, state.status, state.version, state.currency,
                 state.balance_minor - state.held_minor, state.overdraft_limit_minor,
                 state.held_minor, state.balance_minor, postings)
@@ -1145,29 +1188,119 @@ class Core:
             record = self._step_event(state, tid, tid + ":prepare", issued_at, actor,
                                       correlation_id, payload)
             vote_at = state.updated_at
-        vote = [self.h.message, _BYTE[2]]  # VOTE
-        write_str(vote, tid)
-        write_str(vote, coordinator)
-        write_str(vote, account_id)
-        write_postings(vote, postings)
-        vote.append(_BYTE[0 if refused else 1])
-        write_opt_str(vote, refused if refused else None)
-        write_opt_str(vote, detail if refused else None)
-        write_long(vote, index)
-        write_long(vote, vote_at)
-        write_str(vote, actor)
-        write_opt_str(vote, correlation_id)
-        write_long(vote, outcome_expires_at)
-        vote.append(_BYTE[0])  # no metadata
-        unsigned = b"".join(vote)
-        signature = hmac.new(self.leg_secret, b"transaction\0" + unsigned, hashlib.sha256)
-        self.stats.legs += 1
-        self.outputs.append(Output("transfers", coordinator.encode(),
-                                   unsigned + b"\x40" + signature.digest()))
+        self._send_step(1, tid, coordinator, account_id, postings, not refused,
+                        refused if refused else None, why if refused else None,
+                        where if refused else -1, vote_at, actor, correlation_id,
+                        outcome_expires_at)
         self.writes[okey] = encode_outcome(self.h, buf[end + 1:end + 17], record, False,
                                            outcome_expires_at)
         self.retained.append((outcome_expires_at, okey))
         return True
+
+    def _prepare_all(self, c: Cmd, state: Account, now: int, expires_at: int) -> None:
+        """After a TransactionStarted: the coordinator's record, its deadline, and a
+        PREPARE to every participant."""
+        assert c.postings is not None
+        tid, coordinator = c.command_id, c.account_id
+        parties = participants(c.postings)
+        deadline = self.deadline
+        self.writes[transaction_key(coordinator, tid)] = encode_record(
+            self.h, tid, coordinator, c.postings, parties, [], "pending", deadline,
+            state.updated_at, c.actor, c.correlation_id)
+        self.writes[deadline_key(deadline, coordinator, tid)] = b""
+        for account_id in parties:
+            self._send_step(0, tid, coordinator, account_id, c.postings, False, None, None, -1,
+                            state.updated_at, c.actor, c.correlation_id, expires_at)
+
+    def _vote(self, tid: str, coordinator: str, account_id: str, accepted: bool,
+              reason: str | None, detail: str | None, index: int, issued_at: int,
+              now: int) -> bool:
+        """A participant's VOTE at the coordinator, if this core takes it: its record here,
+        pending, of the current schema, without links or metadata."""
+        tkey = transaction_key(coordinator, tid)
+        raw = self._outcome(tkey)
+        n = len(self.h.record)
+        if raw is None or raw[:n] != self.h.record:
+            return False
+        r = Reader(raw, n)
+        r.string()
+        r.string()
+        postings = read_postings(r)
+        parties = read_strings(r)
+        voted = read_strings(r)
+        status = r.string()
+        deadline = r.long()
+        started_at = r.long()
+        actor = r.string()
+        correlation_id = r.opt_str()
+        if r.present() or r.present() or r.string_map() or not r.done():
+            return False  # a reversal, a reversed one, metadata: the processor's
+        if status != "pending" or account_id not in parties:
+            return False
+        state = self.accounts[coordinator] if coordinator in self.accounts else \
+            self.load(coordinator)
+        if state is None:
+            return False
+        if accepted:
+            if account_id not in voted:
+                voted.append(account_id)
+            if len(voted) < len(parties):
+                self.writes[tkey] = encode_record(self.h, tid, coordinator, postings, parties,
+                                                  voted, "pending", deadline, started_at,
+                                                  actor, correlation_id)
+                self.writes[deadline_key(deadline, coordinator, tid)] = b""
+                return True
+        payload: list[bytes] = []
+        if accepted:
+            payload.append(_BYTE[28])  # TransactionCommitted
+            write_str(payload, tid)
+        else:
+            reason = reason if reason else INVALID_COMMAND
+            payload.append(_BYTE[30])  # TransactionRejected
+            write_str(payload, tid)
+            write_str(payload, reason)
+            write_str(payload, detail if detail else "")
+            write_long(payload, index)
+        self._step_event(state, tid, "".join([tid, ":vote:", account_id]), issued_at, actor,
+                         correlation_id, payload)
+        self.writes[tkey] = encode_record(self.h, tid, coordinator, postings, parties, voted,
+                                          "committed" if accepted else "rejected", deadline,
+                                          started_at, actor, correlation_id)
+        self.writes[deadline_key(deadline, coordinator, tid)] = None
+        expires_at = now + self.window_ms
+        if not accepted:
+            self.retained.append((expires_at, tkey))
+        for party in parties:
+            self._send_step(2 if accepted else 3, tid, coordinator, party, postings, False,
+                            None if accepted else reason, None, -1, state.updated_at, actor,
+                            correlation_id, expires_at)
+        return True
+
+    def _send_step(self, kind: int, tid: str, coordinator: str, account_id: str,
+                   postings: list[Posting], accepted: bool, reason: str | None,
+                   detail: str | None, index: int, issued_at: int, actor: str,
+                   correlation_id: str | None, expires_at: int) -> None:
+        """A transaction's message (PREPARE, VOTE, COMMIT, ABORT), signed over its bytes, to
+        the partition of the account that handles it (the coordinator, for a VOTE)."""
+        out = [self.h.message, _BYTE[2 * kind]]
+        write_str(out, tid)
+        write_str(out, coordinator)
+        write_str(out, account_id)
+        write_postings(out, postings)
+        out.append(_BYTE[1 if accepted else 0])
+        write_opt_str(out, reason)
+        write_opt_str(out, detail)
+        write_long(out, index)
+        write_long(out, issued_at)
+        write_str(out, actor)
+        write_opt_str(out, correlation_id)
+        write_long(out, expires_at)
+        out.append(_BYTE[0])  # no metadata
+        unsigned = b"".join(out)
+        signature = hmac.new(self.leg_secret, b"transaction\0" + unsigned, hashlib.sha256)
+        self.stats.legs += 1
+        self.outputs.append(Output("transfers", (coordinator if kind == 1 else account_id)
+                                   .encode(), unsigned + b"\x40" + signature.digest()))
 
     def _step_event(self, state: Account, tid: str, causation_id: str, issued_at: int,
                     actor: str, correlation_id: str | None, payload: list[bytes]) -> bytes:
@@ -1352,6 +1485,72 @@ def wrap_changes(changes: dict[bytes, bytes | None], known: dict[bytes, bytes | 
     return out
 
 
+def participants(postings: list[Posting]) -> list[str]:
+    """The accounts the postings name, each once, in the order they first appear."""
+    seen: dict[str, None] = {}
+    for p in postings:
+        if p[0] not in seen:
+            seen[p[0]] = None
+        if p[1] not in seen:
+            seen[p[1]] = None
+    return list(seen)
+
+
+def transaction_key(coordinator_account_id: str, transaction_id: str) -> bytes:
+    """A transaction's record at its coordinator: ``t<account>\\0<transaction id>``."""
+    return "".join(["t", coordinator_account_id, "\0", transaction_id]).encode()
+
+
+def deadline_key(deadline: int, coordinator_account_id: str, transaction_id: str) -> bytes:
+    """Pending transactions by deadline: ``y<deadline:8><account>\\0<transaction id>``."""
+    return b"".join([b"y", deadline.to_bytes(8, "big", signed=True),
+                     coordinator_account_id.encode(), b"\0", transaction_id.encode()])
+
+
+def encode_record(h: Headers, tid: str, coordinator: str, postings: list[Posting],
+                  parties: list[str], voted: list[str], status: str, deadline: int,
+                  issued_at: int, actor: str, correlation_id: str | None) -> bytes:
+    """A ``ledger.state.TransactionRecord`` that reverses nothing, is reversed by nothing
+    and has no metadata."""
+    out = [h.record]
+    write_str(out, tid)
+    write_str(out, coordinator)
+    write_postings(out, postings)
+    for names in (parties, voted):
+        if names:
+            write_long(out, len(names))
+            for name in names:
+                write_str(out, name)
+        out.append(_BYTE[0])
+    write_str(out, status)
+    write_long(out, deadline)
+    write_long(out, issued_at)
+    write_str(out, actor)
+    write_opt_str(out, correlation_id)
+    out.append(b"\0\0\0")  # reverses, reversed_by: null; metadata: empty
+    return b"".join(out)
+
+
+def read_postings(r: Reader) -> list[Posting]:
+    out: list[Posting] = []
+    n = r.block()
+    while n:
+        for _ in range(n):
+            out.append((r.string(), r.string(), r.long(), r.string(), r.opt_long()))
+        n = r.block()
+    return out
+
+
+def read_strings(r: Reader) -> list[str]:
+    out: list[str] = []
+    n = r.block()
+    while n:
+        for _ in range(n):
+            out.append(r.string())
+        n = r.block()
+    return out
+
+
 def expiry_key(expires_at: int, account_id: str, hold_id: str) -> bytes:
     """The hold expiry index: ``x<expires_at:8><account>\\0<hold_id>``."""
     return b"".join([b"x", expires_at.to_bytes(8, "big", signed=True), account_id.encode(),
@@ -1375,6 +1574,8 @@ def _content(c: Cmd) -> str:
         fields = (*base, c.hold_id, c.amount_minor)
     elif k in (RELEASE_HOLD, EXPIRE_HOLD):
         fields = (*base, c.hold_id)
+    elif k == TRANSACTION:
+        fields = (*base, c.postings)
     else:
         fields = base
     return repr((COMMAND_NAMES[k], fields))

@@ -217,6 +217,9 @@ def command_digest(c: CommandBase) -> bytes:
     content = _content(type(c))(c.__dict__)
     if content and content[-1] == {}:  # metadata is every command's last field
         content = content[:-1]
+    if isinstance(c, Transaction):  # its postings as plain tuples, as streams.core has them
+        content = tuple([tuple(p.__dict__.values()) for p in v] if isinstance(v, list) else v
+                        for v in content)
     return hashlib.blake2b(repr((c.type, content)).encode(), digest_size=16).digest()
 
 
@@ -326,7 +329,7 @@ def _headers() -> Headers | None:
     return Headers(h[LedgerEvent.avro_name], h[Rejection.avro_name],
                    h[CommandOutcome.avro_name], h[AccountState.avro_name],
                    h["ledger.CommandBatch"], h[TransferLeg.avro_name],
-                   h[TransactionMessage.avro_name])
+                   h[TransactionMessage.avro_name], h[TransactionRecord.avro_name])
 
 
 def to_account(s: AccountState) -> Account:
@@ -381,7 +384,7 @@ class BatchProcessor:
             self._core = Core(self._headers, partition, partitions, _decode_account,
                               read, self._accounts, self._dirty, self._writes, self._retained,
                               self.outputs, self.stats, window_ms, signer.key,
-                              max_skew_ms)
+                              max_skew_ms, transaction_timeout_ms)
 
     # ------------------------------------------------------------ reads
 
