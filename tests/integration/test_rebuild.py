@@ -13,6 +13,7 @@ from streams.ops.rebuild import rebuild
 from streams.ops.verify import verify
 from streams.readmodels.eventlog import read_all
 from streams.readmodels.projection import GroupActive
+from streams.settings import Settings
 from streams.worker.processor import _MS, retained, unpack_records
 from streams.worker.state import _HEAD, payload
 
@@ -53,12 +54,7 @@ def test_rebuild_from_events_after_losing_changelog_and_disk(ledger_settings, st
         rebuild(s)
     assert worker.stop() == 0
 
-    admin = AdminClient(s.kafka_config())
-    admin.delete_topics([s.changelog_topic])[s.changelog_topic].result(30)
-    deadline = time.monotonic() + 60
-    while s.changelog_topic in admin.list_topics(timeout=10).topics:
-        assert time.monotonic() < deadline, "changelog topic not deleted"
-        time.sleep(0.2)
+    delete_changelog(s)
 
     result = rebuild(s)
     assert result.accounts == 20
@@ -98,3 +94,13 @@ def test_rebuild_from_events_after_losing_changelog_and_disk(ledger_settings, st
     final = verify(s)
     assert final.ok, final.breaches
     assert final.states["r0"].balance_minor == before.states["r0"].balance_minor + 1
+
+
+def delete_changelog(s: Settings) -> None:
+    """The worker's state lost: its changelog topic deleted (and gone from the broker)."""
+    admin = AdminClient(s.kafka_config())
+    admin.delete_topics([s.changelog_topic])[s.changelog_topic].result(30)
+    deadline = time.monotonic() + 60
+    while s.changelog_topic in admin.list_topics(timeout=10).topics:
+        assert time.monotonic() < deadline, "changelog topic not deleted"
+        time.sleep(0.2)

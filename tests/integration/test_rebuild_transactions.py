@@ -7,7 +7,6 @@ import time
 
 import pytest
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient
 
 from schemas.models import (
     Deposit,
@@ -24,6 +23,7 @@ from streams.ops.verify import Report, verify
 from streams.partitions import partition_for
 from streams.readmodels.eventlog import read_all
 from streams.worker.processor import transaction_key
+from tests.integration.test_rebuild import delete_changelog
 
 pytestmark = pytest.mark.kafka
 
@@ -90,12 +90,7 @@ def test_rebuild_keeps_transactions_committed_rejected_and_reversed(ledger_setti
     assert before.states[merchant].balance_minor == 0
 
     assert worker.stop() == 0
-    admin = AdminClient(s.kafka_config())
-    admin.delete_topics([s.changelog_topic])[s.changelog_topic].result(30)
-    deadline = time.monotonic() + 60
-    while s.changelog_topic in admin.list_topics(timeout=10).topics:
-        assert time.monotonic() < deadline, "changelog topic not deleted"
-        time.sleep(0.2)
+    delete_changelog(s)
 
     rebuild(s)
     stored = {m.key() for m in read_all(s, s.changelog_topic)}
