@@ -31,12 +31,13 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from confluent_kafka import KafkaException
 
-from schemas.money import AmountError, format_amount, parse_amount
+from schemas.money import format_amount, parse_amount
 from streams import exits
 from streams.instants import parse_instant
 from streams.settings import Settings
@@ -147,6 +148,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _command(kind: str, args: argparse.Namespace) -> Any:
+    """The command the arguments ask for, with ``--meta``'s metadata (refused with a
+    ``ValueError`` for a command that has none)."""
+    command = _bare_command(kind, args)
+    meta = dict(args.meta or ())
+    if kind == "set-metadata" or not meta:
+        return command
+    if "metadata" not in type(command).model_fields:
+        raise ValueError(f"{kind} carries no metadata")
+    return type(command)(**{**command.__dict__, "metadata": meta})
+
+
+def _bare_command(kind: str, args: argparse.Namespace) -> Any:
     from schemas import models as m
 
     base: dict[str, Any] = {
@@ -162,10 +175,8 @@ def _command(kind: str, args: argparse.Namespace) -> Any:
                              overdraft_limit_minor=limit)
     if kind == "close":
         return m.CloseAccount(**base)
-    if args.meta:
-        base["metadata"] = dict(args.meta)
-    if kind == "set-metadata":
-        return m.SetAccountMetadata(**base)
+    if kind == "set-metadata":  # without --meta: none from now on
+        return m.SetAccountMetadata(**base, metadata=dict(args.meta or ()))
     if kind == "reverse":
         return m.Reverse(**base, transaction_id=args.transaction_id)
     if kind == "transaction":
@@ -221,7 +232,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     try:
         command = _command(args.kind, args)
-    except AmountError as exc:
+    except ValueError as exc:  # an amount, or a command the models refuse
         print(f"error: {exc}", file=sys.stderr)
         return exits.USAGE
     with LedgerClient(Settings()) as client:
@@ -297,17 +308,25 @@ def cmd_balance(args: argparse.Namespace) -> int:
     doc = ask_worker(args, "", 5.0)
     if isinstance(doc, int):
         return doc
+    meta = doc.get("metadata") or {}
     _print(args, doc, f"{doc['account_id']}: balance {doc['balance']}, available "
-                      f"{doc['available']}, version {doc['version']}, {doc['status']}")
+                      f"{doc['available']}, version {doc['version']}, {doc['status']}"
+                      + (f"\n  metadata {_meta_text(meta.items())}" if meta else ""))
     return 0
+
+
+def _meta_text(pairs: Iterable[tuple[str, str]]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in pairs)
 
 
 def cmd_history(args: argparse.Namespace) -> int:
     events: list[dict[str, Any]] = []
     version: int | None = args.from_version
+    meta = [(f"meta.{k}", v) for k, v in args.meta or ()]
     while version is not None and (args.limit is None or len(events) < args.limit):
         page_size = min(1000, args.limit - len(events)) if args.limit else 1000
-        page = ask_worker(args, f"/events?from_version={version}&limit={page_size}", 10.0)
+        query = urllib.parse.urlencode([("from_version", version), ("limit", page_size), *meta])
+        page = ask_worker(args, f"/events?{query}", 10.0)
         if isinstance(page, int):
             return page
         events += page["events"]
@@ -317,9 +336,13 @@ def cmd_history(args: argparse.Namespace) -> int:
                 if "amount_minor" in e else " " * 16)
              + f"  balance {format_amount(e['balance_after_minor'], e['currency'])}, available "
              f"{format_amount(e['available_after_minor'], e['currency'])}  "
-             f"[{e['command_id']} by {e['actor']}]" for e in events]
+             f"[{e['command_id']} by {e['actor']}]"
+             + (f"  {{{_meta_text(e['metadata'].items())}}}" if e.get("metadata") else "")
+             for e in events]
+    which = f" with {_meta_text(args.meta)}" if args.meta else ""
     _print(args, {"account_id": args.account, "events": events},
-           "\n".join(lines) or f"{args.account}: no events from version {args.from_version}")
+           "\n".join(lines) or f"{args.account}: no events{which} from version "
+                                f"{args.from_version}")
     return 0
 
 
@@ -336,7 +359,7 @@ def cmd_statement(args: argparse.Namespace) -> int:
         return 0
     lines = [f"{args.account} from {_iso(doc['from'])} to {_iso(doc['to'])}",
              f"  opening balance {doc.get('opening_balance', '-'):>16}"]
-    lines += [f"  {_iso(e['occurred_at'])}  {e['description']:<20} {e['amount']:>16}  "
+    lines += [f"  {_iso(e['occurred_at'])}  {e['description']:<30} {e['amount']:>16}  "
               f"balance {e['balance_after']}"
               + (f"  ({e['counterparty']}, {e.get('transaction_id') or e['transfer_id']})"
                  if e["counterparty"] else "")
@@ -600,7 +623,8 @@ def main(argv: list[str] | None = None) -> int:
     rv = ss.add_parser("reverse", help="post the opposite of a committed transaction of ACCOUNT")
     rv.add_argument("account")
     rv.add_argument("transaction_id")
-    sm = ss.add_parser("set-metadata", help="replace the account's metadata with --meta's")
+    sm = ss.add_parser("set-metadata", help="replace the account's metadata with --meta's "
+                       "(none: clear it)")
     sm.add_argument("account")
     s.set_defaults(fn=cmd_submit)
 
@@ -615,6 +639,8 @@ def main(argv: list[str] | None = None) -> int:
     hi.add_argument("account")
     hi.add_argument("--from-version", type=int, default=1)
     hi.add_argument("--limit", type=int, help="at most this many events (default: all)")
+    hi.add_argument("--meta", action="append", type=key_value, metavar="KEY=VALUE",
+                    help="only the events whose metadata has KEY=VALUE; repeat: all must match")
     hi.add_argument("--url", default=worker_url(),
                     help="any worker: it forwards to the account's owner (default: LEDGER_URL, "
                          "else LEDGER_WEB_PORT on 127.0.0.1)")

@@ -43,6 +43,9 @@ from producers.client import CommandRefused, DeliveryError, LedgerClient, QueueF
 from schemas.codec import CODEC
 from schemas.models import (
     COMMAND_TYPES,
+    MAX_METADATA_ENTRIES,
+    MAX_METADATA_KEY,
+    MAX_METADATA_VALUE,
     AccountState,
     CommandBase,
     ExpireHold,
@@ -52,6 +55,7 @@ from schemas.models import (
     TransactionRecord,
 )
 from schemas.money import format_amount
+from schemas.text import plain
 from streams import instants
 from streams.core import valid_id
 from streams.partitions import partition_for
@@ -90,6 +94,9 @@ WAIT_OUTCOME_S = 10.0  # POST /commands?wait=true answers 202 "pending" after th
 MAX_PAGE = 1000
 # GET /transactions/{id}: events read per account from the transaction's start, at most
 TRANSACTION_SCAN = MAX_PAGE
+# GET /accounts/{id}/events?meta.KEY=VALUE: events looked at per request, at most
+META_SCAN = 10 * MAX_PAGE
+META_PREFIX = "meta."
 INT64_MAX = 2**63 - 1
 # Commands a client may send (expiring a hold or a transaction is the worker's own business).
 PUBLIC_COMMANDS = {n: c for n, c in COMMAND_TYPES.items()
@@ -231,6 +238,7 @@ def account_json(state: AccountState) -> dict[str, Any]:
                           "amount": format_amount(h.amount_minor, state.currency)}
                          for k, h in holds if (r := reservation_of(k)) is not None],
         "updated_at": state.updated_at,
+        "metadata": dict(state.metadata),
     }
 
 
@@ -241,7 +249,7 @@ def event_json(e: LedgerEvent) -> dict[str, Any]:
         "available_after_minor": e.available_after_minor, "occurred_at": e.occurred_at,
         "actor": e.actor, "command_id": e.command_id, "causation_id": e.causation_id,
         "correlation_id": e.correlation_id, "event_id": e.event_id,
-        "payload": e.payload.model_dump(),
+        "payload": e.payload.model_dump(), "metadata": dict(e.metadata),
     }
     amount = getattr(e.payload, "amount_minor", None)
     if amount is not None:
@@ -330,6 +338,28 @@ def query_int(request: Request, name: str, default: int, low: int, high: int) ->
         raise ApiError(422, "invalid_parameter",
                        f"{name} must be an integer from {low} to {high}", parameter=name)
     return value
+
+
+def meta_filter(request: Request) -> list[tuple[str, str]]:
+    """The ``meta.KEY=VALUE`` query parameters, as (key, value) pairs (an event matches
+    when its metadata holds every one); ApiError 422 for one no metadata could hold."""
+    pairs = [(name[len(META_PREFIX):], value) for name, value in request.query.items()
+             if name.startswith(META_PREFIX)]
+    for key, value in pairs:
+        problem = (
+            f"its key must be 1 to {MAX_METADATA_KEY} characters"
+            if not 1 <= len(key) <= MAX_METADATA_KEY else
+            f"its value must be at most {MAX_METADATA_VALUE} characters"
+            if len(value) > MAX_METADATA_VALUE else
+            "its key and value must not hold control, format or line separator characters"
+            if not (plain(key) and plain(value)) else None)
+        if problem:
+            raise ApiError(422, "invalid_metadata_filter", f"meta.KEY=VALUE: {problem}",
+                           parameter=(META_PREFIX + key)[:100])
+    if len(pairs) > MAX_METADATA_ENTRIES:
+        raise ApiError(422, "invalid_metadata_filter", f"at most {MAX_METADATA_ENTRIES} "
+                       "meta.KEY=VALUE parameters (metadata has no more entries)")
+    return pairs
 
 
 def query_bool(request: Request, name: str) -> bool:
@@ -747,16 +777,21 @@ def register(app: faust.App, s: Settings) -> None:
                 return await api.forward(self, request, p)
             from_version = query_int(request, "from_version", 1, 1, INT64_MAX)
             limit = query_int(request, "limit", 100, 1, MAX_PAGE)
+            meta = meta_filter(request)
             history = api.history_of(p)
-            events = history.events(_account_id(account_id), from_version, limit + 1)
+            if meta:  # the matching ones among the next META_SCAN events
+                events, after = history.matching(_account_id(account_id), from_version,
+                                                 limit, meta, META_SCAN)
+            else:
+                events = history.events(_account_id(account_id), from_version, limit + 1)
+                after = events[limit - 1].version + 1 if len(events) > limit else None
             if not events and not history.exists(account_id):
                 raise ApiError(404, "account_not_found", "no account has this id",
                                account_id=account_id)
-            more = len(events) > limit
             return self.json({
                 "account_id": account_id,
                 "events": [event_json(e) for e in events[:limit]],
-                "next_from_version": events[limit - 1].version + 1 if more else None,
+                "next_from_version": after,
             })
 
     @app.page("/accounts/{account_id}/statement")

@@ -27,6 +27,8 @@ binary search over versions.
     history.events("alice", 1, 100)    # -> up to 100 LedgerEvents from version 1
     history.as_of("alice", at_ms)      # -> LedgerEvent | None
     history.since("alice", at_ms, 100)  # -> up to 100 from its first event at or after at_ms
+    history.matching("alice", 1, 100, [("order", "o-1")], 10_000)
+        # -> (up to 100 with metadata order=o-1 among 10,000 from version 1, where to go on)
     history.stop()
 """
 
@@ -307,6 +309,35 @@ class History:
         """Up to ``limit`` events of the account from its first with ``occurred_at >= at_ms``."""
         before = self.as_of(account_id, at_ms - 1)
         return self.events(account_id, (before.version if before else 0) + 1, limit)
+
+    def matching(self, account_id: str, from_version: int, limit: int,
+                 meta: list[tuple[str, str]], scan: int) -> tuple[list[LedgerEvent], int | None]:
+        """Up to ``limit`` events whose metadata holds every ``(key, value)`` of ``meta``,
+        among the account's next ``scan`` events from ``from_version``; and the version the
+        next look goes on from (None: no event of the account is left to look at)."""
+        db = self._reader()
+        if db is None:
+            return [], None
+        prefix = account_id.encode() + b"\0"
+        # A record without the text of each key and value cannot match: not decoded.
+        needles = [t.encode() for pair in meta for t in pair]
+        out: list[LedgerEvent] = []
+        it = db.iter()
+        it.seek(prefix + _VERSION.pack(from_version))
+        while it.valid():
+            key: bytes = it.key()
+            if len(key) != len(prefix) + _VERSION.size or not key.startswith(prefix):
+                break
+            if len(out) >= limit or scan <= 0:
+                return out, int(_VERSION.unpack_from(key, len(prefix))[0])
+            scan -= 1
+            raw: bytes = it.value()
+            if all(n in raw for n in needles):
+                e = _decode(raw)
+                if all(e.metadata.get(k) == v for k, v in meta):
+                    out.append(e)
+            it.next()
+        return out, None
 
     def exists(self, account_id: str) -> bool:
         return bool(self.events(account_id, 0, 1))

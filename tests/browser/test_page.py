@@ -280,3 +280,59 @@ def test_a_transaction_in_the_history_the_statement_and_the_holds(new_page, star
     expect(holds.first).to_contain_text("transaction T9 (coordinator payer)")
     expect(holds.first).to_contain_text("2.50 USD")
     expect(holds.first).to_contain_text("when the transaction ends")
+
+
+def test_an_accounts_metadata_and_its_events(new_page, start_worker):
+    w = start_worker()
+    t = int(time.time() * 1000)
+    for i, (kind, account, fields) in enumerate((
+            ("OpenAccount", "shop", {"currency": "USD", "metadata": {"tier": "gold"}}),
+            ("OpenAccount", "buyer", {"currency": "USD"}),
+            ("Deposit", "buyer", {"amount_minor": 1_000, "currency": "USD",
+                                  "metadata": {"order": "o-1", "channel": "web"}}),
+            ("Transfer", "buyer", {"to_account_id": "shop", "amount_minor": 300,
+                                   "currency": "USD", "metadata": {"order": "o-1"}}))):
+        post_command(w.url, {"type": kind, "command_id": f"m{i}", "account_id": account,
+                             "actor": "t", "issued_at": t + i, **fields})
+    page = new_page()
+    page.goto(w.url + "/#shop")
+    expect(page.locator("#acc-balance")).to_have_text("3.00 USD")
+    # the account's metadata, near its balance; each event's under its description
+    expect(page.locator("#acc-metadata")).to_be_visible()
+    expect(page.locator("#acc-metadata dt")).to_have_text(["tier"])
+    expect(page.locator("#acc-metadata dd")).to_have_text(["gold"])
+    expect(row(page, 1).locator(".meta")).to_have_text("tier=gold")
+    expect(row(page, 2)).to_contain_text("Transfer from buyer")
+    expect(row(page, 2).locator(".meta")).to_have_text("order=o-1")
+
+    # set through the form: the list and the history follow
+    page.select_option("#cmd-type", "SetAccountMetadata")
+    expect(page.locator("#cmd-amount")).to_be_hidden()
+    expect(page.locator("#cmd-currency")).to_be_hidden()
+    page.fill("#cmd-account", "shop")
+    page.fill("#cmd-meta", "tier=silver\nkyc = ok")
+    page.click("#cmd-submit")
+    expect(page.locator("#outcome")).to_have_text(
+        "Set the metadata of “shop”: tier=silver, kyc=ok.")
+    expect(row(page, 3)).to_contain_text("Metadata set: tier=silver, kyc=ok")
+    expect(page.locator("#acc-metadata dt")).to_have_text(["tier", "kyc"])
+    expect(page.locator("#acc-metadata dd")).to_have_text(["silver", "ok"])
+    # a line that is not KEY=VALUE is refused before sending, pointing at the field
+    page.fill("#cmd-meta", "no value here")
+    page.click("#cmd-submit")
+    expect(page.locator("#outcome")).to_contain_text("Metadata: write KEY=VALUE")
+    expect(page.locator("#cmd-meta")).to_have_attribute("aria-invalid", "true")
+
+    # an account without metadata has no list, and rows without it no line
+    page.locator("#find-id").fill("buyer")
+    page.locator("#find-id").press("Enter")
+    expect(page.locator("#acc-balance")).to_have_text("7.00 USD")
+    expect(page.locator("#acc-metadata-box")).to_be_hidden()
+    expect(row(page, 2).locator(".meta")).to_have_text("order=o-1, channel=web")
+    expect(row(page, 3)).to_contain_text("Transfer to shop")
+    expect(row(page, 3).locator(".meta")).to_have_text("order=o-1")
+    expect(row(page, 1).locator(".meta")).to_have_count(0)
+    # a deposit through the form carries what the field holds
+    page.fill("#cmd-meta", "order=o-2")
+    submit(page, "Deposit", "buyer", "1")
+    expect(row(page, 4).locator(".meta")).to_have_text("order=o-2")

@@ -45,3 +45,34 @@ def test_balance_and_history_default_to_this_machines_web_port(monkeypatch):
 ])
 def test_instants_are_parsed_to_exact_milliseconds(text, ms):
     assert cli.parse_instant(text) == ms
+
+
+def submitted(argv: list[str], monkeypatch) -> object:
+    """The command ``ledger submit ...`` would send (or the exit status it refuses with)."""
+    seen: list[object] = []
+
+    def fake(args: argparse.Namespace) -> int:
+        try:
+            seen.append(cli._command(args.kind, args))
+        except ValueError as exc:
+            seen.append(exc)
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_submit", fake)
+    assert cli.main(["submit", *argv]) == 0
+    return seen[0]
+
+
+def test_meta_goes_on_any_command_that_carries_metadata(monkeypatch):
+    opened = submitted(["--meta", "tier=gold", "--meta", "kyc=", "open", "al", "USD"],
+                       monkeypatch)
+    assert opened.metadata == {"tier": "gold", "kyc": ""}
+    moved = submitted(["--meta", "order=o-1", "transaction", "al", "--posting", "al", "bo",
+                       "1.00 USD"], monkeypatch)
+    assert (moved.metadata, moved.postings[0].amount_minor) == ({"order": "o-1"}, 100)
+    assert submitted(["set-metadata", "al"], monkeypatch).metadata == {}  # clears it
+    refused = submitted(["--meta", "a=b", "close", "al"], monkeypatch)
+    assert isinstance(refused, ValueError) and "close carries no metadata" in str(refused)
+    too_many = submitted([*[f"--meta=k{i}=v" for i in range(17)], "deposit", "al", "1.00 USD"],
+                         monkeypatch)
+    assert isinstance(too_many, ValueError) and "metadata" in str(too_many)

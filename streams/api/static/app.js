@@ -130,6 +130,11 @@ function postingParties(p, account) {
     .filter(Boolean).join(", ");
 }
 
+/** "order=o-1, channel=web": metadata in one line ("" for none). */
+function metaText(metadata) {
+  return Object.entries(metadata ?? {}).map(([k, v]) => `${k}=${v}`).join(", ");
+}
+
 const EVENT_WORDS = {
   AccountOpened: () => "Account opened",
   Deposited: () => "Deposit",
@@ -152,6 +157,7 @@ const EVENT_WORDS = {
   TransactionCommitted: (p) => `Transaction ${p.transaction_id} committed`,
   TransactionRejected: (p) => `Transaction ${p.transaction_id} rejected: ` +
     `${reasonWords(p.reason)}${p.posting_index >= 0 ? ` (posting ${p.posting_index + 1})` : ""}`,
+  AccountMetadataSet: (p) => `Metadata set: ${metaText(p.metadata) || "none"}`,
 };
 
 function eventWords(e) {
@@ -447,10 +453,22 @@ function render(newVersion) {
   $("acc-currency").textContent = a.currency;
   $("acc-status").textContent = shown ? shown.status : "not yet opened";
   $("acc-version").textContent = shown ? String(shown.version) : "0";
+  renderMetadata(past);
   renderHolds(past);
   renderSlider(past);
   renderHistory(past ? (shown ? shown.version : 0) : Infinity, newVersion);
   renderChart();
+}
+
+/** The account's metadata now (GET /accounts/{id}? as_of has none). */
+function renderMetadata(past) {
+  const entries = past ? [] : Object.entries(state.account.metadata ?? {});
+  $("acc-metadata-box").hidden = entries.length === 0;
+  $("acc-metadata").replaceChildren(...entries.map(([k, v]) => {
+    const row = el("div");
+    row.append(el("dt", {}, k), el("dd", {}, v));
+    return row;
+  }));
 }
 
 function renderHolds(past) {
@@ -518,6 +536,9 @@ function renderHistory(maxVersion, newVersion) {
     cells.forEach(([text, cls], i) => {
       const td = el("td", { "data-label": COLUMNS[i] }, text);
       if (cls) td.className = cls;
+      if (i === 1 && metaText(e.metadata)) {
+        td.append(el("span", { class: "meta" }, metaText(e.metadata)));
+      }
       if (i === 6) {
         td.replaceChildren(el("time", { datetime: new Date(e.occurred_at).toISOString() }, text));
       }
@@ -606,7 +627,8 @@ function commandKind() {
 function syncForm() {
   const kind = commandKind();
   $("row-to").hidden = kind !== "Transfer";
-  $("row-amount").hidden = kind === "OpenAccount";
+  $("row-amount").hidden = kind === "OpenAccount" || kind === "SetAccountMetadata";
+  $("row-currency").hidden = kind === "SetAccountMetadata";
   $("cmd-account-label").textContent =
     kind === "Transfer" ? "From account id" : kind === "OpenAccount" ? "New account id" : "Account id";
 }
@@ -625,7 +647,7 @@ function fieldError(input, message) {
 }
 
 function buildCommand() {
-  for (const id of ["cmd-account", "cmd-to", "cmd-amount", "cmd-actor"]) {
+  for (const id of ["cmd-account", "cmd-to", "cmd-amount", "cmd-actor", "cmd-meta"]) {
     $(id).removeAttribute("aria-invalid");
   }
   const kind = commandKind();
@@ -634,7 +656,16 @@ function buildCommand() {
   const actor = $("cmd-actor").value.trim();
   if (!account) return fieldError($("cmd-account"), "Enter the account id.");
   if (!actor) return fieldError($("cmd-actor"), "Enter your name (the actor).");
+  const metadata = {};
+  for (const line of $("cmd-meta").value.split("\n").filter((l) => l.trim())) {
+    const at = line.indexOf("=");
+    const key = line.slice(0, Math.max(at, 0)).trim();
+    if (!key) return fieldError($("cmd-meta"), `Metadata: write KEY=VALUE, not “${line}”.`);
+    metadata[key] = line.slice(at + 1).trim();
+  }
+  if (kind === "SetAccountMetadata") return { type: kind, account_id: account, actor, metadata };
   const cmd = { type: kind, account_id: account, actor, currency };
+  if (Object.keys(metadata).length) cmd.metadata = metadata;
   if (kind === "Transfer") {
     const to = $("cmd-to").value.trim();
     if (!to) return fieldError($("cmd-to"), "Enter the account to transfer to.");
@@ -674,6 +705,8 @@ function acceptedWords(cmd, events) {
       return `Deposited ${amount} into “${cmd.account_id}”. Its balance is now ${balance}.`;
     case "Withdraw":
       return `Withdrew ${amount} from “${cmd.account_id}”. Its balance is now ${balance}.`;
+    case "SetAccountMetadata":
+      return `Set the metadata of “${cmd.account_id}”: ${metaText(cmd.metadata) || "none"}.`;
     case "Transfer":
       return `Sent ${amount} from “${cmd.account_id}” to “${cmd.to_account_id}”. ` +
         `“${cmd.account_id}” now has ${balance}; “${cmd.to_account_id}” is credited next ` +
