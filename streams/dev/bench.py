@@ -117,13 +117,16 @@ def workload(mix: str, n: int, rng: random.Random, prefix: str) -> list[m.Comman
                                   issued_at=next(t), to_account_id=b,
                                   amount_minor=rng.randint(100, 20_000), currency="USD"))
         elif roll < 0.88:  # a payment split three ways (a fee, and a partner's share)
-            b, c = (accounts[rng.randrange(ACCOUNTS)] for _ in range(2))
+            fee = accounts[0] if a != accounts[0] else accounts[1]
+            b = c = a
+            while len({a, b, c, fee}) < 4:
+                b, c = (accounts[rng.randrange(ACCOUNTS)] for _ in range(2))
             amount = rng.randint(1_000, 20_000)
             out.append(m.Transaction(command_id=cid, account_id=a, actor="bench",
                                      issued_at=next(t), postings=[
                 m.Posting(from_account_id=a, to_account_id=b, amount_minor=amount,
                           currency="USD"),
-                m.Posting(from_account_id=a, to_account_id=accounts[0],
+                m.Posting(from_account_id=a, to_account_id=fee,
                           amount_minor=amount // 50, currency="USD"),
                 m.Posting(from_account_id=b, to_account_id=c, amount_minor=amount // 10,
                           currency="USD")]))
