@@ -154,8 +154,14 @@ def end_offsets_when_ready(admin: AdminClient, tps: list[tuple[str, int]],
 
 def end_offsets(admin: AdminClient, tps: Iterable[tuple[str, int]],
                 timeout_s: float = 10.0) -> dict[tuple[str, int], int]:
-    """The broker's end offset of each (topic, partition), in one request."""
+    """The broker's end offset of each (topic, partition), in one request.
+
+    Its answer is waited for twice ``timeout_s``, then TimeoutError: a request
+    librdkafka never completes (it has been seen when the worker stops with one in
+    flight) must not hold the thread that waits, nor the process's exit, for ever."""
     latest = OffsetSpec.latest()  # type: ignore[no-untyped-call]
     futures = admin.list_offsets({TopicPartition(t, p): latest for t, p in tps},
                                  request_timeout=timeout_s)
-    return {(tp.topic, tp.partition): f.result().offset for tp, f in futures.items()}
+    until = time.monotonic() + 2 * timeout_s
+    return {(tp.topic, tp.partition): f.result(timeout=max(0.0, until - time.monotonic())).offset
+            for tp, f in futures.items()}

@@ -319,7 +319,9 @@ class Projection:
                                 o = ((b0 & 0x7F) | (b1 & 0x7F) << 7 | (b2 & 0x7F) << 14
                                      | (b3 & 0x7F) << 21 | (b4 & 0x7F) << 28 | b5 << 35)
                                 occurred = (o >> 1) ^ -(o & 1)
-                                closes = (raw[-1] == _ACCOUNT_CLOSED_TAIL
+                                # an AccountClosed ends its (empty) record, then
+                                # the event's metadata: none (no CloseAccount has any)
+                                closes = (raw[-2] == _ACCOUNT_CLOSED_TAIL and raw[-1] == 0
                                           and _payload_index(raw, e) == _ACCOUNT_CLOSED_INDEX)
                                 ok = True
                 except IndexError:

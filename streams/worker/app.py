@@ -401,7 +401,7 @@ class Worker:
         try:
             highwaters = await asyncio.get_running_loop().run_in_executor(
                 None, end_offsets, self.admin, tps)
-        except KafkaException as exc:
+        except (KafkaException, TimeoutError) as exc:
             # No broker, no input to wait for: an outage is not a stall (and the worker
             # rides it out; see tests/chaos).
             log.warning("stall check skipped: %s", exc)

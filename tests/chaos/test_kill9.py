@@ -16,7 +16,15 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from producers.client import LedgerClient
 from schemas.codec import CODEC
-from schemas.models import CommandBase, Deposit, OpenAccount, Transfer, Withdraw
+from schemas.models import (
+    CommandBase,
+    Deposit,
+    OpenAccount,
+    Posting,
+    Transaction,
+    Transfer,
+    Withdraw,
+)
 from streams.ops.verify import Report, verify
 from streams.readmodels.eventlog import read_all
 from streams.settings import Settings
@@ -35,7 +43,13 @@ def workload(rng: random.Random, accounts: list[str], n: int) -> list[CommandBas
     for i in range(n):
         a = rng.choice(accounts)
         roll = rng.random()
-        if roll < 0.5:
+        if roll < 0.05:  # a transaction: two or three postings, a the coordinator
+            out.append(Transaction(command_id=f"x{i}", account_id=a, actor="chaos",
+                                   issued_at=next(t), postings=[
+                Posting(from_account_id=src, to_account_id=dst, currency="USD",
+                        amount_minor=rng.randint(1, 9_000))
+                for src, dst in (rng.sample(accounts, 2) for _ in range(rng.randint(2, 3)))]))
+        elif roll < 0.5:
             b = rng.choice(accounts)
             if b == a:
                 b = accounts[(accounts.index(a) + 1) % len(accounts)]
@@ -196,10 +210,12 @@ def check_ledger(s: Settings, commands: list[CommandBase], supervisor: Superviso
     worker.wait_ready()
     print(f"\n{len(seen)} commands, each with exactly one outcome; {report.events} events; "
           f"{report.transfers_credited} transfers credited, {report.transfers_reversed} "
-          f"reversed; duplicate event records (byte-identical copies): {report.duplicates}; "
+          f"reversed; {report.transactions_committed} transactions committed, "
+          f"{report.transactions_rejected} rejected; duplicate event records "
+          f"(byte-identical copies): {report.duplicates}; "
           f"restarts by the supervisor: {supervisor.restarts}")
     assert report.ok, report.breaches[:10]
-    assert report.transfers_in_flight == 0
+    assert report.transfers_in_flight == report.transactions_in_flight == 0
     for account, state in report.states.items():
         status, doc = worker.get(f"/accounts/{account}")
         assert status == 200, (account, doc)

@@ -385,7 +385,7 @@ def fast_event(account: str, index: int, version: int, balance: int,
     return b"".join((
         _HEADER, _string(f"{version:08x}-0000-4000-8000-{index:012x}"), _string(account),
         _long(version), _string("USD"), _long(balance), _long(balance), _long(occurred_at),
-        _string(cid), _string(cid), _long(0), _string("bulk"), payload))
+        _string(cid), _string(cid), _long(0), _string("bulk"), payload, _long(0)))  # no metadata
 
 
 def test_fold_rate_on_a_fresh_store(ledger_settings, tmp_path):
@@ -410,7 +410,7 @@ def test_fold_rate_on_a_fresh_store(ledger_settings, tmp_path):
         for i, (key, account) in enumerate(encoded):
             cid = _string(f"c-{names[i]}-{v}")
             value = b"".join((_HEADER, _string(f"{v:08x}-0000-4000-8000-{i:012x}"), account,
-                              middle, cid, cid, b"\0\x08bulk", payload))
+                              middle, cid, cid, b"\0\x08bulk", payload, b"\0"))
             if i == 7:
                 assert value == fast_event(names[i], i, v, 100 * (v - 1), t0 + v)
             while True:
