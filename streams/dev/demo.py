@@ -140,6 +140,9 @@ def serve_until_interrupted(worker: WorkerProcess) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
+    # Ctrl-C too, even when started with SIGINT ignored (from a script's background
+    # job, or nohup): Python then leaves it ignored, and the page would stay up for ever
+    signal.signal(signal.SIGINT, interrupt)
     step(f"the page: {worker.url}/ (accounts alice, bob, chen); Ctrl-C stops the worker "
          "and the broker")
     try:
