@@ -198,6 +198,17 @@ def close_rules(balance: int, holds: int, currency: str) -> tuple[str, str]:
 Posting = tuple[str, str, int, str, int | None]
 
 
+def net_of(account_id: str, postings: list[Posting]) -> int:
+    """What the postings change the account's balance by (negative: it pays out)."""
+    net = 0
+    for src, dst, amount, _, _ in postings:
+        if dst == account_id:
+            net += amount
+        if src == account_id:
+            net -= amount
+    return net
+
+
 def transaction_refusal(exists: bool, account_id: str, status: str, version: int,
                         currency: str, available: int, overdraft_limit: int, held: int,
                         balance: int, postings: list[Posting]) -> tuple[str, str, int]:
@@ -1138,9 +1149,7 @@ class Core:
             payload: list[bytes] = []
             if kind == 2:
                 mine = [p for p in postings if account_id in (p[0], p[1])]
-                net = 0
-                for p in mine:
-                    net += p[2] if p[1] == account_id else -p[2]
+                net = net_of(account_id, mine)
                 state.balance_minor += net
                 payload.append(_BYTE[24])  # TransactionPosted
                 write_str(payload, tid)
@@ -1172,12 +1181,7 @@ class Core:
         vote_at = issued_at
         if not refused:
             assert state is not None
-            net = 0
-            for p in postings:
-                if p[1] == account_id:
-                    net += p[2]
-                if p[0] == account_id:
-                    net -= p[2]
+            net = net_of(account_id, postings)
             reserve = -net if net < 0 else 0
             state.held_minor += reserve
             state.holds[rid] = (reserve, 0)

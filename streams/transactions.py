@@ -66,11 +66,7 @@ from streams.domain import (
 
 def participants(postings: list[Posting]) -> list[str]:
     """The accounts the postings name, each once, in the order they first appear."""
-    seen: dict[str, None] = {}
-    for p in postings:
-        seen.setdefault(p.from_account_id)
-        seen.setdefault(p.to_account_id)
-    return list(seen)
+    return core.participants(plain(postings))
 
 
 def _message(kind: str, record: TransactionRecord, account_id: str, issued_at: int,
@@ -209,8 +205,7 @@ def _end(state: AccountState | None, record: TransactionRecord, issued_at: int, 
 
 def _refusal(state: AccountState | None, m: TransactionMessage) -> tuple[str, str, int] | None:
     """The first rule the participant's postings break: (reason, detail, posting index)."""
-    postings = [(p.from_account_id, p.to_account_id, p.amount_minor, p.currency,
-                 p.expected_version) for p in m.postings]
+    postings = plain(m.postings)
     if state is None:
         found = core.transaction_refusal(False, m.account_id, "", 0, "", 0, 0, 0, 0, postings)
     else:
@@ -221,10 +216,15 @@ def _refusal(state: AccountState | None, m: TransactionMessage) -> tuple[str, st
     return found if found[0] else None
 
 
+def plain(postings: list[Posting]) -> list[core.Posting]:
+    """The postings as ``streams.core`` has them."""
+    return [(p.from_account_id, p.to_account_id, p.amount_minor, p.currency,
+             p.expected_version) for p in postings]
+
+
 def net_of(account_id: str, postings: list[Posting]) -> int:
     """What the postings change the account's balance by (negative: it pays out)."""
-    return sum(p.amount_minor for p in postings if p.to_account_id == account_id) - \
-        sum(p.amount_minor for p in postings if p.from_account_id == account_id)
+    return core.net_of(account_id, plain(postings))
 
 
 def prepare(state: AccountState | None, m: TransactionMessage) -> Decision:

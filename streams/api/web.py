@@ -57,13 +57,13 @@ from schemas.models import (
 from schemas.money import format_amount
 from schemas.text import plain
 from streams import instants
-from streams.core import valid_id
+from streams.core import transaction_key, valid_id
 from streams.partitions import partition_for
 from streams.readmodels.history import History
 from streams.readmodels.statement import TooLong, statement, to_csv
 from streams.settings import Settings
 from streams.worker import metrics
-from streams.worker.processor import account_key, transaction_key
+from streams.worker.processor import account_key
 from streams.worker.state import PartitionView
 
 log = logging.getLogger("ledger.web")

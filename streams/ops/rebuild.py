@@ -62,7 +62,7 @@ from schemas.models import (
     TransferReversed,
     encode,
 )
-from streams.core import expiry_key
+from streams.core import deadline_key, expiry_key, transaction_key
 from streams.domain import evolve
 from streams.ops.topics import ensure_topics
 from streams.partitions import partition_for
@@ -72,13 +72,11 @@ from streams.settings import Settings
 from streams.transactions import participants
 from streams.worker.processor import (
     account_key,
-    deadline_key,
     leg_outcome_key,
     outcome_key,
     outcome_log_key,
     pack_records,
     retention_records,
-    transaction_key,
 )
 from streams.worker.state import CHECKPOINT_KEY, Checkpoint, wrap
 

@@ -74,9 +74,11 @@ from streams.core import (
     Headers,
     Output,
     Stats,
+    deadline_key,
     expiry_key,
     future_rule,
     read_commands,
+    transaction_key,
 )
 from streams.domain import Decision, Reason, decide, decide_leg, reject
 from streams.partitions import partition_for
@@ -184,16 +186,6 @@ def leg_outcome_key(account_id: str, leg_id: str, from_account_id: str) -> bytes
     return outcome_key(account_id, leg_id) + b"\0" + from_account_id.encode()
 
 
-def transaction_key(coordinator_account_id: str, transaction_id: str) -> bytes:
-    return b"t" + coordinator_account_id.encode() + b"\0" + transaction_id.encode()
-
-
-def deadline_key(deadline: int, coordinator_account_id: str, transaction_id: str) -> bytes:
-    """The index of pending transactions by deadline (``parse_expiry_key`` reads it)."""
-    return b"y" + _MS.pack(deadline) + coordinator_account_id.encode() + b"\0" + \
-        transaction_id.encode()
-
-
 def parse_expiry_key(key: bytes) -> tuple[int, str, str]:
     (expires_at,) = _MS.unpack_from(key, 1)
     account, hold = key[9:].split(b"\0", 1)
@@ -218,8 +210,7 @@ def command_digest(c: CommandBase) -> bytes:
     if content and content[-1] == {}:  # metadata is every command's last field
         content = content[:-1]
     if isinstance(c, Transaction):  # its postings as plain tuples, as streams.core has them
-        content = tuple([tuple(p.__dict__.values()) for p in v] if isinstance(v, list) else v
-                        for v in content)
+        content = tuple(transactions.plain(v) if isinstance(v, list) else v for v in content)
     return hashlib.blake2b(repr((c.type, content)).encode(), digest_size=16).digest()
 
 

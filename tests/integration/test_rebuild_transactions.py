@@ -18,11 +18,11 @@ from schemas.models import (
     TransactionMessage,
     encode,
 )
+from streams.core import transaction_key
 from streams.ops.rebuild import committed_inputs, rebuild, unread_votes
 from streams.ops.verify import Report, verify
 from streams.partitions import partition_for
 from streams.readmodels.eventlog import read_all
-from streams.worker.processor import transaction_key
 from tests.integration.test_rebuild import delete_changelog
 
 pytestmark = pytest.mark.kafka

@@ -22,10 +22,11 @@ from schemas.models import (
     Withdraw,
     encode_batch,
 )
+from streams.core import transaction_key
 from streams.domain import reservation_id
 from streams.ops import verify
 from streams.partitions import partition_for
-from streams.worker.processor import EVENTS, REJECTIONS, TRANSFERS, transaction_key
+from streams.worker.processor import EVENTS, REJECTIONS, TRANSFERS
 from tests.unit.conftest import (
     PARTITIONS,
     Partition,
