@@ -413,16 +413,22 @@ def test_reads_need_the_token_when_told(ledger_settings, start_worker, client):
         assert page.status == 200
 
 
+def split_between(workers: tuple[Any, ...], partitions: int) -> dict[str, list[int]]:
+    """Each worker's partitions (by its URL), once every partition has an owner and each
+    worker has some (waits up to 90 s)."""
+    def split() -> dict[str, list[int]] | None:
+        parts = {w.url: call(w.url, "/health/ready")[1].get("partitions", []) for w in workers}
+        ok = all(parts.values()) and sum(map(len, parts.values())) == partitions
+        return parts if ok else None
+
+    return until(split, 90)
+
+
 def test_any_worker_answers_for_any_account(ledger_settings, start_worker, client):
     w1 = start_worker("w1")
     w2 = start_worker("w2")
 
-    def split() -> dict[str, list[int]] | None:
-        parts = {w.url: call(w.url, "/health/ready")[1].get("partitions", []) for w in (w1, w2)}
-        ok = all(parts.values()) and sum(map(len, parts.values())) == ledger_settings.partitions
-        return parts if ok else None
-
-    parts = until(split, 90)
+    parts = split_between((w1, w2), ledger_settings.partitions)
     # one account on a partition of each worker
     accounts = {}
     for i in range(200):

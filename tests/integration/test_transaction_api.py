@@ -22,7 +22,7 @@ from schemas.models import (
 from streams.api.web import account_json
 from streams.domain import reservation_id
 from streams.partitions import partition_for
-from tests.integration.test_http_api import call, command, until
+from tests.integration.test_http_api import call, command, split_between, until
 
 pytestmark = pytest.mark.kafka
 
@@ -130,12 +130,7 @@ def test_participants_on_another_workers_partitions(ledger_settings, start_worke
     w1 = start_worker("w1")
     w2 = start_worker("w2")
 
-    def split() -> dict[str, list[int]] | None:
-        parts = {w.url: call(w.url, "/health/ready")[1].get("partitions", []) for w in (w1, w2)}
-        ok = all(parts.values()) and sum(map(len, parts.values())) == ledger_settings.partitions
-        return parts if ok else None
-
-    parts = until(split, 90)
+    parts = split_between((w1, w2), ledger_settings.partitions)
     mine, theirs = (next(a for a in (f"{prefix}-{i}" for i in range(1000))
                          if partition_for(a, ledger_settings.partitions) in parts[w.url])
                     for prefix, w in (("payer", w1), ("payee", w2)))
