@@ -176,7 +176,8 @@ class Transaction(CommandBase):
 
 
 class Reverse(CommandBase):
-    """Post the opposite of ``transaction_id``, a committed transaction of this account."""
+    """Post the opposite of ``transaction_id``: a committed transaction of this account, or
+    a transfer from it."""
 
     transaction_id: Id
     metadata: Metadata = Field(default_factory=dict)
@@ -434,6 +435,7 @@ class TransactionMessage(Model):
     actor: str = ""
     correlation_id: str | None = None
     expires_at: int = 0
+    reverses: str | None = None  # what the transaction reverses: a transfer is checked
     metadata: dict[str, str] = Field(default_factory=dict)
     signature: bytes = b""
 
@@ -510,7 +512,8 @@ class CommandOutcome(Model):
 
 
 class TransactionRecord(Model):
-    """A transaction at its coordinator: who reserved, how it ended, what reversed it."""
+    """A transaction at its coordinator: who reserved, how it ended, what reversed it; or
+    a transfer at its source (``transfer``), kept so that it can be reversed."""
 
     avro_name: ClassVar[str] = "ledger.state.TransactionRecord"
 
@@ -527,6 +530,7 @@ class TransactionRecord(Model):
     reverses: str | None = None
     reversed_by: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
+    transfer: bool = False  # a transfer's, at its source: committed = debited, rejected = refunded
 
     def to_avro(self) -> dict[str, Any]:
         return dict(self.__dict__, postings=[p.to_avro() for p in self.postings])

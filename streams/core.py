@@ -816,9 +816,6 @@ class Core:
             for posting in postings:
                 if not (valid_id(posting[0]) and valid_id(posting[1])):
                     return False
-            tkey = "".join(["t", c.account_id, "\0", c.command_id]).encode()
-            if self._outcome(tkey) is not None:  # its id was used: the processor answers
-                return False
         if not (valid_id(c.command_id) and valid_id(c.account_id) and valid_id(c.actor)):
             return False
         if c.hold_id is not None and not valid_id(c.hold_id):
@@ -836,17 +833,22 @@ class Core:
             return False
         okey = b"i" + account_id.encode() + b"\0" + c.command_id.encode()
         prior = self._outcome(okey)
-        if prior is not None and prior[:len(self.h.outcome)] != self.h.outcome:
-            return False  # stored in another schema version
+        if prior is not None:
+            if prior[:len(self.h.outcome)] != self.h.outcome:
+                return False  # stored in another schema version
+            if 0 < read_outcome(prior, len(self.h.outcome))[3] < now:
+                prior = None  # forgotten: decided as a new command
+        if prior is None and k in (TRANSFER, TRANSACTION) and \
+                self._outcome(transaction_key(account_id, c.command_id)) is not None:
+            return False  # the id of a transaction or transfer kept here: the processor's
         name = COMMAND_NAMES[k]
         stats = self.stats
         stats.types[name] = stats.types.get(name, 0) + 1
         stats.issued_at.append(c.issued_at)
         if prior is not None:  # seen before: a retry, or the id reused
-            digest, records, rejected, forget_at = read_outcome(prior, len(self.h.outcome))
-            if not (0 < forget_at < now):  # else forgotten: decided as a new command
-                self._seen(c, name, digest, records, rejected)
-                return True
+            digest, records, rejected, _ = read_outcome(prior, len(self.h.outcome))
+            self._seen(c, name, digest, records, rejected)
+            return True
         state = self.accounts[account_id] if account_id in self.accounts else self.load(account_id)
         self.deadline = now + self.transaction_timeout_ms
         reason, detail = future_rule(c.issued_at, now, self.max_skew_ms)
@@ -867,6 +869,9 @@ class Core:
             if k == TRANSFER:
                 assert state is not None
                 self._credit_leg(c, state.updated_at, expires_at)
+                self._transfer_record(c.command_id, account_id, c.to_account_id,
+                                      c.amount_minor, c.currency, state.updated_at, c.actor,
+                                      corr, "committed")
             elif k == TRANSACTION:
                 assert state is not None and c.postings is not None
                 self._prepare_all(c, state, now, expires_at)
@@ -1071,6 +1076,11 @@ class Core:
             value = self._leg_event(state, account_id, transfer_id, leg_id, issued_at,
                                     actor, correlation_id, amount, _BYTE[10],
                                     to_account_id, reason if reason else "refused")
+            tkey = transaction_key(account_id, transfer_id)
+            if self._outcome(tkey) is not None:  # its record: no longer to be reversed
+                self._transfer_record(transfer_id, account_id, to_account_id, amount, currency,
+                                      issued_at, actor, correlation_id, "rejected")
+                self.retained.append((outcome_expires_at, tkey))
         else:
             refused = ACCOUNT_NOT_FOUND if state is None else \
                 ACCOUNT_CLOSED if state.status != "open" else \
@@ -1123,8 +1133,8 @@ class Core:
         actor = r.string()
         correlation_id = r.opt_str()
         expires_at = r.long()
-        if r.string_map() or expires_at <= now:
-            return False
+        if r.present() or r.string_map() or expires_at <= now:
+            return False  # a reversal's steps, metadata: the processor's
         end = r.i  # the signature: 32 bytes (its length, 0x40), the last field
         if len(buf) != end + 33 or buf[end] != 64:
             return False
@@ -1237,8 +1247,8 @@ class Core:
         started_at = r.long()
         actor = r.string()
         correlation_id = r.opt_str()
-        if r.present() or r.present() or r.string_map() or not r.done():
-            return False  # a reversal, a reversed one, metadata: the processor's
+        if r.present() or r.present() or r.string_map() or r.boolean() or not r.done():
+            return False  # a reversal, a reversed one, metadata, a transfer: the processor's
         if status != "pending" or account_id not in parties:
             return False
         state = self.accounts[coordinator] if coordinator in self.accounts else \
@@ -1299,7 +1309,7 @@ class Core:
         write_str(out, actor)
         write_opt_str(out, correlation_id)
         write_long(out, expires_at)
-        out.append(_BYTE[0])  # no metadata
+        out.append(b"\0\0")  # reverses nothing, no metadata
         unsigned = b"".join(out)
         signature = hmac.new(self.leg_secret, b"transaction\0" + unsigned, hashlib.sha256)
         self.stats.legs += 1
@@ -1362,6 +1372,16 @@ class Core:
         write_opt_str(out, correlation_id)
         write_str(out, actor)
         return out
+
+    def _transfer_record(self, transfer_id: str, source: str, destination: str | None,
+                         amount: int | None, currency: str | None, issued_at: int, actor: str,
+                         correlation_id: str | None, status: str) -> None:
+        """A transfer's record at its source (``streams.transactions.transfer_record``):
+        committed once debited, rejected once refunded."""
+        assert destination is not None and amount is not None and currency is not None
+        self.writes[transaction_key(source, transfer_id)] = encode_record(
+            self.h, transfer_id, source, [(source, destination, amount, currency, None)],
+            [source, destination], [], status, 0, issued_at, actor, correlation_id, True)
 
     def _credit_leg(self, c: Cmd, occurred_at: int, expires_at: int) -> None:
         """The credit leg of an accepted transfer, to the destination's partition."""
@@ -1513,9 +1533,10 @@ def deadline_key(deadline: int, coordinator_account_id: str, transaction_id: str
 
 def encode_record(h: Headers, tid: str, coordinator: str, postings: list[Posting],
                   parties: list[str], voted: list[str], status: str, deadline: int,
-                  issued_at: int, actor: str, correlation_id: str | None) -> bytes:
+                  issued_at: int, actor: str, correlation_id: str | None,
+                  transfer: bool = False) -> bytes:
     """A ``ledger.state.TransactionRecord`` that reverses nothing, is reversed by nothing
-    and has no metadata."""
+    and has no metadata (``transfer``: a transfer's, at its source)."""
     out = [h.record]
     write_str(out, tid)
     write_str(out, coordinator)
@@ -1532,6 +1553,7 @@ def encode_record(h: Headers, tid: str, coordinator: str, postings: list[Posting
     write_str(out, actor)
     write_opt_str(out, correlation_id)
     out.append(b"\0\0\0")  # reverses, reversed_by: null; metadata: empty
+    out.append(_BYTE[1 if transfer else 0])
     return b"".join(out)
 
 

@@ -86,6 +86,7 @@ class Reason(StrEnum):
     TRANSACTION_NOT_FOUND = "transaction_not_found"
     TRANSACTION_NOT_COMMITTED = "transaction_not_committed"
     ALREADY_REVERSED = "already_reversed"
+    TRANSFER_REFUNDED = "transfer_refunded"
     TRANSACTION_NOT_PENDING = "transaction_not_pending"
     TRANSACTION_NOT_EXPIRED = "transaction_not_expired"
     TRANSACTION_TIMED_OUT = "transaction_timed_out"

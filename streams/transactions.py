@@ -28,9 +28,14 @@ PREPARE then reserves nothing. A yes vote for a transaction the coordinator has
 rejected (or no longer knows) is answered with an ABORT.
 
 ``Reverse`` starts a transaction of the opposite postings of a committed one of the
-same coordinator, linked both ways (``reverses`` on the new one, ``reversed_by`` on
-the record of the original), once: a second reversal is refused while the first is
-pending or once it committed; a rejected reversal frees the original again.
+same coordinator, or of a transfer of which it is the source, linked both ways
+(``reverses`` on the new one, ``reversed_by`` on the record of the original), once: a
+second reversal is refused while the first is pending or once it committed; a rejected
+reversal frees the original again. A transfer's source keeps a record of it for this
+(``transfer_record``: committed once debited, rejected once refunded); its destination,
+asked to reverse it, refuses if it refused the credit (``prepare``'s ``refunded``): the
+credit leg reaches it before the reversal's PREPARE, both on its partition of
+``ledger.transfers`` in the order the source sent them.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from schemas.models import (
     TransactionReleased,
     TransactionReserved,
     TransactionStarted,
+    TransferLeg,
 )
 from streams import core
 from streams.domain import (
@@ -76,8 +82,22 @@ def _message(kind: str, record: TransactionRecord, account_id: str, issued_at: i
         "coordinator_account_id": record.coordinator_account_id, "account_id": account_id,
         "postings": record.postings, "accepted": False, "reason": None, "detail": None,
         "posting_index": -1, "issued_at": issued_at, "actor": record.actor,
-        "correlation_id": record.correlation_id, "expires_at": 0,
+        "correlation_id": record.correlation_id, "expires_at": 0, "reverses": record.reverses,
         "metadata": record.metadata, "signature": b"", **fields})
+
+
+def transfer_record(leg: TransferLeg, state: str) -> TransactionRecord:
+    """A transfer's record at its source, from its credit leg (``state`` committed) or its
+    refund (rejected): what ``Reverse`` needs of it."""
+    source, destination = leg.from_account_id, leg.to_account_id
+    posting = Posting.trusted(from_account_id=source, to_account_id=destination,
+                              amount_minor=leg.amount_minor, currency=leg.currency,
+                              expected_version=None)
+    return TransactionRecord.trusted(
+        transaction_id=leg.transfer_id, coordinator_account_id=source, postings=[posting],
+        participants=[source, destination], voted=[], state=state, deadline=0,
+        issued_at=leg.issued_at, actor=leg.actor, correlation_id=leg.correlation_id,
+        reverses=None, reversed_by=None, metadata=leg.metadata, transfer=True)
 
 
 # ---------------------------------------------------------------- at the coordinator
@@ -101,7 +121,7 @@ def start(state: AccountState | None, c: Transaction | Reverse, postings: list[P
         participants=participants(postings), voted=[], state="pending",
         deadline=now + timeout_ms, issued_at=event.occurred_at, actor=c.actor,
         correlation_id=c.correlation_id, reverses=reverses, reversed_by=None,
-        metadata=c.metadata)
+        metadata=c.metadata, transfer=False)
     messages = tuple(_message("PREPARE", record, a, event.occurred_at)
                      for a in record.participants)
     return Decision(events=(event,), state_after=after, messages=messages), record
@@ -109,16 +129,21 @@ def start(state: AccountState | None, c: Transaction | Reverse, postings: list[P
 
 def reverse(state: AccountState | None, c: Reverse, original: TransactionRecord | None,
             now: int, timeout_ms: int) -> tuple[Decision, TransactionRecord | None]:
-    """Start the opposite of ``original`` (this coordinator's record of that id)."""
+    """Start the opposite of ``original`` (this coordinator's record of that id: a
+    transaction, or a transfer from this account)."""
     refused: tuple[Reason, str] | None = None
+    what = f"{'transfer' if original and original.transfer else 'transaction'} " \
+        f"{c.transaction_id!r}"
     if original is None:
-        refused = Reason.TRANSACTION_NOT_FOUND, f"no transaction {c.transaction_id!r} here"
+        refused = Reason.TRANSACTION_NOT_FOUND, \
+            f"no transaction or transfer {c.transaction_id!r} here"
+    elif original.transfer and original.state == "rejected":
+        refused = Reason.TRANSFER_REFUNDED, \
+            f"{what} was refunded: account {original.participants[-1]!r} refused it"
     elif original.state != "committed":
-        refused = Reason.TRANSACTION_NOT_COMMITTED, \
-            f"transaction {c.transaction_id!r} is {original.state}"
+        refused = Reason.TRANSACTION_NOT_COMMITTED, f"{what} is {original.state}"
     elif original.reversed_by is not None:
-        refused = Reason.ALREADY_REVERSED, \
-            f"transaction {c.transaction_id!r} is reversed by {original.reversed_by!r}"
+        refused = Reason.ALREADY_REVERSED, f"{what} is reversed by {original.reversed_by!r}"
     if refused is not None:
         return Decision(rejection=reject(c, *refused)), None
     assert original is not None
@@ -227,9 +252,12 @@ def net_of(account_id: str, postings: list[Posting]) -> int:
     return core.net_of(account_id, plain(postings))
 
 
-def prepare(state: AccountState | None, m: TransactionMessage) -> Decision:
-    """Reserve what the participant pays out and vote yes, or vote no with the reason."""
-    refused = _refusal(state, m)
+def prepare(state: AccountState | None, m: TransactionMessage, refunded: bool = False,
+            ) -> Decision:
+    """Reserve what the participant pays out and vote yes, or vote no with the reason
+    (``refunded``: the transaction reverses a transfer whose credit this account refused)."""
+    refused = (Reason.TRANSFER_REFUNDED.value, f"{m.account_id} refused transfer "
+               f"{m.reverses!r} and refunded it", 0) if refunded else _refusal(state, m)
     if refused is not None:
         reason, detail, index = refused
         no = m.replace(kind="VOTE", accepted=False, reason=reason, detail=detail,

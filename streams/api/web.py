@@ -103,7 +103,8 @@ PUBLIC_COMMANDS = {n: c for n, c in COMMAND_TYPES.items()
                    if c not in (ExpireHold, ExpireTransaction)}
 # Rejections that say "the ledger's state differs from what you assumed": 409.
 CONFLICT_REASONS = frozenset({"version_conflict", "idempotency_key_reused",
-                              "account_already_exists", "hold_already_exists"})
+                              "account_already_exists", "hold_already_exists",
+                              "already_reversed"})
 
 
 class ApiError(Exception):
@@ -262,6 +263,41 @@ _STEPS = {"TransactionReserved": "reserved_at", "TransactionPosted": "posted_at"
           "TransactionReleased": "released_at"}
 
 
+def _transfer_json(record: TransactionRecord,
+                   events: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """A transfer as ``transaction_json`` shows a transaction: committed once debited
+    (posted at its source, then at its destination once credited), or rejected once the
+    destination refused it (released at the source: the refund)."""
+    tid, source = record.transaction_id, record.coordinator_account_id
+    destination = record.postings[0].to_account_id
+
+    def at(account: str, kind: str) -> dict[str, Any] | None:
+        return next((e for e in events.get(account, ()) if e["type"] == kind
+                     and e["payload"]["transfer_id"] == tid
+                     and e["payload"].get("from_account_id", source) == source), None)
+
+    debited, credited = at(source, "TransferDebited"), at(destination, "TransferCredited")
+    refunded = at(source, "TransferReversed")
+    doc: dict[str, Any] = {
+        "kind": "transfer", "coordinator_account_id": source, "transaction_id": tid,
+        "state": "rejected" if refunded or record.state == "rejected" else "committed",
+        "postings": [posting_json(p) for p in record.postings],
+        "reverses": None, "reversed_by": record.reversed_by, "started_at": record.issued_at,
+        "deadline": None, "ended_at": (refunded or credited or {}).get("occurred_at"),
+        "participants": [
+            {"account_id": source, "reserved_at": None,
+             "posted_at": None if debited is None else debited["occurred_at"],
+             "released_at": None if refunded is None else refunded["occurred_at"]},
+            {"account_id": destination, "reserved_at": None,
+             "posted_at": None if credited is None else credited["occurred_at"],
+             "released_at": None}],
+    }
+    if doc["state"] == "rejected":
+        doc.update(reason=None if refunded is None else refunded["payload"]["reason"],
+                   detail=f"refunded by {destination}", posting_index=0)
+    return doc
+
+
 def posting_json(p: Posting) -> dict[str, Any]:
     return {**p.to_avro(), "amount": format_amount(p.amount_minor, p.currency)}
 
@@ -273,13 +309,17 @@ def transaction_json(record: TransactionRecord,
 
     ``state`` is the coordinator's end event's if it is among them, else the record's
     (the history index trails the worker's state by a moment); a step not found (yet,
-    or not within the events read) has its time null."""
+    or not within the events read) has its time null. A transfer's record (``kind``
+    transfer) has the debit and the credit as its postings, and a refund as its end."""
     tid, coordinator = record.transaction_id, record.coordinator_account_id
+    if record.transfer:
+        return _transfer_json(record, events)
     end = next((e for e in events.get(coordinator, ()) if e["type"] in _ENDS
                 and e["payload"]["transaction_id"] == tid), None)
     state = record.state if end is None else _ENDS[end["type"]]
     doc: dict[str, Any] = {
-        "coordinator_account_id": coordinator, "transaction_id": tid, "state": state,
+        "kind": "transaction", "coordinator_account_id": coordinator, "transaction_id": tid,
+        "state": state,
         "postings": [posting_json(p) for p in record.postings],
         "reverses": record.reverses, "reversed_by": record.reversed_by,
         "started_at": record.issued_at, "deadline": record.deadline,
@@ -833,7 +873,7 @@ def register(app: faust.App, s: Settings) -> None:
                 raw = PartitionView(db).get(transaction_key(coordinator, transaction_id))
             if raw is None:
                 raise ApiError(404, "transaction_not_found", "the coordinator has no "
-                               "transaction with this id",
+                               "transaction or transfer with this id",
                                coordinator_account_id=coordinator[:200],
                                transaction_id=transaction_id[:200])
             record = TransactionRecord.from_avro(

@@ -12,16 +12,17 @@ it through Faust's ordinary recovery and resumes at the group's committed offset
 
 Transactions (``streams.transactions``): each coordinator's record of each
 transaction, from its ``TransactionStarted`` and how it ended (pending if it has not),
-the deadline index of the pending ones, the link between a transaction and the
-reversal that is not rejected, and at each participant the record that it handled the
-PREPARE (from its ``TransactionReserved``: a copy still on ``ledger.transfers`` is
-ignored). A rejected transaction's record is forgotten a window after it ended, as
-the worker does; a committed one's is kept. The votes are not in the log: a
-participant counts as having voted once its reservation is (that is what its yes
-said), except, for a pending transaction, a participant whose yes vote is still on
-``ledger.transfers`` past the coordinator's committed offset: the coordinator counts
-it when it reads it there, and commits on the last one. (Were every participant of a
-pending transaction counted, no vote would be left to commit it, and its deadline
+the deadline index of the pending ones, each source's record of each transfer (from
+its ``TransferDebited``; rejected if it was refunded), the link between a transaction
+or transfer and the reversal that is not rejected, and at each participant the record
+that it handled the PREPARE (from its ``TransactionReserved``: a copy still on
+``ledger.transfers`` is ignored). A rejected transaction's record is forgotten a
+window after it ended, as the worker does; a committed one's is kept. The votes are
+not in the log: a participant counts as having voted once its reservation is (that is
+what its yes said), except, for a pending transaction, a participant whose yes vote is
+still on ``ledger.transfers`` past the coordinator's committed offset: the coordinator
+counts it when it reads it there, and commits on the last one. (Were every participant
+of a pending transaction counted, no vote would be left to commit it, and its deadline
 could not name one that did not answer.) A pending transaction every participant
 reserved for with no vote unread lost one with the state (a reservation written, its
 vote not): it counts none, and is rejected at its deadline. A participant that refused
@@ -43,6 +44,7 @@ import time
 import uuid
 from collections.abc import Callable, Set
 from dataclasses import dataclass, field
+from typing import Any
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
@@ -59,6 +61,8 @@ from schemas.models import (
     TransactionReserved,
     TransactionStarted,
     TransferCredited,
+    TransferDebited,
+    TransferLeg,
     TransferReversed,
     encode,
 )
@@ -69,7 +73,7 @@ from streams.partitions import partition_for
 from streams.readmodels.eventlog import read_all
 from streams.readmodels.projection import GroupActive, _members
 from streams.settings import Settings
-from streams.transactions import participants
+from streams.transactions import participants, transfer_record
 from streams.worker.processor import (
     account_key,
     leg_outcome_key,
@@ -103,6 +107,23 @@ class OutcomeLog:
 
 
 Vote = tuple[str, str, str]  # (coordinator, transaction id, participant)
+
+
+def rejection_outcome_key(d: dict[str, Any]) -> bytes | None:
+    """Where the worker keeps the outcome a rejection (``d``, decoded) belongs to; None:
+    it keeps none (``idempotency_key_reused``, ``wrong_partition``, ``invalid_command``
+    are no command's outcome). A refused credit names its source in its detail, as the
+    worker writes it: its destination is asked to pay back no transfer it refused."""
+    if d["reason"] in ("idempotency_key_reused", "wrong_partition", "invalid_command"):
+        return None
+    account, command_id = d["account_id"], d["command_id"]
+    if d["command_type"] == "TransferRefund":
+        return leg_outcome_key(account, command_id, account)
+    if d["command_type"] == "TransferCredit":
+        head = f"transfer {command_id.removesuffix(':credit')} refunded to "
+        source = d["detail"][len(head):] if d["detail"].startswith(head) else ""
+        return leg_outcome_key(account, command_id, source) if source else None
+    return outcome_key(account, command_id)
 
 
 def outcome_key_of(event: LedgerEvent) -> bytes | None:
@@ -141,12 +162,23 @@ class Transactions:
     # -> "committed" or "rejected", and when that event was written
     ended: dict[tuple[str, str], tuple[str, int]] = field(default_factory=dict)
     reserved: dict[Vote, int] = field(default_factory=dict)  # -> the reservation's time
+    # (source, transfer id) -> its TransferDebited (a refund ends it "rejected")
+    transfers: dict[tuple[str, str], LedgerEvent] = field(default_factory=dict)
 
     def add(self, event: LedgerEvent, written_at: int) -> None:
         p = event.payload
-        if isinstance(p, TransactionStarted):
-            self.started[(event.account_id, p.transaction_id)] = event
-            self.ended.pop((event.account_id, p.transaction_id), None)
+        if isinstance(p, TransactionStarted | TransferDebited):  # an id forgotten, used again
+            key = (event.account_id, p.transaction_id if isinstance(p, TransactionStarted)
+                   else p.transfer_id)
+            self.ended.pop(key, None)
+            self.started.pop(key, None)
+            self.transfers.pop(key, None)
+            if isinstance(p, TransferDebited):
+                self.transfers[key] = event
+            else:
+                self.started[key] = event
+        elif isinstance(p, TransferReversed):  # refunded
+            self.ended[(event.account_id, p.transfer_id)] = ("rejected", written_at)
         elif isinstance(p, TransactionCommitted | TransactionRejected):
             self.ended[(event.account_id, p.transaction_id)] = (
                 "committed" if isinstance(p, TransactionCommitted) else "rejected", written_at)
@@ -162,6 +194,15 @@ class Transactions:
         """``unread``: the yes votes still on ledger.transfers past the coordinators'
         committed offsets (``unread_votes``)."""
         out: dict[tuple[str, str], TransactionRecord] = {}
+        for key, e in self.transfers.items():
+            d = e.payload
+            assert isinstance(d, TransferDebited)
+            out[key] = transfer_record(TransferLeg.trusted(
+                kind="CREDIT", transfer_id=key[1], from_account_id=key[0],
+                to_account_id=d.to_account_id, amount_minor=d.amount_minor, currency=e.currency,
+                issued_at=e.occurred_at, actor=e.actor, correlation_id=e.correlation_id,
+                reason=None, expires_at=0, metadata=e.metadata, signature=b""),
+                self.ended.get(key, ("committed", 0))[0])
         for key, e in self.started.items():
             p = e.payload
             assert isinstance(p, TransactionStarted)
@@ -180,7 +221,7 @@ class Transactions:
                 transaction_id=key[1], coordinator_account_id=key[0], postings=p.postings,
                 participants=parties, voted=voted, state=state, deadline=p.deadline,
                 issued_at=e.occurred_at, actor=e.actor, correlation_id=e.correlation_id,
-                reverses=p.reverses, reversed_by=None, metadata=e.metadata)
+                reverses=p.reverses, reversed_by=None, metadata=e.metadata, transfer=False)
         for r in list(out.values()):  # a rejected reversal frees the original again
             original = (r.coordinator_account_id, r.reverses or "")
             if original in out and r.state != "rejected":
@@ -313,15 +354,8 @@ def rebuild(s: Settings, progress: Callable[[str], None] | None = None) -> Rebui
     say(f"reading {s.rejections_topic}")
     for m in read_all(s, s.rejections_topic):
         raw = m.value() or b""
-        _, d = CODEC.decode(raw)
-        okey = (leg_outcome_key(d["account_id"], d["command_id"], d["account_id"])
-                if d["command_type"] == "TransferRefund" else
-                outcome_key(d["account_id"], d["command_id"]))
-        if d["reason"] not in ("idempotency_key_reused", "wrong_partition", "invalid_command") \
-                and d["command_type"] != "TransferCredit":
-            # those three are not a command's outcome: they are never stored. A refused
-            # credit does not name its source, so its key cannot be made: a copy of
-            # that leg is refused again, and the source takes the refund only once.
+        okey = rejection_outcome_key(CODEC.decode(raw)[1])
+        if okey is not None:
             outcomes.setdefault(okey, CommandOutcome(
                 digest=UNKNOWN_DIGEST, records=[raw], rejected=True,
                 expires_at=m.timestamp()[1] + s.idempotency_window_ms))

@@ -10,15 +10,15 @@ breach), folds each account through ``evolve`` and checks:
 - every transfer debited ended exactly one way (credited or reversed), or is still
   in flight; nothing is credited or reversed that was not debited. A transfer is
   known by its source account and id (the Transfer's command_id, scoped to its
-  account, and free again after the idempotency window): each ending is matched
-  to a debit of the same source and id, the oldest first;
+  account; the id of one refunded is free again after the idempotency window): each
+  ending is matched to a debit of the same source and id, the oldest first;
 - every transaction (known by its coordinator and id) started once and ended at most
   once, committed or rejected as a whole: a participant posts only a committed
   transaction's postings, exactly those that name it, once; nothing is posted for a
   rejected one, nor released for a committed one; reservations and postings belong
   to a transaction that started. A reversal names a committed transaction of its
-  coordinator, its postings are the original's reversed, and no transaction is
-  reversed by two that committed;
+  coordinator or a transfer from it (credited, if the reversal committed), its
+  postings are the original's reversed, and nothing is reversed by two that committed;
 - conservation: the sum of all balances equals money in (deposits) minus money
   out (withdrawals, captured holds) minus transfers still in flight, plus what
   committed transactions have posted so far (zero once every participant posted).
@@ -179,7 +179,16 @@ def check(records: Iterable[bytes]) -> Report:
             r.transfers_in_flight += 1
             in_flight[cur] = in_flight.get(cur, 0) + d.amount_minor
 
-    posted = txns.check(r)
+    # a transfer, as a reversal's original: its posting reversed once credited, else None
+    transfers: dict[Key, list[Posting] | None] = {}
+    for (source, tid), debits in debited.items():
+        how = ended.get((source, tid), [])
+        d, cur = debits[-1]
+        transfers[(source, tid)] = [Posting.trusted(
+            from_account_id=d.to_account_id, to_account_id=source, amount_minor=d.amount_minor,
+            currency=cur, expected_version=None)] \
+            if len(how) == len(debits) and how[-1] == "credited" else None
+    posted = txns.check(r, transfers)
     for cur in set(r.money_in_minor) | set(r.money_out_minor) | set(r.balances_minor):
         expected = (r.money_in_minor.get(cur, 0) - r.money_out_minor.get(cur, 0)
                     - in_flight.get(cur, 0) + posted.get(cur, 0))
@@ -219,8 +228,10 @@ class _Transactions:
             self.posted.setdefault((p.coordinator_account_id, p.transaction_id),
                                    []).append((account, e.currency, p))
 
-    def check(self, r: Report) -> dict[str, int]:
-        """Add the breaches; return what committed transactions posted, per currency."""
+    def check(self, r: Report, transfers: dict[Key, list[Posting] | None],
+              ) -> dict[str, int]:
+        """Add the breaches; return what committed transactions posted, per currency
+        (``transfers``: a transfer's posting reversed, None if it was not credited)."""
         total: dict[str, int] = {}
         for key in {*self.ends, *self.reserved, *self.released, *self.posted} - \
                 set(self.started):
@@ -263,20 +274,27 @@ class _Transactions:
             else:
                 r.transactions_in_flight += 1
             reverses = starts[0].reverses
-            if reverses is not None:
+            if reverses is not None and (key[0], reverses) in transfers:
+                mirror = transfers[(key[0], reverses)]
+                if mirror is None and end == "committed":
+                    r.breaches.append(f"{name}: reverses transfer {reverses} of {key[0]}, "
+                                      "which was not credited")
+                elif mirror is not None and postings != mirror:
+                    r.breaches.append(f"{name}: does not mirror transfer {reverses}")
+            elif reverses is not None:
                 original = self.started.get((key[0], reverses))
                 if original is None or self.ends.get((key[0], reverses), [None])[0] != \
                         "committed":
                     r.breaches.append(f"{name}: reverses {reverses}, not a committed "
-                                      f"transaction of {key[0]}")
+                                      f"transaction or transfer of {key[0]}")
                 elif postings != _opposite(original[0].postings):
                     r.breaches.append(f"{name}: does not mirror {reverses}")
-                if end == "committed":
-                    r.reversals += 1
-                    reversed_by.setdefault((key[0], reverses), []).append(key[1])
+            if reverses is not None and end == "committed":
+                r.reversals += 1
+                reversed_by.setdefault((key[0], reverses), []).append(key[1])
         for key, by in reversed_by.items():
             if len(by) > 1:
-                r.breaches.append(f"transaction {key[1]} of {key[0]}: reversed by {by}")
+                r.breaches.append(f"{key[1]} of {key[0]}: reversed by {by}")
         return total
 
 

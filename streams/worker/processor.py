@@ -62,6 +62,7 @@ from schemas.models import (
     Transaction,
     TransactionMessage,
     TransactionRecord,
+    Transfer,
     TransferLeg,
     command_from_avro,
     encode,
@@ -511,6 +512,13 @@ class BatchProcessor:
             self._apply(c.account_id, okey, digest,
                         Decision(rejection=reject(c, Reason(reason), detail)))
             return
+        if isinstance(c, Transaction | Reverse | Transfer) and \
+                self._get(transaction_key(c.account_id, c.command_id)) is not None:
+            # its outcome is forgotten, not the transaction or transfer it names
+            self._apply(c.account_id, okey, digest, Decision(rejection=reject(
+                c, Reason.IDEMPOTENCY_KEY_REUSED,
+                f"{c.command_id!r} names a transaction or transfer of this account")))
+            return
         if transactions.is_transaction_command(c):
             self._apply(c.account_id, okey, digest, self._transaction(c))
             return
@@ -553,9 +561,6 @@ class BatchProcessor:
         state = self._state(c.account_id)
         if isinstance(c, Transaction | Reverse):
             key = transaction_key(c.account_id, c.command_id)
-            if self._record(key) is not None:  # its outcome is forgotten, not the transaction
-                return Decision(rejection=reject(c, Reason.IDEMPOTENCY_KEY_REUSED,
-                                                 f"transaction {c.command_id!r} was used before"))
             if isinstance(c, Transaction):
                 decision, record = transactions.start(state, c, c.postings, self._now,
                                                       self.transaction_timeout_ms)
@@ -607,8 +612,11 @@ class BatchProcessor:
             if self._prior(aborted) is not None:  # it was over before it got here
                 self._apply(account, okey, m.signature[:16], Decision())
                 return
-            self._apply(account, okey, m.signature[:16],
-                        transactions.prepare(self._state(account), m))
+            # reversing a transfer: its credit came here first (see streams.transactions)
+            credit = None if m.reverses is None else \
+                self._prior(leg_outcome_key(account, f"{m.reverses}:credit", coordinator))
+            self._apply(account, okey, m.signature[:16], transactions.prepare(
+                self._state(account), m, refunded=credit is not None and credit.rejected))
             return
         finished = transactions.finish(self._state(account), m)
         if finished is not None:
@@ -677,7 +685,12 @@ class BatchProcessor:
             self.dead_letter(key, value, topic, offset, "refund for an unknown account",
                              "forged_leg")
             return
-        self._apply(leg.account_id, okey, digest, decide_leg(state, leg))
+        decision = decide_leg(state, leg)
+        tkey = transaction_key(leg.from_account_id, leg.transfer_id)
+        if leg.kind == "REFUND" and decision.events and self._get(tkey) is not None:
+            self._writes[tkey] = encode(transactions.transfer_record(leg, "rejected"))
+            self._retained.append((self._now + self.window_ms, tkey))  # as a rejected one's
+        self._apply(leg.account_id, okey, digest, decision)
 
     # ------------------------------------------------------------ outputs
 
@@ -715,6 +728,9 @@ class BatchProcessor:
         assert self._now is not None
         expires_at = self._now + self.window_ms
         for leg in outcome.legs:  # refused, like a command id, once no longer remembered
+            if leg.kind == "CREDIT":  # a transfer's record at its source, to reverse it by
+                self._writes[transaction_key(leg.from_account_id, leg.transfer_id)] = \
+                    encode(transactions.transfer_record(leg, "committed"))
             self.stats.legs += 1
             signed = self.signer.sign(leg.replace(expires_at=expires_at))
             self.outputs.append(Output(TRANSFERS, signed.account_id.encode(), encode(signed)))

@@ -19,6 +19,7 @@ from schemas.models import (
     Posting,
     Reverse,
     Transaction,
+    Transfer,
 )
 from streams.readmodels.eventlog import read_all
 from streams.settings import Settings
@@ -34,9 +35,11 @@ BOUND_TO_FAIL = {"missing": "account_not_found", "closed": "account_closed",
 
 def workload(rng: random.Random, n: int) -> tuple[list[CommandBase], dict[str, str], list[str]]:
     """200 accounts (180 funded USD, 10 EUR, 10 closed) and ``n`` transactions of 2-5
-    postings, a fifth of them bound to fail one way each; a few reversals of earlier
-    ones. Returns the commands, the reason each doomed transaction must end with, and
-    the funded accounts."""
+    postings, a fifth of them bound to fail one way each, with ``n // 10`` transfers
+    among them (a tenth to a closed or missing account: refunded); a few reversals of
+    earlier transactions and transfers. Returns the commands, the reason each doomed
+    transaction (or reversal of a refunded transfer) must end with, and the funded
+    accounts."""
     t = iter(range(int(time.time() * 1000), 10**14))
     usd = [f"acct-{i}" for i in range(180)]
     eur = [f"euro-{i}" for i in range(10)]
@@ -76,9 +79,20 @@ def workload(rng: random.Random, n: int) -> tuple[list[CommandBase], dict[str, s
             postings[k] = p
             doomed[tid] = BOUND_TO_FAIL[fault]
         cmd(Transaction, rng.choice(usd), tid, postings=postings)
-    coordinators = {c.command_id: c.account_id for c in out if isinstance(c, Transaction)}
+        if i % 10 == 0:
+            src, dst = rng.sample(usd, 2)
+            if i % 100 == 0:
+                dst = rng.choice([*closed, f"ghost-p{i}"])
+                doomed[f"rp{i}"] = "transfer_refunded"
+            cmd(Transfer, src, f"p{i}", to_account_id=dst, amount_minor=rng.randint(1, 300),
+                currency="USD")
+    coordinators = {c.command_id: c.account_id for c in out
+                    if isinstance(c, Transaction | Transfer)}
     for i in rng.sample(range(n), n // 20):
         cmd(Reverse, coordinators[f"t{i}"], f"r{i}", transaction_id=f"t{i}")
+    for i in range(0, n, 10):
+        if i % 100 == 0 or rng.random() < 0.2:
+            cmd(Reverse, coordinators[f"p{i}"], f"rp{i}", transaction_id=f"p{i}")
     return out, doomed, usd
 
 
@@ -118,7 +132,12 @@ def test_transactions_across_partitions_survive_kill9_three_times(ledger_setting
     assert report.transactions_in_flight == 0
     assert report.transactions_committed + report.transactions_rejected == len(ends)
     assert len(ends) <= started and report.transactions_committed > 500
+    refused = {d["command_id"]: d["reason"] for m in read_all(s, s.rejections_topic)
+               for d in [CODEC.decode(m.value())[1]]}
     for tid, reason in doomed.items():
+        if reason == "transfer_refunded" and tid not in ends:  # the refund back before it:
+            assert refused.get(tid) == reason, tid                 # the source refused it
+            continue
         assert ends[tid] == ("TransactionRejected", reason), tid
     assert sum(report.states[a].balance_minor for a in report.states) == \
         SEED_MINOR * len(funded)

@@ -1,5 +1,6 @@
-"""Rebuild after transactions: their records come back from the events, so a reversed
-transaction stays reversed and a transaction id stays used."""
+"""Rebuild after transactions and transfers: their records come back from the events, so
+a reversed transaction stays reversed, a transaction id stays used, a transfer made
+before is reversible and a refunded one is not."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from schemas.models import (
     Reverse,
     Transaction,
     TransactionMessage,
+    Transfer,
     encode,
 )
 from streams.core import transaction_key
@@ -82,12 +84,18 @@ def test_rebuild_keeps_transactions_committed_rejected_and_reversed(ledger_setti
     outcomes, futures = run(Reverse(command_id="back", account_id=payer, actor="t",
                                     issued_at=next(seq), transaction_id="paid"))
     assert outcomes[0].accepted and futures[0].settlement.result(timeout=60).accepted
+    outcomes, futures = run(*[Transfer(command_id=t, account_id=payer, actor="t",
+                                       issued_at=next(seq), to_account_id=to, amount_minor=50,
+                                       currency="USD")
+                              for t, to in (("tip", merchant), ("lost", "tx-nobody"))])
+    assert [f.settlement.result(timeout=60).events[0].type for f in futures] == [
+        "TransferCredited", "TransferReversed"]
     before = settled(s)
     assert before.ok, before.breaches
     assert (before.transactions_committed, before.transactions_rejected,
             before.reversals) == (2, 1, 1)
-    assert before.states[payer].balance_minor == 10_000
-    assert before.states[merchant].balance_minor == 0
+    assert before.states[payer].balance_minor == 9_950
+    assert before.states[merchant].balance_minor == 50
 
     assert worker.stop() == 0
     delete_changelog(s)
@@ -95,7 +103,7 @@ def test_rebuild_keeps_transactions_committed_rejected_and_reversed(ledger_setti
     rebuild(s)
     stored = {m.key() for m in read_all(s, s.changelog_topic)}
     assert {k for k in stored if k[:1] == b"t"} == {
-        transaction_key(payer, t) for t in ("paid", "refused", "back")}
+        transaction_key(payer, t) for t in ("paid", "refused", "back", "tip", "lost")}
     assert not [k for k in stored if k[:1] == b"y"]  # none pending
 
     after = start_worker("after", idempotency_window_s=WINDOW_S)  # and an empty disk
@@ -113,6 +121,12 @@ def test_rebuild_keeps_transactions_committed_rejected_and_reversed(ledger_setti
     again, = run(Reverse(command_id="back-2", account_id=payer, actor="t",
                          issued_at=next(seq), transaction_id="paid"))[0]
     assert again.reason == "already_reversed"
+    # (b') a transfer made before is reversed; one refunded is not paid back
+    outcomes, futures = run(*[Reverse(command_id=f"back-{t}", account_id=payer, actor="t",
+                                      issued_at=next(seq), transaction_id=t)
+                              for t in ("tip", "lost")])
+    assert outcomes[0].accepted and futures[0].settlement.result(timeout=60).accepted
+    assert outcomes[1].reason == "transfer_refunded"
     # (c) a transaction id is used for ever: once its outcome is forgotten, a
     # transaction with it is refused (within the window the outcome answers it)
     time.sleep(max(0.0, started_by + WINDOW_S + 2 - time.time()))
@@ -122,9 +136,11 @@ def test_rebuild_keeps_transactions_committed_rejected_and_reversed(ledger_setti
     # (d) and the ledger is right
     final = settled(s)
     assert final.ok, final.breaches
-    assert final.reversals == 1
+    assert final.reversals == 2
+    back = {payer: 50, merchant: -50}  # the tip reversed
     assert {a: (x.balance_minor, x.available_minor) for a, x in final.states.items()} == \
-        {a: (x.balance_minor, x.available_minor) for a, x in before.states.items()}
+        {a: (x.balance_minor + back.get(a, 0), x.available_minor + back.get(a, 0))
+         for a, x in before.states.items()}
 
 
 def test_the_votes_not_yet_read_are_those_past_the_committed_offset(ledger_settings):

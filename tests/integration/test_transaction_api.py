@@ -126,6 +126,43 @@ def test_a_transaction_its_steps_and_how_it_ended(start_worker, client):
     assert (status, body["error"]) == (422, "invalid_command")
 
 
+def test_a_transfer_is_shown_as_one_posting_and_reversed(start_worker, client):
+    w = start_worker()
+    fund(client, payer=1_000, shop=0)
+
+    def post(kind: str, command_id: str, **fields: Any) -> dict[str, Any]:
+        status, body = call(w.url, "/commands?wait=true", command(
+            kind, command_id, "payer", int(time.time() * 1000), **fields))
+        want = {None: 200, "already_reversed": 409}.get(body.get("reason"), 422)
+        assert status == want, body
+        return body
+
+    assert post("Transfer", "pay-t", to_account_id="shop", amount_minor=300,
+                currency="USD")["events"][0]["type"] == "TransferDebited"
+    doc = settled(w.url, "pay-t", "payer", "payer", "shop")
+    assert (doc["kind"], doc["state"], doc["deadline"]) == ("transfer", "committed", None)
+    assert [(p["from_account_id"], p["to_account_id"], p["amount"]) for p in doc["postings"]] \
+        == [("payer", "shop", "3.00 USD")]
+    assert doc["ended_at"] == doc["participants"][1]["posted_at"]  # the credit
+
+    body = post("Reverse", "r-t", transaction_id="pay-t")
+    assert body["events"][0]["payload"]["reverses"] == "pay-t"
+    back = settled(w.url, "r-t", "payer", "payer", "shop")
+    assert (back["kind"], back["state"], back["reverses"]) == ("transaction", "committed",
+                                                               "pay-t")
+    assert call(w.url, "/transactions/pay-t?coordinator=payer")[1]["reversed_by"] == "r-t"
+    assert post("Reverse", "r-t2", transaction_id="pay-t")["reason"] == "already_reversed"
+    until(lambda: call(w.url, "/accounts/shop")[1]["balance_minor"] == 0)
+
+    # a transfer its destination refused: refunded, and not paid back a second time
+    post("Transfer", "lost-t", to_account_id="nobody", amount_minor=200, currency="USD")
+    doc = settled(w.url, "lost-t", "payer", "payer")
+    assert (doc["state"], doc["reason"]) == ("rejected", "account_not_found")
+    body = post("Reverse", "r-lost", transaction_id="lost-t")
+    assert body["reason"] == "transfer_refunded", body
+    assert call(w.url, "/accounts/payer")[1]["balance_minor"] == 1_000
+
+
 def test_participants_on_another_workers_partitions(ledger_settings, start_worker, client):
     w1 = start_worker("w1")
     w2 = start_worker("w2")

@@ -66,7 +66,7 @@ def test_the_client_is_told_how_a_transaction_ended(client, start_worker):
 
 def test_the_command_line_splits_a_payment_and_reverses_it(client, start_worker,
                                                            ledger_settings):
-    start_worker()
+    worker = start_worker()
     client.submit(cmd(OpenAccount, "shop", currency="USD")).result(timeout=30)
     client.submit(cmd(OpenAccount, "fee", currency="USD")).result(timeout=30)
     client.submit(cmd(OpenAccount, "buyer", currency="USD")).result(timeout=30)
@@ -90,6 +90,26 @@ def test_the_command_line_splits_a_payment_and_reverses_it(client, start_worker,
     assert [e["type"] for e in doc["events"]] == ["TransactionStarted", "TransactionRejected"]
     rc, out, err = ledger("submit", "--command-id", "undo-7", "reverse", "buyer", "order-7")
     assert (rc, out.strip()) == (0, "committed: transaction undo-7 of buyer"), err
+
+    # a transfer, reversed the same way; and how each one is told
+    rc, out, err = ledger("submit", "--command-id", "tip-1", "transfer", "buyer", "shop",
+                          "2.00 USD")
+    assert rc == 0, err
+    rc, out, err = ledger("submit", "--command-id", "undo-tip", "reverse", "buyer", "tip-1")
+    assert (rc, out.strip()) == (0, "committed: transaction undo-tip of buyer"), err
+    for tid, first, link in (("order-7", "transaction order-7 of buyer: committed",
+                              "reversed by undo-7"),
+                             ("tip-1", "transfer tip-1 of buyer: committed",
+                              "reversed by undo-tip")):
+        deadline = time.monotonic() + 30
+        while True:  # the history index trails the outcome by a moment
+            rc, out, err = ledger("transaction", tid, "--coordinator", "buyer", "--url",
+                                  worker.url)
+            if (rc == 0 and "ended -" not in out) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        lines = out.splitlines()
+        assert rc == 0 and lines[0] == first and lines[-1].strip() == link, (out, err)
 
 
 def test_a_participant_that_does_not_answer_ends_the_transaction_at_its_deadline(

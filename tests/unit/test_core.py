@@ -120,6 +120,10 @@ def test_the_core_and_the_general_path_give_the_same_bytes(script, cuts, picks, 
             if step.pick % 2:
                 command = Reverse(command_id=f"r{i}", account_id=account, actor="t",
                                   issued_at=at, transaction_id=f"t{i}")
+        elif isinstance(command, Transfer) and step.pick % 3 == 1:  # and its reversal
+            commands.append(command)
+            command = Reverse(command_id=f"r{i}", account_id=account, actor="t",
+                              issued_at=at, transaction_id=command.command_id)
         if step.pick % 7 == 1 and "metadata" in type(command).model_fields:  # general path
             command = command.replace(metadata={"k": f"v{i}", "order": str(step.pick)})
         if isinstance(command, PlaceHold):

@@ -53,7 +53,8 @@ PROCESSOR_REASONS = {Reason.IDEMPOTENCY_KEY_REUSED, Reason.INVALID_COMMAND,
                      Reason.WRONG_PARTITION, Reason.ISSUED_IN_FUTURE}
 # a transaction's, at its coordinator (tests/unit/test_transactions.py)
 TRANSACTION_REASONS = {Reason.TRANSACTION_NOT_FOUND, Reason.TRANSACTION_NOT_COMMITTED,
-                       Reason.ALREADY_REVERSED, Reason.TRANSACTION_NOT_PENDING,
+                       Reason.ALREADY_REVERSED, Reason.TRANSFER_REFUNDED,
+                       Reason.TRANSACTION_NOT_PENDING,
                        Reason.TRANSACTION_NOT_EXPIRED, Reason.TRANSACTION_TIMED_OUT}
 
 

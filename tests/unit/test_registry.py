@@ -301,13 +301,13 @@ RECORDS: dict[str, Callable[[], Record]] = {
         "kind": "VOTE", "transaction_id": "t", "coordinator_account_id": "A",
         "account_id": "B", "postings": [a_posting()], "accepted": False,
         "reason": "insufficient_funds", "detail": "no", "posting_index": 0, "issued_at": T0,
-        "actor": ACTOR, "correlation_id": None, "expires_at": T0 + 1, "metadata": {},
-        "signature": b"\x01"},
+        "actor": ACTOR, "correlation_id": None, "expires_at": T0 + 1, "reverses": "t0",
+        "metadata": {}, "signature": b"\x01"},
     "ledger.state.TransactionRecord": lambda: {
         "transaction_id": "t", "coordinator_account_id": "A", "postings": [a_posting()],
         "participants": ["A", "B"], "voted": ["A"], "state": "pending", "deadline": T0 + 1,
         "issued_at": T0, "actor": ACTOR, "correlation_id": None, "reverses": None,
-        "reversed_by": None, "metadata": {"batch": "payroll-12"}},
+        "reversed_by": None, "metadata": {"batch": "payroll-12"}, "transfer": True},
 }
 
 

@@ -22,6 +22,7 @@ from schemas.models import (
     Withdraw,
     encode_batch,
 )
+from streams import transactions
 from streams.core import transaction_key
 from streams.domain import reservation_id
 from streams.ops import verify
@@ -35,6 +36,7 @@ from tests.unit.conftest import (
     command,
     deposit,
     open_account,
+    transfer,
 )
 
 WINDOW = 86_400_000
@@ -218,6 +220,7 @@ def test_balances_change_only_at_commit_and_the_reservation_shows_meanwhile():
 
 
 PAYER, = accounts_on(0, 1, prefix="payer")
+ACCOUNTS = [f"acct-{i}" for i in range(8)]
 PAYEE, = accounts_on(1, 1, prefix="payee")
 
 
@@ -341,6 +344,154 @@ def test_an_id_is_one_transaction_for_ever():
     assert ledger.balance("payee") == (1, 1)
 
 
+def test_a_transfer_is_reversed_once_linked_both_ways():
+    ledger = Ledger()
+    funded(ledger, payer=1_000, merchant=0)
+    ledger.submit(transfer(300, "merchant", "payer", command_id="pay-1"))
+    ledger.run()
+    ledger.submit(command(Reverse, "payer", command_id="refund-1", transaction_id="pay-1"))
+    ledger.run()
+    end = ending(ledger, "payer", "refund-1")
+    assert end.type == "TransactionCommitted"
+    assert ledger.balance("payer") == (1_000, 1_000) and ledger.balance("merchant") == (0, 0)
+    started = next(e for e in ledger.of("payer") if e.type == "TransactionStarted")
+    assert started.payload.reverses == "pay-1"
+    assert [(p.from_account_id, p.to_account_id, p.amount_minor)
+            for p in started.payload.postings] == [("merchant", "payer", 300)]
+    original = ledger.record("payer", "pay-1")
+    assert (original.transfer, original.state, original.reversed_by) == (
+        True, "committed", "refund-1")
+    ledger.submit(command(Reverse, "payer", command_id="refund-2", transaction_id="pay-1"),
+                  command(Reverse, "merchant", command_id="refund-3", transaction_id="pay-1"))
+    ledger.run()
+    assert {(r["command_id"], r["reason"]) for r in ledger.rejections[-2:]} == {
+        ("refund-2", "already_reversed"), ("refund-3", "transaction_not_found")}
+    report = ledger.report()
+    assert report.ok, report.breaches
+    assert report.reversals == 1
+
+
+def test_a_transfer_reversal_is_refused_when_the_destination_cannot_pay_it_back():
+    ledger = Ledger()
+    funded(ledger, payer=1_000, merchant=0, other=0)
+    ledger.submit(transfer(300, "merchant", "payer", command_id="pay-1"))
+    ledger.run()
+    ledger.submit(transfer(200, "other", "merchant", command_id="spent"))
+    ledger.run()
+    ledger.submit(command(Reverse, "payer", command_id="refund-1", transaction_id="pay-1"))
+    ledger.run()
+    end = ending(ledger, "payer", "refund-1")
+    assert (end.type, end.payload.reason) == ("TransactionRejected", "insufficient_funds")
+    assert ledger.record("payer", "pay-1").reversed_by is None  # free to reverse again
+    ledger.submit(transfer(200, "merchant", "other", command_id="back"),
+                  close_account("other", command_id="closing"))
+    ledger.run()
+    ledger.submit(command(Reverse, "payer", command_id="refund-2", transaction_id="pay-1"),
+                  command(Reverse, "merchant", command_id="undo", transaction_id="spent"))
+    ledger.run()
+    assert ending(ledger, "payer", "refund-2").type == "TransactionCommitted"
+    end = ending(ledger, "merchant", "undo")  # its destination closed since
+    assert (end.type, end.payload.reason) == ("TransactionRejected", "account_closed")
+    assert ledger.balance("payer") == (1_000, 1_000)
+    report = ledger.report()
+    assert report.ok, report.breaches
+
+
+def reversed_before_its_refund(ledger: Ledger) -> None:
+    """A transfer to an account that does not exist yet, refused; the account opens and
+    is funded; the source decides the reversal before the refund gets back to it."""
+    funded(ledger, payer=1_000)
+    payer, late = partition_for("payer", PARTITIONS), partition_for("late", PARTITIONS)
+    ledger.submit(transfer(300, "late", "payer", command_id="early"))
+    ledger.step(payer)
+    ledger.step(late)  # refused: a refund on its way back
+    refund = ledger.legs.pop(payer)
+    ledger.submit(open_account("late"), deposit(300, "late"),
+                  command(Reverse, "payer", command_id="r-early", transaction_id="early"))
+    ledger.step(late)
+    ledger.step(payer)
+    ledger.legs.setdefault(payer, deque()).extend(refund)
+    ledger.run()
+
+
+def test_a_refunded_transfer_is_not_paid_back_twice():
+    ledger = Ledger()
+    reversed_before_its_refund(ledger)
+    # the destination, which could pay, refuses: it refused the credit
+    end = ending(ledger, "payer", "r-early")
+    assert (end.type, end.payload.reason) == ("TransactionRejected", "transfer_refunded")
+    # once the refund is back, the source refuses it itself
+    ledger.submit(command(Reverse, "payer", command_id="r-late", transaction_id="early"))
+    ledger.run()
+    assert (ledger.rejections[-1]["command_id"], ledger.rejections[-1]["reason"]) == (
+        "r-late", "transfer_refunded")
+    assert ledger.record("payer", "early").state == "rejected"
+    assert ledger.balance("payer") == (1_000, 1_000) and ledger.balance("late") == (300, 300)
+    report = ledger.report()
+    assert report.ok, report.breaches
+    assert report.reversals == 0
+
+
+def test_verify_finds_a_refunded_transfer_paid_back(monkeypatch):
+    prepare = transactions.prepare  # a destination that forgets it refused the credit
+    monkeypatch.setattr(transactions, "prepare", lambda state, m, refunded=False:
+                        prepare(state, m))
+    ledger = Ledger()
+    reversed_before_its_refund(ledger)
+    assert ending(ledger, "payer", "r-early").type == "TransactionCommitted"
+    assert ledger.balance("payer") == (1_300, 1_300)
+    report = ledger.report()
+    assert any("reverses transfer early of payer, which was not credited" in b
+               for b in report.breaches), report.breaches
+
+
+def test_a_transfer_id_is_its_for_ever_and_a_refunded_one_is_forgotten():
+    ledger = Ledger()
+    funded(ledger, payer=1_000, payee=0)
+    ledger.submit(transfer(1, "payee", "payer", command_id="pay-1"),
+                  transfer(1, "ghost", "payer", command_id="pay-2"))
+    ledger.run()
+    ledger.tick(WINDOW + 1)  # the commands' outcomes are forgotten, and pay-2's record
+    ledger.submit(deposit(1, "payer"))
+    ledger.run()
+    ledger.submit(transfer(2, "payee", "payer", command_id="pay-1"),
+                  txn("payer", posting("payer", "payee", 2), tid="pay-1"),
+                  transfer(2, "payee", "payer", command_id="pay-2"))
+    ledger.run()
+    assert [r["reason"] for r in ledger.rejections[-2:]] == ["idempotency_key_reused"] * 2
+    assert ledger.balance("payee") == (3, 3)
+    report = ledger.report()
+    assert report.ok, report.breaches
+
+
+@settings(max_examples=40, deadline=None, database=None)
+@given(st.lists(st.tuples(st.sampled_from(ACCOUNTS[:4]),
+                          st.sampled_from([*ACCOUNTS[:4], "ghost", "shut"]),
+                          st.integers(1, 400), st.booleans(), st.booleans()),
+                min_size=1, max_size=12),
+       st.integers(0, 2**32))
+def test_random_transfers_and_their_reversals_conserve_money(moves, seed):
+    rng = random.Random(seed)
+    ledger = Ledger()
+    funded(ledger, **{a: 500 for a in ACCOUNTS[:4]}, shut=0)
+    ledger.submit(close_account("shut", command_id="closing"))
+    ledger.run()
+    for i, (source, destination, amount, reverse, twice) in enumerate(moves):
+        if source == destination:
+            continue
+        ledger.submit(transfer(amount, destination, source, command_id=f"p{i}"))
+        for j in range(reverse + (reverse and twice)):
+            ledger.submit(command(Reverse, source, command_id=f"r{i}.{j}",
+                                  transaction_id=f"p{i}"))
+    ledger.run(rng)
+    report = ledger.report()
+    assert report.ok, report.breaches
+    assert report.transactions_in_flight == report.transfers_in_flight == 0
+    assert sum(s.balance_minor for s in report.states.values()) == 500 * 4
+    for s in report.states.values():
+        assert s.held_minor == 0 and not s.holds
+
+
 def test_a_reservation_blocks_closing_and_is_no_hold_a_client_can_name():
     ledger = Ledger()
     funded(ledger, payer=100, payee=0)
@@ -350,8 +501,6 @@ def test_a_reservation_blocks_closing_and_is_no_hold_a_client_can_name():
     assert reservation_id("payer", "t1") in ledger.report().states["payer"].holds
     assert "\0" in reservation_id("payer", "t1")
 
-
-ACCOUNTS = [f"acct-{i}" for i in range(8)]
 
 
 @settings(max_examples=60, deadline=None, database=None)

@@ -36,16 +36,18 @@ def test_a_transfer_is_known_by_its_source_and_id():
     assert report.states[C].balance_minor == 30
 
 
-def test_a_transfer_id_used_again_after_the_window_is_another_transfer():
+def test_a_refunded_transfer_id_used_again_after_the_window_is_another_transfer():
     part = Partition()
-    events = settle(part, [open_account(A), open_account(B), deposit(100, A),
-                           transfer(10, B, A, command_id="t1")])
+    events = settle(part, [open_account(A), deposit(100, A),
+                           transfer(10, B, A, command_id="t1")])  # B does not exist yet
     part.clock += part.window_ms + 1
+    events += settle(part, [open_account(B)])  # a batch after the window forgets it
     events += settle(part, [transfer(10, B, A, command_id="t1")])
 
     report = check(events)
 
     assert report.ok, report.breaches
-    assert (report.transfers_credited, report.transfers_in_flight) == (2, 0)
-    assert report.states[B].balance_minor == 20
+    assert (report.transfers_credited, report.transfers_reversed,
+            report.transfers_in_flight) == (1, 1, 0)
+    assert report.states[B].balance_minor == 10
 

@@ -99,9 +99,10 @@ const REASONS = {
   balance_out_of_range: "the balance would be out of range",
   balance_not_zero: "the balance is not zero",
   holds_open: "the account still has open holds",
-  transaction_not_found: "there is no such transaction",
+  transaction_not_found: "there is no such transaction or transfer",
   transaction_not_committed: "the transaction has not committed",
-  already_reversed: "the transaction is already reversed",
+  already_reversed: "it is already reversed",
+  transfer_refunded: "the transfer was refunded: it moved no money to reverse",
   transaction_not_pending: "the transaction is no longer pending",
   transaction_not_expired: "the transaction has not reached its deadline yet",
   transaction_timed_out: "not every account answered by the transaction's deadline",
@@ -147,7 +148,7 @@ const EVENT_WORDS = {
   HoldReleased: (p) => `Hold ${p.hold_id} ${p.reason}`,
   AccountClosed: () => "Account closed",
   TransactionStarted: (p) => p.reverses
-    ? `Reversal ${p.transaction_id} of transaction ${p.reverses} started`
+    ? `Reversal ${p.transaction_id} of ${p.reverses} started`
     : `Transaction ${p.transaction_id} started: ${(p.postings ?? []).length} postings`,
   TransactionReserved: (p, e) => `Reserved for ${transactionName(p, e)}`,
   TransactionPosted: (p, e) =>
