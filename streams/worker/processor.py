@@ -596,6 +596,8 @@ class BatchProcessor:
             self.dead_letter(key, value, topic, offset, f"message expired at {m.expires_at}",
                              "expired_leg")
             return
+        if m.issued_at < self._now:  # a step happens when this partition takes it
+            m = m.replace(issued_at=self._now)
         coordinator, tid, account = m.coordinator_account_id, m.transaction_id, m.account_id
         if m.kind == "VOTE":
             tkey = transaction_key(coordinator, tid)

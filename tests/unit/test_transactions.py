@@ -256,6 +256,23 @@ def test_a_transaction_nobody_answers_is_rejected_at_its_deadline():
     assert (report.transactions_rejected, report.transactions_in_flight) == (1, 0)
 
 
+def test_each_step_is_timed_by_the_partition_that_takes_it():
+    ledger = Ledger()
+    funded(ledger, **{PAYER: 1_000, PAYEE: 0})
+    ledger.submit(txn(PAYER, posting(PAYER, PAYEE, 400)))
+    t0 = ledger.parts[0].clock
+    for p in (0, 0, 1, 0, 0, 1):  # started; payer reserved; payee reserved; committed;
+        ledger.step(p)            # posted at the payer; at the payee
+        ledger.tick(1_000)
+    times = [(e.account_id, e.type, e.occurred_at - t0) for e in ledger.of(PAYER)[-4:]
+             + ledger.of(PAYEE)[-2:]]
+    assert times == [
+        (PAYER, "TransactionStarted", 0), (PAYER, "TransactionReserved", 1_000),
+        (PAYER, "TransactionCommitted", 3_000), (PAYER, "TransactionPosted", 4_000),
+        (PAYEE, "TransactionReserved", 2_000), (PAYEE, "TransactionPosted", 5_000)]
+    assert ledger.report().ok
+
+
 def test_an_abort_before_its_prepare_leaves_nothing_reserved():
     ledger = Ledger()
     poor, = accounts_on(0, 1, prefix="poor")
