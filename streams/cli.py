@@ -384,7 +384,8 @@ def cmd_transaction(args: argparse.Namespace) -> int:
     def at(ms: int | None) -> str:
         return "-" if ms is None else _iso(ms)
 
-    lines = [f"{doc['kind']} {doc['transaction_id']} of {doc['coordinator_account_id']}: "
+    kind = doc.get("kind", "transaction")  # a worker of an older version has no kind
+    lines = [f"{kind} {doc['transaction_id']} of {doc['coordinator_account_id']}: "
              f"{doc['state']}" + (f", {doc['reason']} at posting {doc['posting_index']} "
                                   f"({doc['detail']})" if doc["state"] == "rejected" else "")]
     lines += [f"  posting {i}: {p['from_account_id']} -> {p['to_account_id']} {p['amount']}"

@@ -1076,11 +1076,10 @@ class Core:
             value = self._leg_event(state, account_id, transfer_id, leg_id, issued_at,
                                     actor, correlation_id, amount, _BYTE[10],
                                     to_account_id, reason if reason else "refused")
-            tkey = transaction_key(account_id, transfer_id)
-            if self._outcome(tkey) is not None:  # its record: no longer to be reversed
+            if self._outcome(transaction_key(account_id, transfer_id)) is not None:
+                # its record, kept (its id stays used): no longer to be reversed
                 self._transfer_record(transfer_id, account_id, to_account_id, amount, currency,
                                       issued_at, actor, correlation_id, "rejected")
-                self.retained.append((outcome_expires_at, tkey))
         else:
             refused = ACCOUNT_NOT_FOUND if state is None else \
                 ACCOUNT_CLOSED if state.status != "open" else \

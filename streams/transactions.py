@@ -32,7 +32,8 @@ same coordinator, or of a transfer of which it is the source, linked both ways
 (``reverses`` on the new one, ``reversed_by`` on the record of the original), once: a
 second reversal is refused while the first is pending or once it committed; a rejected
 reversal frees the original again. A transfer's source keeps a record of it for this
-(``transfer_record``: committed once debited, rejected once refunded); its destination,
+(``transfer_record``: committed once debited, rejected once refunded; kept either way, so
+its id stays used); its destination,
 asked to reverse it, refuses if it refused the credit (``prepare``'s ``refunded``): the
 credit leg reaches it before the reversal's PREPARE, both on its partition of
 ``ledger.transfers`` in the order the source sent them.

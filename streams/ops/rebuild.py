@@ -224,7 +224,7 @@ class Transactions:
                 reverses=p.reverses, reversed_by=None, metadata=e.metadata, transfer=False)
         for r in list(out.values()):  # a rejected reversal frees the original again
             original = (r.coordinator_account_id, r.reverses or "")
-            if original in out and r.state != "rejected":
+            if original in out and r.state != "rejected" and out[original].state != "rejected":
                 out[original] = out[original].replace(reversed_by=r.transaction_id)
         return out
 
@@ -240,7 +240,7 @@ class Transactions:
             values.setdefault(p, {})[tkey] = encode(r)
             if r.state == "pending":
                 values[p][deadline_key(r.deadline, *key)] = b""
-            elif r.state == "rejected":
+            elif r.state == "rejected" and not r.transfer:  # a refunded transfer's is kept
                 retain.setdefault(p, []).append((self.ended[key][1] + self.window_ms, tkey))
         return values, retain
 

@@ -690,8 +690,8 @@ class BatchProcessor:
         decision = decide_leg(state, leg)
         tkey = transaction_key(leg.from_account_id, leg.transfer_id)
         if leg.kind == "REFUND" and decision.events and self._get(tkey) is not None:
+            # its record, kept (its id stays used): no longer to be reversed
             self._writes[tkey] = encode(transactions.transfer_record(leg, "rejected"))
-            self._retained.append((self._now + self.window_ms, tkey))  # as a rejected one's
         self._apply(leg.account_id, okey, digest, decision)
 
     # ------------------------------------------------------------ outputs

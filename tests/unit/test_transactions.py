@@ -462,21 +462,22 @@ def test_verify_finds_a_refunded_transfer_paid_back(monkeypatch):
                for b in report.breaches), report.breaches
 
 
-def test_a_transfer_id_is_its_for_ever_and_a_refunded_one_is_forgotten():
+def test_a_transfer_id_is_its_for_ever_refunded_or_not():
     ledger = Ledger()
     funded(ledger, payer=1_000, payee=0)
     ledger.submit(transfer(1, "payee", "payer", command_id="pay-1"),
                   transfer(1, "ghost", "payer", command_id="pay-2"))
     ledger.run()
-    ledger.tick(WINDOW + 1)  # the commands' outcomes are forgotten, and pay-2's record
+    ledger.tick(WINDOW + 1)  # the commands' outcomes are forgotten; their records are not
     ledger.submit(deposit(1, "payer"))
     ledger.run()
     ledger.submit(transfer(2, "payee", "payer", command_id="pay-1"),
                   txn("payer", posting("payer", "payee", 2), tid="pay-1"),
                   transfer(2, "payee", "payer", command_id="pay-2"))
     ledger.run()
-    assert [r["reason"] for r in ledger.rejections[-2:]] == ["idempotency_key_reused"] * 2
-    assert ledger.balance("payee") == (3, 3)
+    assert [r["reason"] for r in ledger.rejections[-3:]] == ["idempotency_key_reused"] * 3
+    assert ledger.record("payer", "pay-2").state == "rejected"
+    assert ledger.balance("payee") == (1, 1)
     report = ledger.report()
     assert report.ok, report.breaches
 
