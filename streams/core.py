@@ -1281,10 +1281,8 @@ class Core:
         self.writes[tkey] = encode_record(self.h, tid, coordinator, postings, parties, voted,
                                           "committed" if accepted else "rejected", deadline,
                                           started_at, actor, correlation_id)
-        self.writes[deadline_key(deadline, coordinator, tid)] = None
+        self.writes[deadline_key(deadline, coordinator, tid)] = None  # the record is kept
         expires_at = now + self.window_ms
-        if not accepted:
-            self.retained.append((expires_at, tkey))
         for party in parties:
             self._send_step(2 if accepted else 3, tid, coordinator, party, postings, False,
                             None if accepted else reason, None, -1, state.updated_at, actor,

@@ -16,8 +16,8 @@ the deadline index of the pending ones, each source's record of each transfer (f
 its ``TransferDebited``; rejected if it was refunded), the link between a transaction
 or transfer and the reversal that is not rejected, and at each participant the record
 that it handled the PREPARE (from its ``TransactionReserved``: a copy still on
-``ledger.transfers`` is ignored). A rejected transaction's record is forgotten a
-window after it ended, as the worker does; a committed one's is kept. The votes are
+``ledger.transfers`` is ignored). Every record is kept, as the worker keeps it (an id
+is one transaction or transfer for ever). The votes are
 not in the log: a participant counts as having voted once its reservation is (that is
 what its yes said), except, for a pending transaction, a participant whose yes vote is
 still on ``ledger.transfers`` past the coordinator's committed offset: the coordinator
@@ -155,17 +155,15 @@ def account_records(state: AccountState) -> dict[bytes, bytes]:
 class Transactions:
     """The coordinators' records of the transactions the log tells of. No Kafka here."""
 
-    window_ms: int
-    # (coordinator, id) -> its TransactionStarted (the last: a rejected transaction's id
-    # may be used again once it is forgotten)
+    # (coordinator, id) -> its TransactionStarted (the last: in a log from before records
+    # were kept for ever, a rejected transaction's id could be used again)
     started: dict[tuple[str, str], LedgerEvent] = field(default_factory=dict)
-    # -> "committed" or "rejected", and when that event was written
-    ended: dict[tuple[str, str], tuple[str, int]] = field(default_factory=dict)
+    ended: dict[tuple[str, str], str] = field(default_factory=dict)  # committed, rejected
     reserved: dict[Vote, int] = field(default_factory=dict)  # -> the reservation's time
     # (source, transfer id) -> its TransferDebited (a refund ends it "rejected")
     transfers: dict[tuple[str, str], LedgerEvent] = field(default_factory=dict)
 
-    def add(self, event: LedgerEvent, written_at: int) -> None:
+    def add(self, event: LedgerEvent) -> None:
         p = event.payload
         if isinstance(p, TransactionStarted | TransferDebited):  # an id forgotten, used again
             key = (event.account_id, p.transaction_id if isinstance(p, TransactionStarted)
@@ -178,10 +176,10 @@ class Transactions:
             else:
                 self.started[key] = event
         elif isinstance(p, TransferReversed):  # refunded
-            self.ended[(event.account_id, p.transfer_id)] = ("rejected", written_at)
+            self.ended[(event.account_id, p.transfer_id)] = "rejected"
         elif isinstance(p, TransactionCommitted | TransactionRejected):
-            self.ended[(event.account_id, p.transaction_id)] = (
-                "committed" if isinstance(p, TransactionCommitted) else "rejected", written_at)
+            self.ended[(event.account_id, p.transaction_id)] = \
+                "committed" if isinstance(p, TransactionCommitted) else "rejected"
         elif isinstance(p, TransactionReserved):
             self.reserved[(p.coordinator_account_id, p.transaction_id, event.account_id)] = \
                 event.occurred_at
@@ -202,11 +200,11 @@ class Transactions:
                 to_account_id=d.to_account_id, amount_minor=d.amount_minor, currency=e.currency,
                 issued_at=e.occurred_at, actor=e.actor, correlation_id=e.correlation_id,
                 reason=None, expires_at=0, metadata=e.metadata, signature=b""),
-                self.ended.get(key, ("committed", 0))[0])
+                self.ended.get(key, "committed"))
         for key, e in self.started.items():
             p = e.payload
             assert isinstance(p, TransactionStarted)
-            state = self.ended.get(key, ("pending", 0))[0]
+            state = self.ended.get(key, "pending")
             parties = participants(p.postings)
             # a reservation of this transaction, not of an earlier one of the same id
             voted = [a for a in parties if self.reserved.get((*key, a), -1) >= e.occurred_at]
@@ -229,20 +227,15 @@ class Transactions:
         return out
 
     def store(self, partitions: int, unread: Set[Vote] = frozenset(),
-              ) -> tuple[dict[int, dict[bytes, bytes]], dict[int, list[tuple[int, bytes]]]]:
-        """Per partition, the records' store keys (``t``, and ``y`` for the pending), and
-        the rejected ones' retention (``(expires_at, key)``, as the worker's)."""
+              ) -> dict[int, dict[bytes, bytes]]:
+        """Per partition, the records' store keys (``t``, and ``y`` for the pending)."""
         values: dict[int, dict[bytes, bytes]] = {}
-        retain: dict[int, list[tuple[int, bytes]]] = {}
         for key, r in self.records(unread).items():
             p = partition_for(key[0], partitions)
-            tkey = transaction_key(*key)
-            values.setdefault(p, {})[tkey] = encode(r)
+            values.setdefault(p, {})[transaction_key(*key)] = encode(r)
             if r.state == "pending":
                 values[p][deadline_key(r.deadline, *key)] = b""
-            elif r.state == "rejected" and not r.transfer:  # a refunded transfer's is kept
-                retain.setdefault(p, []).append((self.ended[key][1] + self.window_ms, tkey))
-        return values, retain
+        return values
 
 
 def unread_votes(s: Settings, checkpoints: dict[int, Checkpoint], partitions: set[int],
@@ -336,7 +329,7 @@ def rebuild(s: Settings, progress: Callable[[str], None] | None = None) -> Rebui
 
     states: dict[str, AccountState | None] = {}
     outcomes: dict[bytes, CommandOutcome] = {}
-    transactions = Transactions(s.idempotency_window_ms)
+    transactions = Transactions()
     say(f"folding {s.events_topic}")
     for m in read_all(s, s.events_topic):
         raw = m.value() or b""
@@ -345,7 +338,7 @@ def rebuild(s: Settings, progress: Callable[[str], None] | None = None) -> Rebui
         if state is not None and event.version <= state.version:
             continue  # a byte-identical duplicate of an event already folded
         states[event.account_id] = evolve(state, event)
-        transactions.add(event, m.timestamp()[1])
+        transactions.add(event)
         okey = outcome_key_of(event)
         if okey is not None:
             outcomes[okey] = CommandOutcome(
@@ -370,12 +363,10 @@ def rebuild(s: Settings, progress: Callable[[str], None] | None = None) -> Rebui
     pending = {partition_for(c, s.partitions) for c, _ in transactions.pending()}
     if pending:
         say(f"reading the votes on {s.transfers_topic} not yet counted")
-    kept, kept_until = transactions.store(
+    kept = transactions.store(
         s.partitions, unread_votes(s, checkpoints, pending) if pending else set())
     for p, values in kept.items():
         per_partition[p].update(values)
-    for p, pairs in kept_until.items():
-        retain[p] += pairs
     # The outcome records go to the changelog packed, as the worker writes them: in
     # records of about LOG_BYTES at most, each forgotten when its last outcome is.
     logs: dict[int, list[OutcomeLog]] = {p: [] for p in range(s.partitions)}

@@ -546,14 +546,13 @@ class BatchProcessor:
             self._writes[deadline] = b""
             return
         self._writes[deadline] = None
-        if after.state == "rejected":
-            assert self._now is not None
-            self._retained.append((self._now + self.window_ms, key))
-            if after.reverses is not None:  # the original may be reversed again
-                okey = transaction_key(after.coordinator_account_id, after.reverses)
-                original = self._record(okey)
-                if original is not None and original.reversed_by == after.transaction_id:
-                    self._writes[okey] = encode(original.replace(reversed_by=None))
+        # a rejected one is kept too (its id is used for ever); the original it would have
+        # reversed may be reversed again
+        if after.state == "rejected" and after.reverses is not None:
+            okey = transaction_key(after.coordinator_account_id, after.reverses)
+            original = self._record(okey)
+            if original is not None and original.reversed_by == after.transaction_id:
+                self._writes[okey] = encode(original.replace(reversed_by=None))
 
     def _transaction(self, c: CommandBase) -> Decision:
         """A Transaction, Reverse or ExpireTransaction at its coordinator."""
@@ -844,7 +843,8 @@ class BatchProcessor:
         if okey[:1] == OUTCOME_LOG_PREFIX:  # its outcomes are forgotten by now
             self._writes[okey] = None
             return
-        if okey[:1] == b"t":  # a rejected transaction (unless its id was used again since)
+        if okey[:1] == b"t":  # a rejected transaction, indexed by an older version (which
+            # forgot them) unless its id was used again since
             record = self._record(okey)
             if record is not None and record.state == "rejected":
                 self._writes[okey] = None

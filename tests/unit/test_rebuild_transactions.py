@@ -54,14 +54,14 @@ def rebuild(ledger: Ledger, votes: set[Vote]) -> Transactions:
     """Replace every partition's store with the one rebuild makes of the events (the
     outcome records unpacked and indexed, as a worker's store holds them)."""
     now = max(part.clock for part in ledger.parts)
-    transactions = Transactions(WINDOW)
+    transactions = Transactions()
     stores = [Store() for _ in range(PARTITIONS)]
     states = {}
     retain: dict[int, list[tuple[int, bytes]]] = {p: [] for p in range(PARTITIONS)}
     for raw in ledger.events:
         e = LedgerEvent.from_avro(CODEC.decode(raw)[1])
         states[e.account_id] = evolve(states.get(e.account_id), e)
-        transactions.add(e, now)
+        transactions.add(e)
         okey = outcome_key_of(e)
         if okey is not None:
             p = partition_for(e.account_id, PARTITIONS)
@@ -78,9 +78,7 @@ def rebuild(ledger: Ledger, votes: set[Vote]) -> Transactions:
             retain[p].append((now + WINDOW, okey))
     for account, state in states.items():
         stores[partition_for(account, PARTITIONS)].update(account_records(state))
-    values, kept = transactions.store(PARTITIONS, votes)
-    for p, pairs in kept.items():
-        retain[p] += pairs
+    values = transactions.store(PARTITIONS, votes)
     for p, store in enumerate(stores):
         store.update(values.get(p, {}))
         store.update(retention_records(retain[p]))
@@ -181,9 +179,9 @@ def test_rebuilt_records_are_the_ones_the_worker_kept_and_the_ledger_goes_on():
     assert ledger.events[events:] == [started] and len(ledger.rejections) == refused
     ledger.tick(WINDOW + 1)
     ledger.submit(txn("payer", posting("payer", "fees", 1), tid="paid"))
-    ledger.run()  # the outcome is forgotten, not the transaction; the rejected one is
+    ledger.run()  # the outcome is forgotten, not the transaction, rejected or not
     assert ledger.rejections[-1]["reason"] == "idempotency_key_reused"
-    assert ledger.record("payer", "refused") is None
+    assert ledger.record("payer", "refused").state == "rejected"
     assert ledger.record("payer", "paid") is not None
     assert ledger.report().ok
 

@@ -350,15 +350,18 @@ def test_a_refused_reversal_frees_the_original_for_another():
 def test_an_id_is_one_transaction_for_ever():
     ledger = Ledger()
     funded(ledger, payer=1_000, payee=0)
-    ledger.submit(txn("payer", posting("payer", "payee", 1)))
+    ledger.submit(txn("payer", posting("payer", "payee", 1)),
+                  txn("payer", posting("payer", "payee", 5_000), tid="t2"))  # rejected
     ledger.run()
-    ledger.tick(WINDOW + 1)  # the command's outcome is forgotten; the transaction is not
+    ledger.tick(WINDOW + 1)  # the commands' outcomes are forgotten; the transactions not
     ledger.submit(deposit(1, "payer"))
     ledger.run()
-    ledger.submit(txn("payer", posting("payer", "payee", 2)))
+    ledger.submit(txn("payer", posting("payer", "payee", 2)),
+                  txn("payer", posting("payer", "payee", 2), tid="t2"))
     ledger.run()
-    assert ledger.rejections[-1]["reason"] == "idempotency_key_reused"
+    assert [r["reason"] for r in ledger.rejections[-2:]] == ["idempotency_key_reused"] * 2
     assert ledger.balance("payee") == (1, 1)
+    assert ledger.report().ok  # each id started once
 
 
 def test_a_transfer_is_reversed_once_linked_both_ways():
