@@ -10,8 +10,9 @@ breach), folds each account through ``evolve`` and checks:
 - every transfer debited ended exactly one way (credited or reversed), or is still
   in flight; nothing is credited or reversed that was not debited. A transfer is
   known by its source account and id (the Transfer's command_id, scoped to its
-  account; the id of one refunded is free again after the idempotency window): each
-  ending is matched to a debit of the same source and id, the oldest first;
+  account; in a log from before the ledger kept a record of each transfer, an id could
+  be used again after the idempotency window): each ending is matched to a debit of
+  the same source and id, the oldest first;
 - every transaction (known by its coordinator and id) started once and ended at most
   once, committed or rejected as a whole: a participant posts only a committed
   transaction's postings, exactly those that name it, once; nothing is posted for a
@@ -179,10 +180,12 @@ def check(records: Iterable[bytes]) -> Report:
             r.transfers_in_flight += 1
             in_flight[cur] = in_flight.get(cur, 0) + d.amount_minor
 
-    # a transfer, as a reversal's original: its posting reversed once credited, else None
+    # a transfer a reversal names: its posting reversed once credited, else None
+    named = {(key[0], starts[0].reverses) for key, starts in txns.started.items()
+             if starts[0].reverses is not None}
     transfers: dict[Key, list[Posting] | None] = {}
-    for (source, tid), debits in debited.items():
-        how = ended.get((source, tid), [])
+    for source, tid in named & debited.keys():
+        debits, how = debited[(source, tid)], ended.get((source, tid), [])
         d, cur = debits[-1]
         transfers[(source, tid)] = [Posting.trusted(
             from_account_id=d.to_account_id, to_account_id=source, amount_minor=d.amount_minor,

@@ -687,10 +687,11 @@ class BatchProcessor:
                              "forged_leg")
             return
         decision = decide_leg(state, leg)
-        tkey = transaction_key(leg.from_account_id, leg.transfer_id)
-        if leg.kind == "REFUND" and decision.events and self._get(tkey) is not None:
-            # its record, kept (its id stays used): no longer to be reversed
-            self._writes[tkey] = encode(transactions.transfer_record(leg, "rejected"))
+        if leg.kind == "REFUND" and decision.events:
+            # the transfer's record, kept (its id stays used), no longer to be reversed
+            tkey = transaction_key(leg.from_account_id, leg.transfer_id)
+            if self._get(tkey) is not None:
+                self._writes[tkey] = encode(transactions.transfer_record(leg, "rejected"))
         self._apply(leg.account_id, okey, digest, decision)
 
     # ------------------------------------------------------------ outputs
